@@ -1,0 +1,1 @@
+"""Typed, documented configuration schemas (dataclasses), one module per config group."""

@@ -1,0 +1,98 @@
+"""Typed schema of the ``algorithm/`` config group: which update rule, with which hyperparameters.
+
+The same dataclass drives the simulator, the distributed runtime and Hydra (it is registered in
+Hydra's ConfigStore by :mod:`easgd.config.store`), and ``__post_init__`` rejects bad values with a
+message naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from easgd.algorithms.hyperparams import (
+    check_average_rate,
+    check_learning_rate,
+    check_momentum,
+    check_moving_rate,
+    resolve_moving_rate,
+)
+
+ELASTIC = ("easgd", "eamsgd")
+DOWNPOUR_FAMILY = ("downpour", "adownpour", "mvadownpour", "mdownpour")
+SEQUENTIAL = ("sgd", "msgd", "asgd", "mvasgd")
+ALGORITHMS = ELASTIC + DOWNPOUR_FAMILY + SEQUENTIAL
+MOMENTUM_ALGORITHMS = ("eamsgd", "mdownpour", "msgd")
+
+
+@dataclass
+class AlgorithmConfig:
+    """One update rule of shared/reference/algorithms.md and its hyperparameters."""
+
+    name: str = "eamsgd"
+    """One of easgd, eamsgd, downpour, adownpour, mvadownpour, mdownpour, sgd, msgd, asgd, mvasgd."""
+    learning_rate: float = 0.01
+    """eta, the step size of every gradient step (worker or server)."""
+    momentum: float = 0.0
+    """delta, Nesterov momentum: on the worker (eamsgd, msgd) or the server (mdownpour); in [0, 1)."""
+    moving_rate: float | None = None
+    """alpha, the elastic moving rate in (0, 1); leave null to derive it as beta / num_workers."""
+    beta: float = 0.9
+    """beta = p * alpha (paper: 0.9), used when moving_rate is null."""
+    average_rate: float | None = None
+    """Rate of the average z of the evaluated variable: null = Polyak 1/s (adownpour, asgd), a
+    constant in (0, 1] for the moving averages (mvadownpour, mvasgd; paper: 0.001)."""
+    weight_decay: float = 0.0
+    """L2 coefficient added to every gradient (g includes weight decay, as in the spec)."""
+
+    def __post_init__(self) -> None:
+        if self.name not in ALGORITHMS:
+            raise ValueError(
+                f"algorithm.name={self.name!r} is not known; allowed: {', '.join(ALGORITHMS)}"
+            )
+        _prefixed(check_learning_rate, self.learning_rate)
+        _prefixed(check_momentum, self.momentum)
+        if self.momentum > 0 and self.name not in MOMENTUM_ALGORITHMS:
+            raise ValueError(
+                f"algorithm.momentum={self.momentum} has no effect for {self.name!r}; "
+                f"momentum is used by {', '.join(MOMENTUM_ALGORITHMS)} (set it to 0)"
+            )
+        if self.moving_rate is not None:
+            _prefixed(check_moving_rate, self.moving_rate)
+        if self.weight_decay < 0:
+            raise ValueError(f"algorithm.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.average_rate is not None:
+            _prefixed(check_average_rate, self.average_rate)
+            if self.name not in ("mvadownpour", "mvasgd"):
+                raise ValueError(
+                    f"algorithm.average_rate is only used by mvadownpour and mvasgd, not {self.name!r}"
+                )
+        elif self.name in ("mvadownpour", "mvasgd"):
+            raise ValueError(f"algorithm.average_rate must be set for {self.name} (paper: 0.001)")
+
+    @property
+    def uses_server(self) -> bool:
+        """True for the parameter-server algorithms, False for the sequential (p = 1) baselines."""
+        return self.name not in SEQUENTIAL
+
+    @property
+    def averages(self) -> bool:
+        """True where the evaluated variable is an average z (adownpour, mvadownpour, asgd, mvasgd)."""
+        return self.name in ("adownpour", "mvadownpour", "asgd", "mvasgd")
+
+    def resolved_moving_rate(self, num_workers: int) -> float:
+        """alpha: moving_rate if given, else beta / num_workers."""
+        try:
+            return resolve_moving_rate(
+                moving_rate=self.moving_rate,
+                beta=None if self.moving_rate is not None else self.beta,
+                num_workers=num_workers,
+            )
+        except ValueError as err:
+            raise ValueError(f"algorithm: {err}") from None
+
+
+def _prefixed(check: object, value: float) -> None:
+    try:
+        check(value)  # type: ignore[operator]
+    except ValueError as err:
+        raise ValueError(f"algorithm.{err}") from None

@@ -1,0 +1,63 @@
+"""A model seen as one flat parameter vector: the form every update rule and message uses.
+
+``FlatModel`` turns a point (1-D tensor of all parameters) into a minibatch loss and gradient,
+and evaluates a point on a test set. Gradients include weight decay, as the spec requires.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+
+class FlatModel:
+    """Evaluate a classifier ``module`` at flat parameter vectors."""
+
+    def __init__(self, module: nn.Module, *, weight_decay: float = 0.0) -> None:
+        self.module = module
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.num_params = sum(p.numel() for p in self.params)
+        self.weight_decay = weight_decay
+
+    def initial_point(self) -> Tensor:
+        """The module's current parameters as one vector."""
+        return parameters_to_vector(self.params).detach().clone()
+
+    def load(self, point: Tensor) -> None:
+        """Write ``point`` into the module's parameters."""
+        if point.numel() != self.num_params:
+            raise ValueError(
+                f"point has {point.numel()} values but the model has {self.num_params} parameters"
+            )
+        with torch.no_grad():
+            vector_to_parameters(point, self.params)
+
+    def loss_and_grad(self, point: Tensor, inputs: Tensor, targets: Tensor) -> tuple[float, Tensor]:
+        """Cross-entropy of the minibatch at ``point`` and its gradient (plus weight decay)."""
+        self.load(point)
+        self.module.train()
+        for p in self.params:
+            p.grad = None
+        loss = F.cross_entropy(self.module(inputs), targets)
+        loss.backward()
+        grad = torch.cat([p.grad.reshape(-1) for p in self.params])  # type: ignore[union-attr]
+        if self.weight_decay:
+            grad = grad + self.weight_decay * point
+        return float(loss.detach()), grad
+
+    @torch.no_grad()
+    def evaluate(
+        self, point: Tensor, inputs: Tensor, targets: Tensor, *, batch_size: int = 1024
+    ) -> dict[str, float]:
+        """Mean cross-entropy and classification error of ``point`` on a labelled set."""
+        self.load(point)
+        self.module.eval()
+        total_loss, wrong = 0.0, 0
+        for start in range(0, len(targets), batch_size):
+            logits = self.module(inputs[start : start + batch_size])
+            target = targets[start : start + batch_size]
+            total_loss += float(F.cross_entropy(logits, target, reduction="sum"))
+            wrong += int((logits.argmax(1) != target).sum())
+        return {"test_loss": total_loss / len(targets), "test_error": wrong / len(targets)}

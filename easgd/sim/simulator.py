@@ -1,0 +1,289 @@
+"""Deterministic simulator: p workers and the server in one process, on a virtual clock.
+
+The simulator drives the same worker and server roles as the distributed runtime, so the update
+rules exist once. Time is virtual: a worker at speed 1 takes one time unit per step, a straggler
+with slowdown s takes s units. Schedules:
+
+- ``synchronous``: all workers step together each tick; elastic exchanges of one tick all read the
+  same center and the server applies their sum (synchronous EASGD).
+- ``round_robin``: at tick t only worker t mod p acts (the paper's stability analysis).
+- ``asynchronous``: each worker steps at its own pace; ties go to the lower worker id.
+
+Communication delay: ``read_staleness`` k makes a worker read the center as it was k server
+updates ago; ``push_delay`` d makes its message reach the server d time units late. The same seed
+gives a bit-identical result.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from easgd import algorithms as alg
+from easgd.config.algorithm import AlgorithmConfig
+from easgd.roles import (
+    DownpourServer,
+    ElasticServer,
+    ServerRole,
+    WorkerRole,
+    make_server_role,
+    make_worker_role,
+    worker_step,
+)
+from easgd.sim.objectives import Objective
+
+SCHEDULES = ("synchronous", "round_robin", "asynchronous")
+
+
+@dataclass
+class SimConfig:
+    """How the simulated cluster runs."""
+
+    num_workers: int = 4
+    """p, the number of workers (sequential algorithms use 1)."""
+    comm_period: int = 10
+    """tau, local steps between exchanges."""
+    schedule: str = "asynchronous"
+    """synchronous, round_robin or asynchronous."""
+    duration: float = 500.0
+    """Virtual time to run (time units; one step of a speed-1 worker is one unit)."""
+    slowdown: list[float] = field(default_factory=list)
+    """Per-worker step duration (stragglers > 1); empty means all 1."""
+    read_staleness: int = 0
+    """k: the center a worker reads is k server updates old."""
+    push_delay: float = 0.0
+    """Virtual time a worker's message takes to reach the server."""
+    eval_interval: float = 25.0
+    """Virtual time between evaluations of the evaluated variable."""
+    seed: int = 0
+    """Seeds every worker's minibatch generator."""
+
+    def __post_init__(self) -> None:
+        alg.hyperparams.check_num_workers(self.num_workers)
+        alg.hyperparams.check_comm_period(self.comm_period)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"sim.schedule={self.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+        if self.slowdown and (len(self.slowdown) != self.num_workers or min(self.slowdown) <= 0):
+            raise ValueError(
+                f"sim.slowdown needs {self.num_workers} positive factors, got {self.slowdown!r}"
+            )
+        if self.read_staleness < 0 or self.push_delay < 0:
+            raise ValueError("sim.read_staleness and sim.push_delay must be >= 0")
+        if self.duration <= 0 or self.eval_interval <= 0:
+            raise ValueError("sim.duration and sim.eval_interval must be > 0")
+
+
+@dataclass
+class EvalPoint:
+    """One evaluation of the evaluated variable."""
+
+    time: float
+    steps: int
+    exchanges: int
+    test_loss: float
+    test_error: float
+
+
+@dataclass
+class SimResult:
+    """What a simulated run produced."""
+
+    algorithm: str
+    history: list[EvalPoint]
+    evaluated: Tensor
+    workers: list[Tensor]
+    exchanges: int
+    steps: int
+
+    @property
+    def final(self) -> EvalPoint:
+        """The last evaluation."""
+        return self.history[-1]
+
+
+class Simulator:
+    """Runs one algorithm on one objective under a :class:`SimConfig`."""
+
+    def __init__(self, algorithm: AlgorithmConfig, sim: SimConfig, objective: Objective) -> None:
+        self.algorithm = algorithm
+        self.sim = sim
+        self.objective = objective
+        start = objective.initial_point()
+        num_workers = sim.num_workers if algorithm.uses_server else 1
+        self.workers: list[WorkerRole] = [
+            make_worker_role(algorithm, start, comm_period=sim.comm_period)
+            for _ in range(num_workers)
+        ]
+        self.server: ServerRole | None = (
+            make_server_role(algorithm, start, num_workers=num_workers)
+            if algorithm.uses_server
+            else None
+        )
+        self.generators = [
+            torch.Generator().manual_seed(sim.seed * 1_000_003 + i) for i in range(num_workers)
+        ]
+        self.speeds = sim.slowdown if (sim.slowdown and num_workers > 1) else [1.0] * num_workers
+        self.exchanges = 0
+        self.now = 0.0
+        self._in_flight: list[tuple[float, int, Callable[[], object]]] = []
+        self._sequence = 0
+        self._center_history: deque[Tensor] = deque(maxlen=sim.read_staleness + 1)
+        if self.server is not None:
+            self._center_history.append(self.server.center.clone())
+
+    # -- the channel between a worker and the server ---------------------------------------
+    def _delayed(self) -> bool:
+        return self.sim.read_staleness > 0 or self.sim.push_delay > 0
+
+    def _deliver(self, action: Callable[[], object]) -> None:
+        if self.sim.push_delay > 0:
+            self._sequence += 1
+            heapq.heappush(
+                self._in_flight, (self.now + self.sim.push_delay, self._sequence, action)
+            )
+        else:
+            action()
+            self._record_center()
+
+    def _record_center(self) -> None:
+        assert self.server is not None
+        self._center_history.append(self.server.center.clone())
+
+    def _arrive_until(self, time: float) -> None:
+        while self._in_flight and self._in_flight[0][0] <= time:
+            _, _, action = heapq.heappop(self._in_flight)
+            action()
+            self._record_center()
+
+    def _exchange(self, worker: int, payload: Tensor | None) -> Tensor:
+        server = self.server
+        assert server is not None
+        self.exchanges += 1
+        if not self._delayed():
+            reply = server.handle(worker, payload)
+            self._record_center()
+            return reply
+        read = self._center_history[0]  # the center k updates ago (or the oldest kept)
+        if isinstance(server, ElasticServer):
+            assert payload is not None
+            diff = alg.elastic_difference(payload, read, moving_rate=server.moving_rate)
+            self._deliver(lambda: server.apply(diff))
+            return diff
+        if isinstance(server, DownpourServer):
+            self._deliver(lambda: server.handle(worker, payload))
+            return read.clone()
+        raise ValueError(
+            f"communication delay is simulated for the elastic and DOWNPOUR families, "
+            f"not {self.algorithm.name!r}"
+        )
+
+    # -- schedules ----------------------------------------------------------------------------
+    def _step(self, worker: int) -> None:
+        role = self.workers[worker]
+        generator = self.generators[worker]
+        worker_step(
+            role,
+            lambda point: self.objective.gradient(point, generator),
+            lambda payload: self._exchange(worker, payload),
+        )
+
+    def _synchronous_tick(self) -> None:
+        server = self.server
+        if isinstance(server, ElasticServer) and not self._delayed():
+            # every due worker reads the same center; the server then adds all the differences
+            read = server.center.clone()
+            diffs = []
+            for role in self.workers:
+                if role.due():
+                    sent = role.outgoing()
+                    assert sent is not None
+                    diff = alg.elastic_difference(sent, read, moving_rate=server.moving_rate)
+                    role.incoming(diff)
+                    diffs.append(diff)
+                    self.exchanges += 1
+            for diff in diffs:
+                server.apply(diff)
+            if diffs:
+                self._record_center()
+            for worker, role in enumerate(self.workers):
+                loss_grad = self.objective.gradient(role.gradient_point(), self.generators[worker])
+                role.local_step(loss_grad[1])
+        else:
+            for worker in range(len(self.workers)):
+                self._step(worker)
+
+    def evaluated(self) -> Tensor:
+        """The variable under test: the server's (center or z), or the single worker's."""
+        return self.server.evaluated() if self.server is not None else self.workers[0].evaluated()
+
+    def _evaluate(self, history: list[EvalPoint]) -> None:
+        metrics = self.objective.evaluate(self.evaluated())
+        history.append(
+            EvalPoint(
+                time=self.now,
+                steps=sum(role.step for role in self.workers),
+                exchanges=self.exchanges,
+                test_loss=metrics["test_loss"],
+                test_error=metrics["test_error"],
+            )
+        )
+
+    def run(self) -> SimResult:
+        """Run until ``duration`` and return the evaluation history."""
+        history: list[EvalPoint] = []
+        self._evaluate(history)
+        next_eval = self.sim.eval_interval
+        schedule = self.sim.schedule
+        if schedule == "asynchronous":
+            events = [(0.0, worker) for worker in range(len(self.workers))]
+            heapq.heapify(events)
+            while events and events[0][0] < self.sim.duration:
+                time, worker = heapq.heappop(events)
+                while next_eval <= time:
+                    self.now = next_eval
+                    self._arrive_until(next_eval)
+                    self._evaluate(history)
+                    next_eval += self.sim.eval_interval
+                self.now = time
+                self._arrive_until(time)
+                self._step(worker)
+                heapq.heappush(events, (time + self.speeds[worker], worker))
+        else:
+            tick = 0
+            while tick < self.sim.duration:
+                while next_eval <= tick:
+                    self.now = next_eval
+                    self._evaluate(history)
+                    next_eval += self.sim.eval_interval
+                self.now = float(tick)
+                self._arrive_until(self.now)
+                if schedule == "synchronous":
+                    self._synchronous_tick()
+                else:
+                    self._step(tick % len(self.workers))
+                tick += 1
+        self.now = self.sim.duration
+        self._arrive_until(float("inf"))
+        for worker, role in enumerate(self.workers):
+            final = role.final_outgoing()
+            if final is not None:
+                self._exchange(worker, final)
+        self._evaluate(history)
+        return SimResult(
+            algorithm=self.algorithm.name,
+            history=history,
+            evaluated=self.evaluated().clone(),
+            workers=[role.params.clone() for role in self.workers],
+            exchanges=self.exchanges,
+            steps=sum(role.step for role in self.workers),
+        )
+
+
+def simulate(algorithm: AlgorithmConfig, sim: SimConfig, objective: Objective) -> SimResult:
+    """Convenience wrapper: ``Simulator(algorithm, sim, objective).run()``."""
+    return Simulator(algorithm, sim, objective).run()
