@@ -20,8 +20,9 @@ from easgd.config.algorithm import AlgorithmConfig
 GradientFn = Callable[[Tensor], tuple[float, Tensor]]
 """Maps a point (flat parameter vector) to (minibatch loss, gradient at that point)."""
 
-ExchangeFn = Callable[[Tensor | None], Tensor]
-"""Sends a worker's payload to the server and returns the server's reply."""
+ExchangeFn = Callable[[Tensor | None], Tensor | None]
+"""Sends a worker's payload to the server and returns the server's reply, or None when the reply
+was already applied (or will be applied later, as in the runtime's overlap mode)."""
 
 
 class WorkerRole(ABC):
@@ -55,6 +56,10 @@ class WorkerRole(ABC):
     def final_outgoing(self) -> Tensor | None:
         """A last payload to flush when the worker stops (only MDOWNPOUR has one)."""
         return None
+
+    def reset(self, center: Tensor) -> None:
+        """Restart from ``center`` with cleared local state (after the server rejected our values)."""
+        self.params = center.detach().clone()
 
     def evaluated(self) -> Tensor:
         """The variable to evaluate for this worker (x_i; sequential averages return z)."""
@@ -111,6 +116,11 @@ class ElasticWorker(WorkerRole):
         )
         self.step += 1
 
+    def reset(self, center: Tensor) -> None:
+        super().reset(center)
+        self.velocity = torch.zeros_like(self.params)
+        self._point_before_move = None
+
     def state_dict(self) -> dict[str, Tensor | int]:
         return {**super().state_dict(), "velocity": self.velocity}
 
@@ -137,6 +147,10 @@ class DownpourWorker(WorkerRole):
             self.params, self.accumulated, grad, learning_rate=self.learning_rate
         )
         self.step += 1
+
+    def reset(self, center: Tensor) -> None:
+        super().reset(center)
+        self.accumulated = torch.zeros_like(self.params)
 
     def state_dict(self) -> dict[str, Tensor | int]:
         return {**super().state_dict(), "accumulated": self.accumulated}
@@ -165,6 +179,10 @@ class MDownpourWorker(WorkerRole):
 
     def final_outgoing(self) -> Tensor | None:
         return self.outgoing()
+
+    def reset(self, center: Tensor) -> None:
+        super().reset(center)
+        self.pending_grad = None
 
 
 class SequentialWorker(WorkerRole):
@@ -228,7 +246,9 @@ def worker_step(role: WorkerRole, gradient: GradientFn, exchange: ExchangeFn) ->
     it); DOWNPOUR workers at the center they just pulled; MDOWNPOUR at the look-ahead received.
     """
     if role.due():
-        role.incoming(exchange(role.outgoing()))
+        reply = exchange(role.outgoing())
+        if reply is not None:
+            role.incoming(reply)
     loss, grad = gradient(role.gradient_point())
     role.local_step(grad)
     return loss

@@ -1,0 +1,116 @@
+"""Process-group set-up: checks that fail fast with a clear message, and one group per pair.
+
+Rank 0 is the parameter server; ranks 1..p are workers. Every restart attempt of torchrun gets a
+fresh key prefix in the rendezvous store, so gloo re-initialisation does not trip over the keys
+of the attempt before (measured: "Gloo connectFullMesh failed ... Connection refused" otherwise).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+SERVER_RANK = 0
+
+
+class LaunchError(RuntimeError):
+    """The processes were started in a way that cannot work; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """What torchrun (or the self-launcher) put into this process's environment."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    restart_count: int
+
+    @classmethod
+    def from_environ(cls) -> DistEnv:
+        """Read RANK, WORLD_SIZE, LOCAL_RANK and TORCHELASTIC_RESTART_COUNT."""
+        return cls(
+            rank=int(os.environ.get("RANK", "0")),
+            world_size=int(os.environ.get("WORLD_SIZE", "1")),
+            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+            restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        )
+
+
+def under_launcher() -> bool:
+    """True inside a process started by torchrun / elastic launch."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def check_world(env: DistEnv, *, expected_world_size: int, workers: int) -> None:
+    """Fail with a fix-it message when the launch does not match the configured workers."""
+    if env.world_size != expected_world_size:
+        if expected_world_size == 1:
+            fix = "sequential baselines run in one process: use --nproc_per_node=1"
+        else:
+            fix = (
+                f"workers={workers} needs {expected_world_size} processes (the server is rank 0): "
+                f"use torchrun --nproc_per_node={expected_world_size}, or set workers={env.world_size - 1}"
+            )
+        raise LaunchError(f"world size is {env.world_size} but the config expects {expected_world_size}; {fix}")
+
+
+def choose_backend(requested: str) -> str:
+    """The backend to use; NCCL without CUDA is rejected here, before any connection is made."""
+    if requested == "nccl" and not torch.cuda.is_available():
+        raise LaunchError(
+            "comm.backend=nccl needs CUDA GPUs, and this machine has none; use comm.backend=gloo"
+        )
+    if requested == "nccl" and not dist.is_nccl_available():
+        raise LaunchError("this torch build has no NCCL; use comm.backend=gloo")
+    return "gloo" if requested == "auto" else requested
+
+
+def _store(env: DistEnv, timeout: datetime.timedelta) -> dist.Store:
+    """A TCP store client on torchrun's store, prefixed by the restart attempt."""
+    host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = int(os.environ.get("MASTER_PORT", "29500"))
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(
+        host,
+        port,
+        env.world_size,
+        is_master=(env.rank == 0 and not agent_store),
+        timeout=timeout,
+        wait_for_workers=False,
+    )
+    return dist.PrefixStore(f"easgd/attempt{env.restart_count}/", store)
+
+
+def init_pair_groups(
+    env: DistEnv, *, backend: str, timeout_s: float
+) -> dict[int, dist.ProcessGroup]:
+    """Join the default group and create one group per (server, worker) pair.
+
+    Returns ``{worker_rank: group}`` on the server and ``{own_rank: group}`` on a worker.
+    """
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(
+        backend,
+        store=_store(env, timeout),
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timeout,
+    )
+    groups: dict[int, dist.ProcessGroup] = {}
+    for worker in range(1, env.world_size):
+        # every rank takes part in every new_group call, in the same order (the c10d contract)
+        group = dist.new_group([SERVER_RANK, worker], timeout=timeout)
+        if env.rank in (SERVER_RANK, worker):
+            groups[worker] = group
+    return groups
+
+
+def shutdown() -> None:
+    """Leave the process group if one was joined."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,245 @@
+"""Typed schemas of every config group and of the whole run, registered in Hydra's ConfigStore.
+
+Each field has a docstring; ``__post_init__`` checks values, naming the key and what is allowed.
+OmegaConf type-checks overrides against these dataclasses at composition (a wrong key or type
+fails there); :func:`validate` instantiates them so the range checks run before any process starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from easgd.config.algorithm import AlgorithmConfig
+
+BACKENDS = ("auto", "gloo", "nccl")
+DATASETS = ("digits", "synthetic", "mnist", "cifar10", "custom")
+MODELS = ("mlp", "lenet", "cifar7", "custom")
+SAMPLING = ("whole", "shard")
+DEVICES = ("auto", "cpu", "cuda")
+FAILURE_POLICIES = ("fail_fast", "continue")
+
+
+@dataclass
+class CommConfig:
+    """How workers talk to the server (comm/ group): period, backend, injected delay."""
+
+    period: int = 10
+    """tau: local steps between a worker's exchanges (it exchanges when t_i % period == 0)."""
+    backend: str = "auto"
+    """auto (gloo; CUDA workers stage through pinned CPU buffers), gloo, or nccl (not yet offered)."""
+    latency_ms: float = 0.0
+    """Injected delay added before every message is sent, in milliseconds."""
+    jitter_ms: float = 0.0
+    """Extra random delay per message, uniform in [0, jitter_ms] (seeded per worker)."""
+    overlap: bool = False
+    """Run elastic exchanges in a background thread while the worker keeps stepping (easgd/eamsgd)."""
+    slowdown: list[float] = field(default_factory=list)
+    """Per-worker slowdown factors (a worker with 3.0 takes 3x as long per step); empty: none."""
+    timeout_s: float = 120.0
+    """Timeout of process-group set-up and of a worker's wait for the server."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.period, bool) or int(self.period) != self.period or self.period < 1:
+            raise ValueError(f"comm.period must be an integer >= 1, got {self.period!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"comm.backend={self.backend!r}; allowed: {', '.join(BACKENDS)}")
+        if self.latency_ms < 0 or self.jitter_ms < 0:
+            raise ValueError("comm.latency_ms and comm.jitter_ms must be >= 0")
+        if any(factor < 1.0 for factor in self.slowdown):
+            raise ValueError(f"comm.slowdown factors must be >= 1, got {list(self.slowdown)!r}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"comm.timeout_s must be > 0, got {self.timeout_s!r}")
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, how it is read and sampled (data/ group)."""
+
+    name: str = "digits"
+    """digits (built in, offline), synthetic, mnist, cifar10 (local files), or custom (_target_)."""
+    root: str | None = None
+    """Folder holding the dataset's standard files (mnist: IDX files; cifar10: python batches)."""
+    batch_size: int = 128
+    """Minibatch size of every worker (paper: 128)."""
+    test_fraction: float = 0.2
+    """Share of digits/synthetic examples held out for testing (split fixed by data.split_seed)."""
+    split_seed: int = 0
+    """Seed of the train/test split of digits and synthetic."""
+    sampling: str = "whole"
+    """whole: each worker samples the whole training set with its own seed (paper); shard: disjoint."""
+    num_samples: int = 4000
+    """synthetic: number of examples."""
+    num_features: int = 32
+    """synthetic: input dimension."""
+    num_classes: int = 10
+    """synthetic: number of classes."""
+    teacher_hidden: int = 64
+    """synthetic: hidden width of the random teacher network that labels the inputs."""
+    target: str | None = None
+    """custom: import path of a callable returning (train_dataset, test_dataset) of torch Datasets."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """custom: keyword arguments passed to ``target``."""
+
+    def __post_init__(self) -> None:
+        if self.name not in DATASETS:
+            raise ValueError(f"data.name={self.name!r}; allowed: {', '.join(DATASETS)}")
+        if self.name in ("mnist", "cifar10") and not self.root:
+            raise ValueError(
+                f"data.root must name the folder with the {self.name} files "
+                f"(e.g. data.root=/path/to/{self.name}); nothing is downloaded"
+            )
+        if self.name == "custom" and not self.target:
+            raise ValueError("data.target must be set for data.name=custom (a module.function path)")
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size!r}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"data.test_fraction must be in (0, 1), got {self.test_fraction!r}")
+        if self.sampling not in SAMPLING:
+            raise ValueError(f"data.sampling={self.sampling!r}; allowed: {', '.join(SAMPLING)}")
+        if min(self.num_samples, self.num_features, self.num_classes, self.teacher_hidden) < 1:
+            raise ValueError("data.num_samples, num_features, num_classes, teacher_hidden must be >= 1")
+
+
+@dataclass
+class ModelConfig:
+    """Which network (model/ group)."""
+
+    name: str = "mlp"
+    """mlp, lenet (LeNet-style CNN), cifar7 (the paper's 7-layer CIFAR-10 network), or custom."""
+    hidden: list[int] = field(default_factory=lambda: [128])
+    """mlp: hidden layer widths."""
+    target: str | None = None
+    """custom: import path of an nn.Module class or factory, called with input_shape, num_classes."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """custom: extra keyword arguments for ``target``."""
+
+    def __post_init__(self) -> None:
+        if self.name not in MODELS:
+            raise ValueError(f"model.name={self.name!r}; allowed: {', '.join(MODELS)}")
+        if self.name == "custom" and not self.target:
+            raise ValueError("model.target must be set for model.name=custom")
+        if any(width < 1 for width in self.hidden):
+            raise ValueError(f"model.hidden widths must be >= 1, got {list(self.hidden)!r}")
+
+
+@dataclass
+class CheckpointConfig:
+    """When and what to checkpoint."""
+
+    every_s: float = 30.0
+    """Seconds between server checkpoints of the center (0 disables periodic checkpoints)."""
+    keep: int = 3
+    """How many checkpoints to keep per process."""
+    resume: bool = True
+    """Resume from the newest good checkpoint in the run directory, if there is one."""
+
+    def __post_init__(self) -> None:
+        if self.every_s < 0 or self.keep < 1:
+            raise ValueError("checkpoint.every_s must be >= 0 and checkpoint.keep >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """One training run: p workers and a server (or one process for the sequential baselines)."""
+
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    workers: int = 4
+    """p: worker processes (torchrun starts workers + 1 processes; rank 0 is the server)."""
+    steps_per_worker: int = 1000
+    """Local steps each worker takes (stop condition)."""
+    max_wall_s: float | None = None
+    """Stop when this many seconds have passed since training started (null: no limit)."""
+    target_test_error: float | None = None
+    """Stop once the evaluated variable's test error is at most this (null: never)."""
+    eval_interval_s: float = 1.0
+    """Seconds between evaluations of the center (or z) on the test set."""
+    seed: int = 0
+    """Seeds the initial weights (identical on every rank) and each worker's minibatches."""
+    device: str = "auto"
+    """auto (CUDA if available, else CPU), cpu or cuda for the workers; the server stays on CPU."""
+    threads: int = 1
+    """Intra-op threads per process (oversubscribing cores slows every process down)."""
+    worker_failure: str = "fail_fast"
+    """fail_fast: a failed worker stops the run; continue: the server goes on with the others."""
+    progress: bool = True
+    """Show a progress bar on the server's console."""
+    tensorboard: bool = True
+    """Write TensorBoard event files into the run directory."""
+    run_dir: str = "."
+    """Where summary.json, metrics.csv, checkpoints and TensorBoard files go (Hydra sets it)."""
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers!r}")
+        if self.steps_per_worker < 1:
+            raise ValueError(f"steps_per_worker must be >= 1, got {self.steps_per_worker!r}")
+        if self.max_wall_s is not None and self.max_wall_s <= 0:
+            raise ValueError(f"max_wall_s must be > 0 or null, got {self.max_wall_s!r}")
+        if self.target_test_error is not None and not 0 <= self.target_test_error <= 1:
+            raise ValueError(f"target_test_error must be in [0, 1], got {self.target_test_error!r}")
+        if self.eval_interval_s <= 0:
+            raise ValueError(f"eval_interval_s must be > 0, got {self.eval_interval_s!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device={self.device!r}; allowed: {', '.join(DEVICES)}")
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads!r}")
+        if self.worker_failure not in FAILURE_POLICIES:
+            raise ValueError(
+                f"worker_failure={self.worker_failure!r}; allowed: {', '.join(FAILURE_POLICIES)}"
+            )
+        if self.comm.slowdown and len(self.comm.slowdown) != self.workers:
+            raise ValueError(
+                f"comm.slowdown has {len(self.comm.slowdown)} factors for {self.workers} workers; "
+                "give one per worker or none"
+            )
+        if self.algorithm.uses_server:
+            self.algorithm.resolved_moving_rate(self.workers)
+        if self.algorithm.name == "mdownpour" and self.comm.period != 1:
+            raise ValueError(f"mdownpour needs comm.period=1 (spec), got {self.comm.period}")
+        if self.comm.overlap and self.algorithm.name not in ("easgd", "eamsgd"):
+            raise ValueError(
+                f"comm.overlap is for easgd/eamsgd only, not {self.algorithm.name!r} "
+                "(a DOWNPOUR pull would discard the steps taken meanwhile)"
+            )
+        if self.comm.backend == "nccl":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(
+                    "comm.backend=nccl needs CUDA GPUs and this machine has none; "
+                    "use comm.backend=gloo (or auto)"
+                )
+            raise ValueError(
+                "comm.backend=nccl is not offered yet: it has not run on a multi-GPU machine. "
+                "Use comm.backend=gloo (or auto): CUDA workers stage through pinned CPU buffers"
+            )
+
+    @property
+    def world_size(self) -> int:
+        """Processes this run needs: workers + 1 server, or 1 for a sequential baseline."""
+        return self.workers + 1 if self.algorithm.uses_server else 1
+
+
+def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
+    """Turn a composed config into a checked :class:`TrainConfig` (raises ValueError if invalid)."""
+    if isinstance(cfg, TrainConfig):
+        return cfg
+    schema = OmegaConf.structured(TrainConfig)
+    merged = OmegaConf.merge(schema, cfg)
+    obj = OmegaConf.to_object(merged)
+    assert isinstance(obj, TrainConfig)
+    return obj
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """A plain, picklable dict of the config (for child processes and summaries)."""
+    container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    assert isinstance(container, dict)
+    return container  # type: ignore[return-value]

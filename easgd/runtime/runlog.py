@@ -1,0 +1,88 @@
+"""What a run records in its directory: TensorBoard events, a metrics time series, summary.json.
+
+Only the process that evaluates (the server, or the single sequential process) writes here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+METRIC_FIELDS = ("wall_s", "exchanges", "server_updates", "worker_steps", "test_loss", "test_error")
+
+
+class RunLog:
+    """TensorBoard scalars + ``metrics.csv`` + ``summary.json`` under ``run_dir``. Thread-safe."""
+
+    def __init__(self, run_dir: str | os.PathLike[str], *, tensorboard: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._writer: Any = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.run_dir / "tb"))
+        new_file = not (self.run_dir / "metrics.csv").exists()
+        self._metrics_file = open(self.run_dir / "metrics.csv", "a", newline="")  # noqa: SIM115
+        self._metrics = csv.writer(self._metrics_file)
+        if new_file:
+            self._metrics.writerow(METRIC_FIELDS)
+        self.started = time.time()
+
+    def scalar(self, tag: str, value: float, step: int, *, walltime: float | None = None) -> None:
+        """One TensorBoard scalar."""
+        if self._writer is not None:
+            with self._lock:
+                self._writer.add_scalar(tag, value, step, walltime=walltime)
+
+    def evaluation(
+        self,
+        *,
+        wall_s: float,
+        exchanges: int,
+        server_updates: int,
+        worker_steps: int,
+        test_loss: float,
+        test_error: float,
+    ) -> None:
+        """One evaluation of the evaluated variable, against wall time and against exchanges."""
+        with self._lock:
+            self._metrics.writerow([f"{wall_s:.3f}", exchanges, server_updates, worker_steps, test_loss, test_error])
+            self._metrics_file.flush()
+        walltime = self.started + wall_s
+        self.scalar("center/test_loss", test_loss, exchanges, walltime=walltime)
+        self.scalar("center/test_error", test_error, exchanges, walltime=walltime)
+        # the same curves indexed by elapsed milliseconds, for plots against wall-clock time
+        self.scalar("center_by_time/test_loss", test_loss, int(wall_s * 1000), walltime=walltime)
+        self.scalar("center_by_time/test_error", test_error, int(wall_s * 1000), walltime=walltime)
+
+    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+        """The run's hyperparameters and final metrics (TensorBoard's HParams tab)."""
+        if self._writer is None:
+            return
+        clean = {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in hparams.items()}
+        with self._lock:
+            self._writer.add_hparams(clean, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+
+    def summary(self, summary: dict[str, Any]) -> Path:
+        """Write ``summary.json`` atomically and return its path."""
+        path = self.run_dir / "summary.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    def close(self) -> None:
+        """Flush and close every file."""
+        with self._lock:
+            if self._writer is not None:
+                self._writer.flush()
+                self._writer.close()
+                self._writer = None
+            self._metrics_file.close()

@@ -1,0 +1,257 @@
+"""The parameter server: holds the center, serves each worker from its own thread, evaluates.
+
+Whoever comes first is served first: every worker has a thread blocked on its own pair's receive,
+and a lock around the server role makes each update atomic (without it the conservation of
+center + sum of workers breaks). The main thread evaluates the center (or z) every
+``eval_interval_s`` without stopping the workers, applies the stop rules and writes the run log.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from easgd.comm.message import ERROR_NON_FINITE, ERROR_SHAPE_MISMATCH, Header, Op
+from easgd.comm.transport import PairTransport
+from easgd.roles import ElasticServer, ServerRole
+from easgd.runtime.progress import Progress
+from easgd.runtime.runlog import RunLog
+
+log = logging.getLogger("easgd.server")
+
+Evaluate = Callable[[Tensor], dict[str, float]]
+
+
+@dataclass
+class StopRule:
+    """When the server tells the workers to stop (besides their own step budget)."""
+
+    max_wall_s: float | None = None
+    target_test_error: float | None = None
+
+
+@dataclass
+class WorkerStats:
+    """What the server knows about one worker."""
+
+    steps: int = 0
+    exchanges: int = 0
+    last_read: int = 0
+    rejected: int = 0
+    finished: bool = False
+    failed: str | None = None
+
+
+@dataclass
+class ServerOutcome:
+    """The server's end-of-run figures."""
+
+    wall_time_s: float
+    exchanges: int
+    server_updates: int
+    worker_steps: int
+    test_loss: float
+    test_error: float
+    stop_reason: str
+    rejected: int
+    failed_workers: dict[int, str] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class ParameterServer:
+    """Serves ``transports`` (worker rank -> pair transport) with ``role``."""
+
+    def __init__(
+        self,
+        role: ServerRole,
+        transports: dict[int, PairTransport],
+        *,
+        evaluate: Evaluate,
+        runlog: RunLog,
+        stop_rule: StopRule,
+        eval_interval_s: float,
+        total_steps: int,
+        continue_on_failure: bool = False,
+        progress: bool = True,
+        on_tick: Callable[[ServerRole, threading.Lock], None] | None = None,
+    ) -> None:
+        self.role = role
+        self.transports = transports
+        self.evaluate = evaluate
+        self.runlog = runlog
+        self.stop_rule = stop_rule
+        self.eval_interval_s = eval_interval_s
+        self.continue_on_failure = continue_on_failure
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.stop_reason = "steps"
+        self.stats = {rank: WorkerStats() for rank in transports}
+        self.exchanges = 0
+        self.progress = Progress(total_steps, enabled=progress)
+        self.on_tick = on_tick
+        self._errors: list[BaseException] = []
+        self._started = time.perf_counter()
+
+    # -- per-worker service ------------------------------------------------------------------
+    def _serve(self, rank: int) -> None:
+        transport, stats = self.transports[rank], self.stats[rank]
+        try:
+            while True:
+                header, payload = transport.recv()
+                if header.op == Op.HELLO:
+                    self._hello(rank, transport, header)
+                elif header.op == Op.EXCHANGE:
+                    self._exchange(rank, transport, header, payload)
+                elif header.op == Op.DONE:
+                    if payload is not None:
+                        with self.lock:
+                            self.role.handle(rank, payload)
+                    self.progress.advance(header.step - stats.steps, exchanges=self.exchanges)
+                    stats.steps = header.step
+                    stats.finished = True
+                    transport.send(Header(Op.REPLY))
+                    return
+                elif header.op == Op.FAILED:
+                    stats.failed = f"worker raised an exception at step {header.step}"
+                    log.warning("worker %d left after an exception at step %d", rank, header.step)
+                    return
+        except Exception as err:  # a closed connection: the worker died or hung up
+            stats.failed = f"{type(err).__name__}: {err}"
+            if self.continue_on_failure:
+                log.warning("worker %d lost (%s); continuing with the others", rank, stats.failed)
+            else:
+                log.error("worker %d lost (%s); stopping (worker_failure=fail_fast)", rank, stats.failed)
+                self._errors.append(err)
+                self.stop.set()
+                self.stop_reason = "worker_failure"
+
+    def _hello(self, rank: int, transport: PairTransport, header: Header) -> None:
+        if int(header.value) != transport.numel:
+            log.error(
+                "worker %d has %d parameters, the server's model has %d",
+                rank,
+                int(header.value),
+                transport.numel,
+            )
+            transport.send(Header(Op.REPLY, error=ERROR_SHAPE_MISMATCH, value=transport.numel))
+            raise RuntimeError(
+                f"worker {rank} model has {int(header.value)} parameters, server has {transport.numel}; "
+                "every rank must build the same model (same model.* config)"
+            )
+        with self.lock:
+            center = self.role.center.clone()
+            self.stats[rank].last_read = self.role.updates
+        transport.send(Header(Op.REPLY, step=self.role.updates), center)
+
+    def _exchange(
+        self, rank: int, transport: PairTransport, header: Header, payload: Tensor | None
+    ) -> None:
+        stats = self.stats[rank]
+        if payload is not None and not bool(torch.isfinite(payload).all()):
+            # divergence guard: never let a non-finite value reach the center
+            stats.rejected += 1
+            log.warning("worker %d sent non-finite values at step %d; reset to the center", rank, header.step)
+            with self.lock:
+                center = self.role.center.clone()
+            transport.send(Header(Op.REPLY, error=ERROR_NON_FINITE, stop=self.stop.is_set()), center)
+            return
+        with self.lock:
+            staleness = self.role.updates - stats.last_read
+            reply = self.role.handle(rank, payload)
+            stats.last_read = self.role.updates
+            self.exchanges += 1
+            exchanges = self.exchanges
+        transport.send(Header(Op.REPLY, step=exchanges, staleness=staleness, stop=self.stop.is_set()), reply)
+        advanced = header.step - stats.steps
+        stats.steps, stats.exchanges = header.step, stats.exchanges + 1
+        self.progress.advance(advanced, exchanges=exchanges)
+        self._log_exchange(rank, header, reply, staleness, exchanges)
+
+    def _log_exchange(self, rank: int, header: Header, reply: Tensor, staleness: int, exchanges: int) -> None:
+        tag = f"worker{rank}"
+        self.runlog.scalar(f"{tag}/train_loss", header.value, header.step)
+        self.runlog.scalar(f"{tag}/exchange_latency_ms", header.latency_ms, header.step)
+        self.runlog.scalar(f"{tag}/staleness", staleness, header.step)
+        if isinstance(self.role, ElasticServer):
+            # e = alpha (x_i - center), so ||x_i - center|| = ||e|| / alpha
+            distance = float(reply.norm()) / self.role.moving_rate
+            self.runlog.scalar(f"{tag}/elastic_distance", distance, header.step)
+
+    # -- evaluation and stop rules --------------------------------------------------------------
+    def _evaluate(self) -> dict[str, float]:
+        with self.lock:
+            snapshot = self.role.evaluated().clone()
+            updates = self.role.updates
+            exchanges = self.exchanges
+        metrics = self.evaluate(snapshot)
+        wall = time.perf_counter() - self._started
+        steps = sum(s.steps for s in self.stats.values())
+        self.runlog.evaluation(
+            wall_s=wall,
+            exchanges=exchanges,
+            server_updates=updates,
+            worker_steps=steps,
+            test_loss=metrics["test_loss"],
+            test_error=metrics["test_error"],
+        )
+        self.progress.note(test_error=metrics["test_error"])
+        return {"wall_s": wall, "exchanges": exchanges, "worker_steps": steps, **metrics}
+
+    def _check_stop(self, metrics: dict[str, float]) -> None:
+        if self.stop.is_set():
+            return
+        rule = self.stop_rule
+        if rule.target_test_error is not None and metrics["test_error"] <= rule.target_test_error:
+            self.stop_reason = "target_test_error"
+            self.stop.set()
+        elif rule.max_wall_s is not None and metrics["wall_s"] >= rule.max_wall_s:
+            self.stop_reason = "max_wall_s"
+            self.stop.set()
+
+    def run(self) -> ServerOutcome:
+        """Serve until every worker has finished (or failed); evaluate meanwhile."""
+        threads = [
+            threading.Thread(target=self._serve, args=(rank,), name=f"serve-worker{rank}", daemon=True)
+            for rank in self.transports
+        ]
+        self._started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        history = [self._evaluate()]
+        next_eval = time.perf_counter() + self.eval_interval_s
+        while any(thread.is_alive() for thread in threads):
+            if self.stop_rule.max_wall_s is not None and not self.stop.is_set():
+                if time.perf_counter() - self._started >= self.stop_rule.max_wall_s:
+                    self.stop_reason = "max_wall_s"
+                    self.stop.set()
+            if time.perf_counter() >= next_eval:
+                history.append(self._evaluate())
+                self._check_stop(history[-1])
+                if self.on_tick is not None:
+                    self.on_tick(self.role, self.lock)
+                next_eval = time.perf_counter() + self.eval_interval_s
+            for thread in threads:
+                thread.join(timeout=0.02)
+        final = self._evaluate()
+        history.append(final)
+        self.progress.close()
+        if self._errors and not self.continue_on_failure:
+            raise RuntimeError(f"a worker failed: {self._errors[0]}") from self._errors[0]
+        return ServerOutcome(
+            wall_time_s=final["wall_s"],
+            exchanges=self.exchanges,
+            server_updates=self.role.updates,
+            worker_steps=int(final["worker_steps"]),
+            test_loss=final["test_loss"],
+            test_error=final["test_error"],
+            stop_reason=self.stop_reason,
+            rejected=sum(s.rejected for s in self.stats.values()),
+            failed_workers={r: s.failed for r, s in self.stats.items() if s.failed},
+            history=history,
+        )

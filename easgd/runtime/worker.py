@@ -1,0 +1,179 @@
+"""A worker process's loop: local steps on its own data, an exchange with the server every tau steps.
+
+The order of exchange and gradient is :func:`easgd.roles.worker_step`'s; this module adds what a
+real process needs: the handshake, round trips over the transport, the straggler slowdown, the
+overlap mode (exchanges in a background thread while stepping goes on) and the stop signal.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from easgd.comm.message import ERROR_NON_FINITE, ERROR_SHAPE_MISMATCH, Header, Op, ServerRejected
+from easgd.comm.transport import PairTransport
+from easgd.roles import GradientFn, WorkerRole, worker_step
+
+log = logging.getLogger("easgd.worker")
+
+
+def handshake(transport: PairTransport) -> Tensor:
+    """Tell the server our parameter count and receive the starting point (the center)."""
+    transport.send(Header(Op.HELLO, value=transport.numel))
+    header, center = transport.recv()
+    if header.error == ERROR_SHAPE_MISMATCH or center is None:
+        raise ServerRejected(
+            f"this worker's model has {transport.numel} parameters but the server's has "
+            f"{int(header.value)}; every rank must build the same model (same model.* config)"
+        )
+    return center
+
+
+@dataclass
+class WorkerOutcome:
+    """A worker's end-of-run figures."""
+
+    steps: int
+    exchanges: int
+    resets: int
+    stopped_by_server: bool
+    mean_exchange_ms: float
+    max_overlap_staleness: int
+
+
+class WorkerLoop:
+    """Runs ``role`` for up to ``steps`` local steps, exchanging with the server over ``transport``."""
+
+    def __init__(
+        self,
+        role: WorkerRole,
+        transport: PairTransport,
+        gradient: GradientFn,
+        *,
+        steps: int,
+        slowdown: float = 1.0,
+        overlap: bool = False,
+        to_device: Callable[[Tensor], Tensor] = lambda t: t,
+    ) -> None:
+        self.role = role
+        self.transport = transport
+        self.gradient = gradient
+        self.steps = steps
+        self.slowdown = slowdown
+        self.overlap = overlap
+        self.to_device = to_device
+        self.stop_requested = False
+        self.exchanges = 0
+        self.resets = 0
+        self._loss_sum = 0.0
+        self._loss_count = 0
+        self._last_rtt_ms = 0.0
+        self._rtt_total_ms = 0.0
+        self._inbox: queue.Queue[tuple[Header, Tensor | None, int]] = queue.Queue(maxsize=1)
+        self._outbox: queue.Queue[tuple[Tensor | None, int, float] | None] = queue.Queue(maxsize=1)
+        self._in_flight = False
+        self._max_staleness = 0
+        self._comm_thread: threading.Thread | None = None
+        self._comm_error: BaseException | None = None
+
+    # -- one round trip ---------------------------------------------------------------------
+    def _mean_loss(self) -> float:
+        """Mean train loss since the last exchange (reported to the server), then reset."""
+        mean = self._loss_sum / self._loss_count if self._loss_count else 0.0
+        self._loss_sum, self._loss_count = 0.0, 0
+        return mean
+
+    def _round_trip(
+        self, payload: Tensor | None, step: int, mean_loss: float
+    ) -> tuple[Header, Tensor | None]:
+        started = time.perf_counter()
+        self.transport.send(
+            Header(Op.EXCHANGE, step=step, value=mean_loss, latency_ms=self._last_rtt_ms), payload
+        )
+        header, reply = self.transport.recv()
+        self._last_rtt_ms = 1000 * (time.perf_counter() - started)
+        self._rtt_total_ms += self._last_rtt_ms
+        self.exchanges += 1
+        return header, reply
+
+    def _apply(self, header: Header, reply: Tensor | None) -> None:
+        self.stop_requested = self.stop_requested or header.stop
+        assert reply is not None
+        reply = self.to_device(reply)
+        if header.error == ERROR_NON_FINITE:
+            self.resets += 1
+            log.warning("server rejected non-finite parameters; resetting to the center")
+            self.role.reset(reply)
+        else:
+            self.role.incoming(reply)
+
+    def _exchange(self, payload: Tensor | None) -> Tensor | None:
+        if self.overlap:
+            self._wait_in_flight()
+            self._outbox.put((payload, self.role.step, self._mean_loss()))
+            self._in_flight = True
+            return None
+        header, reply = self._round_trip(payload, self.role.step, self._mean_loss())
+        self._apply(header, reply)
+        return None  # already applied (or reset); nothing left for worker_step to apply
+
+    # -- overlap mode --------------------------------------------------------------------------
+    def _comm_loop(self) -> None:
+        try:
+            while (job := self._outbox.get()) is not None:
+                payload, step, mean_loss = job
+                header, reply = self._round_trip(payload, step, mean_loss)
+                self._inbox.put((header, reply, step))
+        except BaseException as err:  # surfaced in the stepping thread
+            self._comm_error = err
+            self._inbox.put((Header(Op.REPLY, stop=True), None, -1))
+
+    def _take_reply(self, block: bool) -> None:
+        try:
+            header, reply, sent_at = self._inbox.get(block=block)
+        except queue.Empty:
+            return
+        self._in_flight = False
+        if self._comm_error is not None:
+            raise RuntimeError("the exchange thread failed") from self._comm_error
+        self._max_staleness = max(self._max_staleness, self.role.step - sent_at)
+        self._apply(header, reply)
+
+    def _wait_in_flight(self) -> None:
+        if self._in_flight:
+            self._take_reply(block=True)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> WorkerOutcome:
+        """Step until the budget is spent or the server says stop; then say DONE."""
+        if self.overlap:
+            self._comm_thread = threading.Thread(target=self._comm_loop, name="exchange", daemon=True)
+            self._comm_thread.start()
+        while self.role.step < self.steps and not self.stop_requested:
+            if self.overlap and self._in_flight:
+                self._take_reply(block=False)
+            started = time.perf_counter()
+            loss = worker_step(self.role, self.gradient, self._exchange)
+            self._loss_sum += loss
+            self._loss_count += 1
+            if self.slowdown > 1.0:
+                time.sleep((self.slowdown - 1.0) * (time.perf_counter() - started))
+        if self.overlap:
+            self._wait_in_flight()
+            self._outbox.put(None)
+        self.transport.send(Header(Op.DONE, step=self.role.step), self.role.final_outgoing())
+        self.transport.recv()
+        return WorkerOutcome(
+            steps=self.role.step,
+            exchanges=self.exchanges,
+            resets=self.resets,
+            stopped_by_server=self.stop_requested,
+            mean_exchange_ms=self._rtt_total_ms / max(1, self.exchanges),
+            max_overlap_staleness=self._max_staleness,
+        )
