@@ -1,13 +1,13 @@
 """Train with EASGD or a baseline: the Hydra entry point.
 
-    # one node, 4 workers + the server (rank 0), CPU:
-    torchrun --standalone --nproc_per_node=5 -m easgd.train
-    # the same without torchrun (the processes are started through torch's elastic launch API):
-    python -m easgd.train workers=4
-    # a sweep, every combination a real distributed run, a table at the sweep's root:
-    python -m easgd.train -m algorithm=eamsgd,downpour comm.period=1,4
-    # the groups and their options:
-    python -m easgd.train --help
+# one node, 4 workers + the server (rank 0), CPU:
+torchrun --standalone --nproc_per_node=5 -m easgd.train
+# the same without torchrun (the processes are started through torch's elastic launch API):
+python -m easgd.train workers=4
+# a sweep, every combination a real distributed run, a table at the sweep's root:
+python -m easgd.train -m algorithm=eamsgd,downpour comm.period=1,4
+# the groups and their options:
+python -m easgd.train --help
 """
 
 from __future__ import annotations

@@ -56,7 +56,9 @@ def check_world(env: DistEnv, *, expected_world_size: int, workers: int) -> None
                 f"workers={workers} needs {expected_world_size} processes (the server is rank 0): "
                 f"use torchrun --nproc_per_node={expected_world_size}, or set workers={env.world_size - 1}"
             )
-        raise LaunchError(f"world size is {env.world_size} but the config expects {expected_world_size}; {fix}")
+        raise LaunchError(
+            f"world size is {env.world_size} but the config expects {expected_world_size}; {fix}"
+        )
 
 
 def choose_backend(requested: str) -> str:

@@ -92,7 +92,9 @@ class DataConfig:
                 f"(e.g. data.root=/path/to/{self.name}); nothing is downloaded"
             )
         if self.name == "custom" and not self.target:
-            raise ValueError("data.target must be set for data.name=custom (a module.function path)")
+            raise ValueError(
+                "data.target must be set for data.name=custom (a module.function path)"
+            )
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size!r}")
         if not 0.0 < self.test_fraction < 1.0:
@@ -100,7 +102,9 @@ class DataConfig:
         if self.sampling not in SAMPLING:
             raise ValueError(f"data.sampling={self.sampling!r}; allowed: {', '.join(SAMPLING)}")
         if min(self.num_samples, self.num_features, self.num_classes, self.teacher_hidden) < 1:
-            raise ValueError("data.num_samples, num_features, num_classes, teacher_hidden must be >= 1")
+            raise ValueError(
+                "data.num_samples, num_features, num_classes, teacher_hidden must be >= 1"
+            )
 
 
 @dataclass

@@ -77,7 +77,9 @@ def build_model(model: ModelConfig, split: Split, *, seed: int) -> nn.Module:
     factory: Callable[..., nn.Module] = import_object(model.target)
     module = factory(input_shape=shape, num_classes=classes, **model.kwargs)
     if not isinstance(module, nn.Module):
-        raise ValueError(f"model.target={model.target!r} returned {type(module).__name__}, not an nn.Module")
+        raise ValueError(
+            f"model.target={model.target!r} returned {type(module).__name__}, not an nn.Module"
+        )
     return module
 
 

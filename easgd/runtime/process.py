@@ -80,7 +80,9 @@ def _transport(cfg: TrainConfig, peer: int, group: Any, numel: int, own_rank: in
 
 def _evaluator(cfg: TrainConfig, split: Split) -> FlatModel:
     """A CPU copy of the model for test-set evaluation."""
-    return FlatModel(build_model(cfg.model, split, seed=cfg.seed), weight_decay=cfg.algorithm.weight_decay)
+    return FlatModel(
+        build_model(cfg.model, split, seed=cfg.seed), weight_decay=cfg.algorithm.weight_decay
+    )
 
 
 def run_server(cfg: TrainConfig, split: Split, groups: dict[int, Any]) -> dict[str, Any]:
@@ -88,7 +90,8 @@ def run_server(cfg: TrainConfig, split: Split, groups: dict[int, Any]) -> dict[s
     flat = _evaluator(cfg, split)
     role = make_server_role(cfg.algorithm, flat.initial_point(), num_workers=cfg.workers)
     transports = {
-        rank: _transport(cfg, rank, group, flat.num_params, SERVER_RANK) for rank, group in groups.items()
+        rank: _transport(cfg, rank, group, flat.num_params, SERVER_RANK)
+        for rank, group in groups.items()
     }
     runlog = RunLog(cfg.run_dir, tensorboard=cfg.tensorboard)
     log.info(
@@ -124,7 +127,9 @@ def run_server(cfg: TrainConfig, split: Split, groups: dict[int, Any]) -> dict[s
             stop_reason=outcome.stop_reason,
             extra={"rejected_messages": outcome.rejected, "failed_workers": outcome.failed_workers},
         )
-        runlog.hparams(_hparams(cfg), {"test_error": outcome.test_error, "test_loss": outcome.test_loss})
+        runlog.hparams(
+            _hparams(cfg), {"test_error": outcome.test_error, "test_loss": outcome.test_loss}
+        )
         path = runlog.summary(summary)
     finally:
         runlog.close()
@@ -217,7 +222,10 @@ def run_sequential(cfg: TrainConfig, split: Split) -> dict[str, Any]:
             if now >= next_eval:
                 metrics = evaluate()
                 next_eval = now + cfg.eval_interval_s
-                if cfg.target_test_error is not None and metrics["test_error"] <= cfg.target_test_error:
+                if (
+                    cfg.target_test_error is not None
+                    and metrics["test_error"] <= cfg.target_test_error
+                ):
                     stop_reason = "target_test_error"
                     break
             if cfg.max_wall_s is not None and now >= cfg.max_wall_s:
@@ -240,11 +248,15 @@ def run_sequential(cfg: TrainConfig, split: Split) -> dict[str, Any]:
             test_error=metrics["test_error"],
             stop_reason=stop_reason,
         )
-        runlog.hparams(_hparams(cfg), {"test_error": metrics["test_error"], "test_loss": metrics["test_loss"]})
+        runlog.hparams(
+            _hparams(cfg), {"test_error": metrics["test_error"], "test_loss": metrics["test_loss"]}
+        )
         runlog.summary(summary)
     finally:
         runlog.close()
-    log.info("done in %.1f s: test error %.2f%%", summary["wall_time_s"], 100 * summary["test_error"])
+    log.info(
+        "done in %.1f s: test error %.2f%%", summary["wall_time_s"], 100 * summary["test_error"]
+    )
     return summary
 
 
@@ -277,7 +289,9 @@ def _summary(
         "stop_reason": stop_reason,
         "learning_rate": cfg.algorithm.learning_rate,
         "momentum": cfg.algorithm.momentum,
-        "moving_rate": cfg.algorithm.resolved_moving_rate(workers) if cfg.algorithm.name in ("easgd", "eamsgd") else None,
+        "moving_rate": cfg.algorithm.resolved_moving_rate(workers)
+        if cfg.algorithm.name in ("easgd", "eamsgd")
+        else None,
         "dataset": cfg.data.name,
         "model": cfg.model.name,
         "num_params": num_params,

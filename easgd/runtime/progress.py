@@ -15,7 +15,9 @@ class Progress:
     def __init__(self, total_steps: int, *, enabled: bool = True) -> None:
         self._lock = threading.Lock()
         self._bar = (
-            tqdm(total=total_steps, unit="step", dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+            tqdm(
+                total=total_steps, unit="step", dynamic_ncols=True, file=sys.stderr, mininterval=0.5
+            )
             if enabled
             else None
         )

@@ -53,7 +53,9 @@ class RunLog:
     ) -> None:
         """One evaluation of the evaluated variable, against wall time and against exchanges."""
         with self._lock:
-            self._metrics.writerow([f"{wall_s:.3f}", exchanges, server_updates, worker_steps, test_loss, test_error])
+            self._metrics.writerow(
+                [f"{wall_s:.3f}", exchanges, server_updates, worker_steps, test_loss, test_error]
+            )
             self._metrics_file.flush()
         walltime = self.started + wall_s
         self.scalar("center/test_loss", test_loss, exchanges, walltime=walltime)
@@ -66,9 +68,14 @@ class RunLog:
         """The run's hyperparameters and final metrics (TensorBoard's HParams tab)."""
         if self._writer is None:
             return
-        clean = {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in hparams.items()}
+        clean = {
+            k: (v if isinstance(v, int | float | str | bool) else str(v))
+            for k, v in hparams.items()
+        }
         with self._lock:
-            self._writer.add_hparams(clean, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+            self._writer.add_hparams(
+                clean, {f"hparam/{k}": v for k, v in metrics.items()}, run_name="."
+            )
 
     def summary(self, summary: dict[str, Any]) -> Path:
         """Write ``summary.json`` atomically and return its path."""

@@ -126,7 +126,9 @@ class ParameterServer:
             if self.continue_on_failure:
                 log.warning("worker %d lost (%s); continuing with the others", rank, stats.failed)
             else:
-                log.error("worker %d lost (%s); stopping (worker_failure=fail_fast)", rank, stats.failed)
+                log.error(
+                    "worker %d lost (%s); stopping (worker_failure=fail_fast)", rank, stats.failed
+                )
                 self._errors.append(err)
                 self.stop.set()
                 self.stop_reason = "worker_failure"
@@ -156,10 +158,16 @@ class ParameterServer:
         if payload is not None and not bool(torch.isfinite(payload).all()):
             # divergence guard: never let a non-finite value reach the center
             stats.rejected += 1
-            log.warning("worker %d sent non-finite values at step %d; reset to the center", rank, header.step)
+            log.warning(
+                "worker %d sent non-finite values at step %d; reset to the center",
+                rank,
+                header.step,
+            )
             with self.lock:
                 center = self.role.center.clone()
-            transport.send(Header(Op.REPLY, error=ERROR_NON_FINITE, stop=self.stop.is_set()), center)
+            transport.send(
+                Header(Op.REPLY, error=ERROR_NON_FINITE, stop=self.stop.is_set()), center
+            )
             return
         with self.lock:
             staleness = self.role.updates - stats.last_read
@@ -167,13 +175,17 @@ class ParameterServer:
             stats.last_read = self.role.updates
             self.exchanges += 1
             exchanges = self.exchanges
-        transport.send(Header(Op.REPLY, step=exchanges, staleness=staleness, stop=self.stop.is_set()), reply)
+        transport.send(
+            Header(Op.REPLY, step=exchanges, staleness=staleness, stop=self.stop.is_set()), reply
+        )
         advanced = header.step - stats.steps
         stats.steps, stats.exchanges = header.step, stats.exchanges + 1
         self.progress.advance(advanced, exchanges=exchanges)
         self._log_exchange(rank, header, reply, staleness, exchanges)
 
-    def _log_exchange(self, rank: int, header: Header, reply: Tensor, staleness: int, exchanges: int) -> None:
+    def _log_exchange(
+        self, rank: int, header: Header, reply: Tensor, staleness: int, exchanges: int
+    ) -> None:
         tag = f"worker{rank}"
         self.runlog.scalar(f"{tag}/train_loss", header.value, header.step)
         self.runlog.scalar(f"{tag}/exchange_latency_ms", header.latency_ms, header.step)
@@ -217,7 +229,9 @@ class ParameterServer:
     def run(self) -> ServerOutcome:
         """Serve until every worker has finished (or failed); evaluate meanwhile."""
         threads = [
-            threading.Thread(target=self._serve, args=(rank,), name=f"serve-worker{rank}", daemon=True)
+            threading.Thread(
+                target=self._serve, args=(rank,), name=f"serve-worker{rank}", daemon=True
+            )
             for rank in self.transports
         ]
         self._started = time.perf_counter()

@@ -153,7 +153,9 @@ class WorkerLoop:
     def run(self) -> WorkerOutcome:
         """Step until the budget is spent or the server says stop; then say DONE."""
         if self.overlap:
-            self._comm_thread = threading.Thread(target=self._comm_loop, name="exchange", daemon=True)
+            self._comm_thread = threading.Thread(
+                target=self._comm_loop, name="exchange", daemon=True
+            )
             self._comm_thread.start()
         while self.role.step < self.steps and not self.stop_requested:
             if self.overlap and self._in_flight:

@@ -1,0 +1,73 @@
+"""Helpers for multi-process tests: spawn a real gloo world on free local ports, collect results.
+
+Targets run in spawned processes, so they live here at module level (importable by the child).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _entry(
+    target: Callable[..., Any], rank: int, world: int, port: int, args: tuple, queue: Any
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
+    )
+    torch.set_num_threads(1)
+    try:
+        queue.put((rank, "ok", target(rank, world, *args)))
+    except BaseException as err:  # reported to the test, which fails with the traceback
+        queue.put((rank, "error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn_world(
+    target: Callable[..., Any], world: int, *args: Any, timeout: float = 60.0
+) -> dict[int, Any]:
+    """Run ``target(rank, world, *args)`` in ``world`` spawned processes; return {rank: result}.
+
+    Raises AssertionError with the child's traceback if any rank failed or timed out.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_entry, args=(target, r, world, port, args, queue)) for r in range(world)
+    ]
+    for proc in procs:
+        proc.start()
+    results: dict[int, Any] = {}
+    errors = []
+    try:
+        for _ in range(world):
+            rank, status, value = queue.get(timeout=timeout)
+            if status == "ok":
+                results[rank] = value
+            else:
+                errors.append(f"rank {rank}: {value}")
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+    assert not errors, "\n".join(errors)
+    return results

@@ -1,0 +1,128 @@
+"""End to end: real torchrun (and the self-launcher) running easgd.train, and its bad-input errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args: list[str], *, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(nproc: int, *overrides: str) -> subprocess.CompletedProcess[str]:
+    return run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "easgd.train",
+            *overrides,
+        ]
+    )
+
+
+def test_torchrun_main_job_shape_writes_summary_metrics_and_tensorboard(tmp_path: Path) -> None:
+    result = torchrun(
+        3,
+        "workers=2",
+        "steps_per_worker=300",
+        "comm.period=5",
+        "eval_interval_s=0.2",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (
+        summary["algorithm"] == "eamsgd" and summary["workers"] == 2 and summary["comm_period"] == 5
+    )
+    assert summary["steps_per_worker"] == 300 and summary["worker_steps"] == 600
+    assert summary["exchanges"] == 2 * 300 // 5  # t = 0, 5, ..., 295 on each worker
+    assert summary["wall_time_s"] > 0 and summary["stop_reason"] == "steps"
+    assert summary["test_error"] < 0.15  # digits after 600 EAMSGD steps (untrained: ~0.9)
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert len(rows) >= 2 and float(rows[0]["test_error"]) > float(rows[-1]["test_error"])
+    assert int(rows[-1]["exchanges"]) == summary["exchanges"]
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ["center/test_loss", "center/test_error", "center_by_time/test_error"]:
+        assert tag in tags
+    for rank in (1, 2):
+        for name in ["train_loss", "elastic_distance", "exchange_latency_ms", "staleness"]:
+            assert f"worker{rank}/{name}" in tags
+    assert events.Scalars("center/test_error")[-1].value == pytest.approx(summary["test_error"])
+    hparams_runs = [p for p in (tmp_path / "tb").rglob("events.*")]
+    assert hparams_runs  # add_hparams writes its own event file next to the scalars
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["algorithm.learning_rate=-1"], "algorithm.learning_rate must be a finite number >= 0"),
+        (["comm.period=0"], "comm.period must be an integer >= 1"),
+        (["comm.backend=nccl"], "comm.backend=nccl needs CUDA GPUs"),
+        (["data=mnist"], "data.root must name the folder"),
+        (["algorithm=mdownpour", "comm.period=4"], "mdownpour needs comm.period=1"),
+    ],
+)
+def test_bad_config_fails_before_any_process_starts(
+    overrides: list[str], message: str, tmp_path: Path
+) -> None:
+    result = run(
+        [sys.executable, "-m", "easgd.train", *overrides, f"hydra.run.dir={tmp_path}"], timeout=60
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_unknown_key_fails_at_composition(tmp_path: Path) -> None:
+    result = run(
+        [
+            sys.executable,
+            "-m",
+            "easgd.train",
+            "algorithm.learning_rat=0.1",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "learning_rat" in result.stderr
+
+
+def test_world_size_mismatch_is_one_clear_error(tmp_path: Path) -> None:
+    result = torchrun(3, "workers=4", f"hydra.run.dir={tmp_path}")
+    assert result.returncode != 0
+    assert "world size is 3 but the config expects 5" in result.stderr
+    assert "--nproc_per_node=5" in result.stderr
+
+
+def test_parameter_count_mismatch_between_ranks_is_reported(tmp_path: Path) -> None:
+    result = torchrun(
+        3,
+        "workers=2",
+        "model.name=custom",
+        "model.target=tests.rank_models.rank_dependent_mlp",
+        "comm.timeout_s=30",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert result.returncode != 0
+    assert "every rank must build the same model" in result.stderr
