@@ -55,7 +55,8 @@ def test_torchrun_main_job_shape_writes_summary_metrics_and_tensorboard(tmp_path
     assert summary["exchanges"] == 2 * 300 // 5  # t = 0, 5, ..., 295 on each worker
     assert summary["wall_time_s"] > 0 and summary["stop_reason"] == "steps"
     assert summary["test_error"] < 0.15  # digits after 600 EAMSGD steps (untrained: ~0.9)
-    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    with open(tmp_path / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
     assert len(rows) >= 2 and float(rows[0]["test_error"]) > float(rows[-1]["test_error"])
     assert int(rows[-1]["exchanges"]) == summary["exchanges"]
 

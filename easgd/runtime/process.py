@@ -7,6 +7,7 @@ are like with like.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -177,10 +178,8 @@ def run_worker(cfg: TrainConfig, env: DistEnv, split: Split, group: Any) -> None
         if cfg.worker_failure != "continue":
             raise
         log.exception("worker %d failed; leaving the run (worker_failure=continue)", env.rank)
-        try:
+        with contextlib.suppress(Exception):  # the server may be gone too
             transport.send(Header(Op.FAILED, step=0))
-        except Exception:  # the server may be gone too
-            pass
         return
     log.debug(
         "finished %d steps, %d exchanges (%.2f ms each), %d resets",

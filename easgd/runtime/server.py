@@ -215,14 +215,16 @@ class ParameterServer:
         self.progress.note(test_error=metrics["test_error"])
         return {"wall_s": wall, "exchanges": exchanges, "worker_steps": steps, **metrics}
 
-    def _check_stop(self, metrics: dict[str, float]) -> None:
+    def _check_stop(self, test_error: float | None = None) -> None:
+        """Apply the stop rules: the target on a fresh ``test_error``, the wall-clock budget always."""
         if self.stop.is_set():
             return
         rule = self.stop_rule
-        if rule.target_test_error is not None and metrics["test_error"] <= rule.target_test_error:
+        target = rule.target_test_error
+        if test_error is not None and target is not None and test_error <= target:
             self.stop_reason = "target_test_error"
             self.stop.set()
-        elif rule.max_wall_s is not None and metrics["wall_s"] >= rule.max_wall_s:
+        elif rule.max_wall_s is not None and time.perf_counter() - self._started >= rule.max_wall_s:
             self.stop_reason = "max_wall_s"
             self.stop.set()
 
@@ -240,13 +242,10 @@ class ParameterServer:
         history = [self._evaluate()]
         next_eval = time.perf_counter() + self.eval_interval_s
         while any(thread.is_alive() for thread in threads):
-            if self.stop_rule.max_wall_s is not None and not self.stop.is_set():
-                if time.perf_counter() - self._started >= self.stop_rule.max_wall_s:
-                    self.stop_reason = "max_wall_s"
-                    self.stop.set()
+            self._check_stop()
             if time.perf_counter() >= next_eval:
                 history.append(self._evaluate())
-                self._check_stop(history[-1])
+                self._check_stop(history[-1]["test_error"])
                 if self.on_tick is not None:
                     self.on_tick(self.role, self.lock)
                 next_eval = time.perf_counter() + self.eval_interval_s
