@@ -40,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
@@ -64,7 +65,7 @@ class Session:
     """This process's place in the run and its pair process groups."""
 
     env: DistEnv
-    groups: dict[int, object]
+    groups: dict[int, dist.ProcessGroup]
 
     @property
     def is_server(self) -> bool:
@@ -88,8 +89,8 @@ def join(*, backend: str = "auto", timeout_s: float = 120.0) -> Session:
         raise LaunchError(
             "easgd.api needs a server and at least one worker: torchrun --nproc_per_node>=2"
         )
-    groups = init_pair_groups(env, backend=choose_backend(backend), timeout_s=timeout_s)
-    return Session(env, dict(groups))
+    pairs = init_pair_groups(env, backend=choose_backend(backend), timeout_s=timeout_s)
+    return Session(env, pairs.groups)
 
 
 def _params(model: nn.Module) -> list[Tensor]:
@@ -109,7 +110,7 @@ class ElasticAverager:
         self.transport = PairTransport(
             peer=SERVER_RANK,
             group=session.groups[session.env.rank],
-            numel=numel,  # type: ignore[arg-type]
+            numel=numel,
         )
         self.comm_period = comm_period
         self.calls = 0
@@ -164,7 +165,7 @@ def serve(
     params = _params(model)
     role = ElasticServer(parameters_to_vector(params).detach().cpu(), moving_rate=moving_rate)
     transports = {
-        rank: PairTransport(peer=rank, group=group, numel=role.center.numel())  # type: ignore[arg-type]
+        rank: PairTransport(peer=rank, group=group, numel=role.center.numel())
         for rank, group in session.groups.items()
     }
 

@@ -23,6 +23,7 @@ from easgd.comm.groups import LaunchError
 from easgd.config.schema import validate
 from easgd.config.store import register
 from easgd.runtime.launcher import launch
+from easgd.runtime.preflight import preflight
 
 register()
 
@@ -30,6 +31,7 @@ register()
 def train(cfg: DictConfig) -> dict[str, Any] | None:
     """Validate ``cfg`` (before any process starts), then run it; returns the summary on rank 0."""
     config = validate(cfg)
+    preflight(config)
     config.run_dir = HydraConfig.get().runtime.output_dir
     return launch(config)
 

@@ -19,7 +19,7 @@ NUMEL = 16
 
 
 def _groups(rank: int, world: int) -> dict:
-    return init_pair_groups(DistEnv(rank, world, rank, 0), backend="gloo", timeout_s=30)
+    return init_pair_groups(DistEnv(rank, world, rank, 0), backend="gloo", timeout_s=30).groups
 
 
 def _serve(role, groups: dict, steps: int) -> tuple:  # type: ignore[no-untyped-def]

@@ -88,17 +88,23 @@ def _store(env: DistEnv, timeout: datetime.timedelta) -> dist.Store:
     return dist.PrefixStore(f"easgd/attempt{env.restart_count}/", store)
 
 
-def init_pair_groups(
-    env: DistEnv, *, backend: str, timeout_s: float
-) -> dict[int, dist.ProcessGroup]:
-    """Join the default group and create one group per (server, worker) pair.
+@dataclass
+class PairGroups:
+    """The process groups of this rank and the store they were made with."""
 
-    Returns ``{worker_rank: group}`` on the server and ``{own_rank: group}`` on a worker.
-    """
+    groups: dict[int, dist.ProcessGroup]
+    """``{worker_rank: group}`` on the server, ``{own_rank: group}`` on a worker."""
+    store: dist.Store
+    """The (attempt-prefixed) rendezvous store, also used for heartbeats."""
+
+
+def init_pair_groups(env: DistEnv, *, backend: str, timeout_s: float) -> PairGroups:
+    """Join the default group and create one group per (server, worker) pair."""
     timeout = datetime.timedelta(seconds=timeout_s)
+    store = _store(env, timeout)
     dist.init_process_group(
         backend,
-        store=_store(env, timeout),
+        store=store,
         rank=env.rank,
         world_size=env.world_size,
         timeout=timeout,
@@ -109,7 +115,7 @@ def init_pair_groups(
         group = dist.new_group([SERVER_RANK, worker], timeout=timeout)
         if env.rank in (SERVER_RANK, worker):
             groups[worker] = group
-    return groups
+    return PairGroups(groups, store)
 
 
 def shutdown() -> None:

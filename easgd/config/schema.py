@@ -40,6 +40,8 @@ class CommConfig:
     """Per-worker slowdown factors (a worker with 3.0 takes 3x as long per step); empty: none."""
     timeout_s: float = 120.0
     """Timeout of process-group set-up and of a worker's wait for the server."""
+    heartbeat_timeout_s: float = 10.0
+    """The server declares a worker hung when its heartbeat has not moved for this long."""
 
     def __post_init__(self) -> None:
         if isinstance(self.period, bool) or int(self.period) != self.period or self.period < 1:
@@ -50,8 +52,8 @@ class CommConfig:
             raise ValueError("comm.latency_ms and comm.jitter_ms must be >= 0")
         if any(factor < 1.0 for factor in self.slowdown):
             raise ValueError(f"comm.slowdown factors must be >= 1, got {list(self.slowdown)!r}")
-        if self.timeout_s <= 0:
-            raise ValueError(f"comm.timeout_s must be > 0, got {self.timeout_s!r}")
+        if self.timeout_s <= 0 or self.heartbeat_timeout_s <= 0:
+            raise ValueError("comm.timeout_s and comm.heartbeat_timeout_s must be > 0")
 
 
 @dataclass
@@ -146,6 +148,31 @@ class CheckpointConfig:
 
 
 @dataclass
+class FaultConfig:
+    """Failure injection for chaos tests and drills (fault/ keys; all off by default).
+
+    Kills and exceptions fire only in the first attempt of a torchrun job, so a restart succeeds.
+    """
+
+    kill_rank: int | None = None
+    """This rank sends itself SIGKILL ..."""
+    kill_at_step: int = 0
+    """... when its local step counter reaches this value (rank 0: server updates)."""
+    raise_rank: int | None = None
+    """This worker raises a RuntimeError ..."""
+    raise_at_step: int = 0
+    """... at this local step."""
+    hang_rank: int | None = None
+    """This worker stops itself with SIGSTOP (a hung process: its connections stay open) ..."""
+    hang_at_step: int = 0
+    """... at this local step (detected by the server's heartbeat monitor)."""
+    nan_rank: int | None = None
+    """This worker's parameters become NaN ..."""
+    nan_at_step: int = 0
+    """... at this local step (the server must refuse them and reset the worker)."""
+
+
+@dataclass
 class TrainConfig:
     """One training run: p workers and a server (or one process for the sequential baselines)."""
 
@@ -154,6 +181,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
     workers: int = 4
     """p: worker processes (torchrun starts workers + 1 processes; rank 0 is the server)."""
     steps_per_worker: int = 1000
@@ -170,6 +198,9 @@ class TrainConfig:
     """auto (CUDA if available, else CPU), cpu or cuda for the workers; the server stays on CPU."""
     threads: int = 1
     """Intra-op threads per process (oversubscribing cores slows every process down)."""
+    max_update_norm: float | None = None
+    """Divergence guard: the server also refuses an update (elastic move, push or server step)
+    whose norm exceeds this, resetting that worker to the center (non-finite ones always)."""
     worker_failure: str = "fail_fast"
     """fail_fast: a failed worker stops the run; continue: the server goes on with the others."""
     progress: bool = True
@@ -192,6 +223,8 @@ class TrainConfig:
             raise ValueError(f"eval_interval_s must be > 0, got {self.eval_interval_s!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device={self.device!r}; allowed: {', '.join(DEVICES)}")
+        if self.max_update_norm is not None and self.max_update_norm <= 0:
+            raise ValueError(f"max_update_norm must be > 0 or null, got {self.max_update_norm!r}")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads!r}")
         if self.worker_failure not in FAILURE_POLICIES:

@@ -58,8 +58,8 @@ def _load_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
 
 
-def load_cifar10(root: str | Path) -> Split:
-    """CIFAR-10 as float32 (N, 3, 32, 32), normalised per channel, and int64 labels."""
+def cifar10_folder(root: str | Path) -> Path:
+    """The folder holding the six batches (``root`` or ``root/cifar-10-batches-py``); checks presence."""
     folder = Path(root).expanduser()
     if (folder / "cifar-10-batches-py").is_dir():
         folder = folder / "cifar-10-batches-py"
@@ -69,6 +69,12 @@ def load_cifar10(root: str | Path) -> Split:
             f"CIFAR-10 file(s) {', '.join(missing)} not found in {folder}; extract "
             "cifar-10-python.tar.gz there (data_batch_1..5 and test_batch) and set data.root"
         )
+    return folder
+
+
+def load_cifar10(root: str | Path) -> Split:
+    """CIFAR-10 as float32 (N, 3, 32, 32), normalised per channel, and int64 labels."""
+    folder = cifar10_folder(root)
     train = [_load_batch(folder / name) for name in TRAIN_FILES]
     test_x, test_y = _load_batch(folder / TEST_FILE)
     mean = torch.tensor(MEAN).view(1, 3, 1, 1)

@@ -74,18 +74,22 @@ def read_idx(path: Path, *, expected_magic: int) -> np.ndarray:
     return body.reshape(dims)
 
 
-def load_mnist(root: str | Path) -> Split:
-    """The 60k/10k MNIST split as float32 images (N, 1, 28, 28) in [0, 1] and int64 labels."""
+def mnist_files(root: str | Path) -> dict[str, Path]:
+    """The four IDX files under ``root`` (cheap: checks presence only, reads nothing)."""
     folder = Path(root).expanduser()
     if not folder.is_dir():
         raise DatasetFileError(
             f"data.root={folder} is not a folder; point it at the MNIST IDX files"
         )
+    return {key: _find(folder, name) for key, name in FILES.items()}
+
+
+def load_mnist(root: str | Path) -> Split:
+    """The 60k/10k MNIST split as float32 images (N, 1, 28, 28) in [0, 1] and int64 labels."""
+    folder = Path(root).expanduser()
     arrays = {
-        key: read_idx(
-            _find(folder, name), expected_magic=IMAGE_MAGIC if key.endswith("x") else LABEL_MAGIC
-        )
-        for key, name in FILES.items()
+        key: read_idx(path, expected_magic=IMAGE_MAGIC if key.endswith("x") else LABEL_MAGIC)
+        for key, path in mnist_files(folder).items()
     }
     for part in ("train", "test"):
         if len(arrays[f"{part}_x"]) != len(arrays[f"{part}_y"]):

@@ -28,6 +28,10 @@ class ServerRole(ABC):
     def handle(self, worker: int, payload: Tensor | None) -> Tensor:
         """Apply one worker's payload and return the reply for that worker."""
 
+    @abstractmethod
+    def update_norm(self, payload: Tensor) -> float:
+        """Norm of the change ``handle(payload)`` would make to the center (divergence guard)."""
+
     def evaluated(self) -> Tensor:
         """The variable that is tested and checkpointed: the center (z for averaging variants)."""
         return self.center
@@ -56,6 +60,9 @@ class ElasticServer(ServerRole):
         self.apply(diff)
         return diff
 
+    def update_norm(self, payload: Tensor) -> float:
+        return self.moving_rate * float((payload - self.center).norm())
+
     def apply(self, elastic_diff: Tensor) -> None:
         """center <- center + e (also used by the simulator when e arrives late)."""
         self.center = alg.apply_to_center(self.center, elastic_diff)
@@ -81,6 +88,9 @@ class DownpourServer(ServerRole):
             rate = alg.average_rate(self.updates, constant_rate=self.average_rate)
             self.average = alg.running_average(self.average, self.center, rate=rate)
         return self.center.clone()
+
+    def update_norm(self, payload: Tensor) -> float:
+        return float(payload.norm())
 
     def evaluated(self) -> Tensor:
         return self.center if self.average is None else self.average
@@ -112,6 +122,9 @@ class MDownpourServer(ServerRole):
             )
             self.updates += 1
         return alg.mdownpour_lookahead(self.center, self.velocity, momentum=self.momentum)
+
+    def update_norm(self, payload: Tensor) -> float:
+        return self.learning_rate * float(payload.norm())
 
     def state_dict(self) -> dict[str, Tensor | int]:
         return {**super().state_dict(), "velocity": self.velocity}

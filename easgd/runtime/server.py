@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from easgd.comm.heartbeat import HeartbeatMonitor
 from easgd.comm.message import ERROR_NON_FINITE, ERROR_SHAPE_MISMATCH, Header, Op
 from easgd.comm.transport import PairTransport
 from easgd.roles import ElasticServer, ServerRole
@@ -79,7 +80,10 @@ class ParameterServer:
         total_steps: int,
         continue_on_failure: bool = False,
         progress: bool = True,
-        on_tick: Callable[[ServerRole, threading.Lock], None] | None = None,
+        on_tick: Callable[[], None] | None = None,
+        exchanges_before: int = 0,
+        heartbeat: HeartbeatMonitor | None = None,
+        max_update_norm: float | None = None,
     ) -> None:
         self.role = role
         self.transports = transports
@@ -92,9 +96,15 @@ class ParameterServer:
         self.stop = threading.Event()
         self.stop_reason = "steps"
         self.stats = {rank: WorkerStats() for rank in transports}
-        self.exchanges = 0
+        self.exchanges = exchanges_before
         self.progress = Progress(total_steps, enabled=progress)
         self.on_tick = on_tick
+        self.heartbeat = heartbeat
+        self.max_update_norm = max_update_norm
+        self.resumed_steps: dict[int, int] = {}
+        """Each worker's step counter when it said HELLO (non-zero after a resume)."""
+        self.lost: set[int] = set()
+        self._last_heartbeat_check = 0.0
         self._errors: list[BaseException] = []
         self._started = time.perf_counter()
 
@@ -149,32 +159,36 @@ class ParameterServer:
         with self.lock:
             center = self.role.center.clone()
             self.stats[rank].last_read = self.role.updates
+        self.stats[rank].steps = self.resumed_steps[rank] = header.step
+        self.progress.advance(header.step, exchanges=self.exchanges)
         transport.send(Header(Op.REPLY, step=self.role.updates), center)
 
     def _exchange(
         self, rank: int, transport: PairTransport, header: Header, payload: Tensor | None
     ) -> None:
         stats = self.stats[rank]
-        if payload is not None and not bool(torch.isfinite(payload).all()):
-            # divergence guard: never let a non-finite value reach the center
+        with self.lock:
+            refusal = self._refuse(payload)
+            if refusal is None:
+                staleness = self.role.updates - stats.last_read
+                reply = self.role.handle(rank, payload)
+                stats.last_read = self.role.updates
+                self.exchanges += 1
+            else:
+                reply = self.role.center.clone()
+                stats.last_read = self.role.updates
+            exchanges = self.exchanges
+        if refusal is not None:
+            # divergence guard: the center never sees it; the worker restarts from the center
             stats.rejected += 1
             log.warning(
-                "worker %d sent non-finite values at step %d; reset to the center",
+                "refused worker %d's update at step %d (%s); reset to the center",
                 rank,
                 header.step,
+                refusal,
             )
-            with self.lock:
-                center = self.role.center.clone()
-            transport.send(
-                Header(Op.REPLY, error=ERROR_NON_FINITE, stop=self.stop.is_set()), center
-            )
+            transport.send(Header(Op.REPLY, error=ERROR_NON_FINITE, stop=self.stop.is_set()), reply)
             return
-        with self.lock:
-            staleness = self.role.updates - stats.last_read
-            reply = self.role.handle(rank, payload)
-            stats.last_read = self.role.updates
-            self.exchanges += 1
-            exchanges = self.exchanges
         transport.send(
             Header(Op.REPLY, step=exchanges, staleness=staleness, stop=self.stop.is_set()), reply
         )
@@ -182,6 +196,18 @@ class ParameterServer:
         stats.steps, stats.exchanges = header.step, stats.exchanges + 1
         self.progress.advance(advanced, exchanges=exchanges)
         self._log_exchange(rank, header, reply, staleness, exchanges)
+
+    def _refuse(self, payload: Tensor | None) -> str | None:
+        """Why an update must not reach the center (called under the lock), or None."""
+        if payload is None:
+            return None
+        if not bool(torch.isfinite(payload).all()):
+            return "non-finite values"
+        if self.max_update_norm is not None:
+            norm = self.role.update_norm(payload)
+            if norm > self.max_update_norm:
+                return f"update norm {norm:.3g} > max_update_norm {self.max_update_norm:g}"
+        return None
 
     def _log_exchange(
         self, rank: int, header: Header, reply: Tensor, staleness: int, exchanges: int
@@ -228,6 +254,24 @@ class ParameterServer:
             self.stop_reason = "max_wall_s"
             self.stop.set()
 
+    def _check_heartbeats(self) -> None:
+        now = time.perf_counter()
+        if self.heartbeat is None or now - self._last_heartbeat_check < 0.5:
+            return
+        self._last_heartbeat_check = now
+        done = {r for r, s in self.stats.items() if s.finished or s.failed} | self.lost
+        for rank, silent_s in self.heartbeat.stale(ignore=done).items():
+            reason = f"no heartbeat for {silent_s:.1f} s (hung or stopped)"
+            self.stats[rank].failed = reason
+            self.lost.add(rank)
+            if self.continue_on_failure:
+                log.warning("worker %d: %s; continuing with the others", rank, reason)
+            else:
+                log.error("worker %d: %s; stopping (worker_failure=fail_fast)", rank, reason)
+                self._errors.append(RuntimeError(f"worker {rank}: {reason}"))
+                self.stop_reason = "worker_failure"
+                self.stop.set()
+
     def run(self) -> ServerOutcome:
         """Serve until every worker has finished (or failed); evaluate meanwhile."""
         threads = [
@@ -241,13 +285,18 @@ class ParameterServer:
             thread.start()
         history = [self._evaluate()]
         next_eval = time.perf_counter() + self.eval_interval_s
-        while any(thread.is_alive() for thread in threads):
+        while any(
+            t.is_alive()
+            for r, t in zip(self.transports, threads, strict=True)
+            if r not in self.lost
+        ):
             self._check_stop()
+            self._check_heartbeats()
             if time.perf_counter() >= next_eval:
                 history.append(self._evaluate())
                 self._check_stop(history[-1]["test_error"])
                 if self.on_tick is not None:
-                    self.on_tick(self.role, self.lock)
+                    self.on_tick()
                 next_eval = time.perf_counter() + self.eval_interval_s
             for thread in threads:
                 thread.join(timeout=0.02)

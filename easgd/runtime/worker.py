@@ -23,9 +23,9 @@ from easgd.roles import GradientFn, WorkerRole, worker_step
 log = logging.getLogger("easgd.worker")
 
 
-def handshake(transport: PairTransport) -> Tensor:
-    """Tell the server our parameter count and receive the starting point (the center)."""
-    transport.send(Header(Op.HELLO, value=transport.numel))
+def handshake(transport: PairTransport, *, step: int = 0) -> Tensor:
+    """Tell the server our parameter count (and resumed step) and receive the center."""
+    transport.send(Header(Op.HELLO, step=step, value=transport.numel))
     header, center = transport.recv()
     if header.error == ERROR_SHAPE_MISMATCH or center is None:
         raise ServerRejected(
@@ -60,6 +60,7 @@ class WorkerLoop:
         slowdown: float = 1.0,
         overlap: bool = False,
         to_device: Callable[[Tensor], Tensor] = lambda t: t,
+        after_step: Callable[[WorkerRole], None] | None = None,
     ) -> None:
         self.role = role
         self.transport = transport
@@ -68,6 +69,7 @@ class WorkerLoop:
         self.slowdown = slowdown
         self.overlap = overlap
         self.to_device = to_device
+        self.after_step = after_step
         self.stop_requested = False
         self.exchanges = 0
         self.resets = 0
@@ -164,6 +166,8 @@ class WorkerLoop:
             loss = worker_step(self.role, self.gradient, self._exchange)
             self._loss_sum += loss
             self._loss_count += 1
+            if self.after_step is not None:
+                self.after_step(self.role)
             if self.slowdown > 1.0:
                 time.sleep((self.slowdown - 1.0) * (time.perf_counter() - started))
         if self.overlap:

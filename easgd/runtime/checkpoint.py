@@ -1,0 +1,114 @@
+"""Atomic, checksummed checkpoints; the newest good one is found even after a crash mid-write.
+
+A checkpoint file holds ``{"format", "sha256", "payload"}`` where ``payload`` is the bytes of a
+``torch.save`` of the state; the digest is checked before the payload is parsed, and both levels
+are read with ``torch.load(weights_only=True)`` (tensors, numbers, strings, lists and dicts only:
+no code runs). Files are written to a temporary name, flushed, fsynced, then renamed, so a crash
+never leaves a half-written file under a checkpoint's name; the last ``keep`` are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("easgd.checkpoint")
+
+FORMAT = "easgd-checkpoint-1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used for this run; the message says why and what to do."""
+
+
+class Checkpointer:
+    """Checkpoints of one process (``name``: server, worker1, ...) in ``directory``."""
+
+    def __init__(self, directory: str | os.PathLike[str], name: str, *, keep: int = 3) -> None:
+        self.directory = Path(directory)
+        self.name = name
+        self.keep = keep
+        self._pattern = re.compile(rf"^{re.escape(name)}-(\d+)\.pt$")
+
+    def _existing(self) -> list[tuple[int, Path]]:
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for path in self.directory.iterdir():
+            match = self._pattern.match(path.name)
+            if match:
+                found.append((int(match.group(1)), path))
+        return sorted(found)
+
+    def save(self, state: dict[str, Any]) -> Path:
+        """Write ``state`` as the next checkpoint, atomically; prune old ones."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        existing = self._existing()
+        number = existing[-1][0] + 1 if existing else 0
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        payload = buffer.getvalue()
+        wrapper = {
+            "format": FORMAT,
+            "sha256": hashlib.sha256(payload).hexdigest(),
+            "payload": payload,
+        }
+        final = self.directory / f"{self.name}-{number:08d}.pt"
+        tmp = final.with_name(f".{final.name}.tmp")
+        with open(tmp, "wb") as handle:
+            torch.save(wrapper, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+        for _, old in existing[: max(0, len(existing) + 1 - self.keep)]:
+            old.unlink(missing_ok=True)
+        return final
+
+    @staticmethod
+    def read(path: Path) -> dict[str, Any]:
+        """Load and verify one checkpoint file (raises CheckpointError if it is not intact)."""
+        try:
+            wrapper = torch.load(path, weights_only=True)
+        except Exception as err:
+            raise CheckpointError(f"{path} is unreadable ({type(err).__name__}: {err})") from None
+        if not isinstance(wrapper, dict) or wrapper.get("format") != FORMAT:
+            raise CheckpointError(f"{path} is not an easgd checkpoint")
+        payload = wrapper.get("payload")
+        if not isinstance(payload, bytes) or hashlib.sha256(payload).hexdigest() != wrapper.get(
+            "sha256"
+        ):
+            raise CheckpointError(f"{path} fails its checksum (corrupted)")
+        state = torch.load(io.BytesIO(payload), weights_only=True)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path} holds no state dictionary")
+        return state
+
+    def latest(self) -> tuple[Path, dict[str, Any]] | None:
+        """The newest intact checkpoint (skipping corrupt ones with a warning), or None."""
+        for _, path in reversed(self._existing()):
+            try:
+                return path, self.read(path)
+            except CheckpointError as err:
+                log.warning("skipping checkpoint: %s; trying the previous one", err)
+        return None
+
+
+def check_compatible(state: dict[str, Any], *, path: Path, signature: dict[str, Any]) -> None:
+    """Refuse a checkpoint written for another model or algorithm, naming both and the fix."""
+    saved = state.get("signature", {})
+    mismatched = {k: (saved.get(k), v) for k, v in signature.items() if saved.get(k) != v}
+    if mismatched:
+        details = ", ".join(
+            f"{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in mismatched.items()
+        )
+        raise CheckpointError(
+            f"{path} was written by a different run ({details}); use a fresh run directory "
+            "(hydra.run.dir=...) or checkpoint.resume=false"
+        )

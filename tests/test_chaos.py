@@ -1,0 +1,106 @@
+"""Chaos under real torchrun: killed workers and servers, raising and diverging workers.
+
+Failures are injected with the fault.* config (first attempt only), like torchft's EventInjector.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from easgd.runtime.checkpoint import Checkpointer
+from tests.test_train_e2e import ROOT, run, torchrun
+
+pytestmark = pytest.mark.slow
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.mark.parametrize(("rank", "at_step"), [(2, 300), (0, 40)], ids=["worker", "server"])
+def test_sigkill_mid_run_resumes_from_checkpoints_after_restart(
+    tmp_path: Path, rank: int, at_step: int
+) -> None:
+    args = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "--max-restarts=1",
+        "-m", "easgd.train", "workers=3", "steps_per_worker=600", "eval_interval_s=0.1", "checkpoint.every_s=0.1",
+        f"fault.kill_rank={rank}", f"fault.kill_at_step={at_step}", "progress=false", f"hydra.run.dir={tmp_path}",
+    ]  # fmt: skip
+    result = run(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sends itself SIGKILL" in result.stderr
+    done = summary(tmp_path)
+    assert done["restarts"] == 1
+    assert done["worker_steps"] == 3 * 600  # every worker finished its budget in the end
+    assert sum(done["resumed_worker_steps"].values()) > 0  # resumed, not restarted from scratch
+    assert done["test_error"] < 0.1
+
+
+def test_worker_that_raises_under_continue_policy_lets_the_others_finish(tmp_path: Path) -> None:
+    result = torchrun(
+        4, "workers=3", "steps_per_worker=300", "worker_failure=continue",
+        "fault.raise_rank=3", "fault.raise_at_step=50", f"hydra.run.dir={tmp_path}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    done = summary(tmp_path)
+    assert list(done["failed_workers"]) == ["3"]
+    assert done["worker_steps"] >= 2 * 300 + 40  # workers 1 and 2 finished; 3 stopped near step 50
+    assert done["test_error"] < 0.15
+
+
+def test_nan_worker_is_refused_and_reset_and_the_center_stays_finite(tmp_path: Path) -> None:
+    result = torchrun(
+        3, "workers=2", "steps_per_worker=200", "fault.nan_rank=1", "fault.nan_at_step=55",
+        f"hydra.run.dir={tmp_path}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    done = summary(tmp_path)
+    assert done["rejected_messages"] >= 1
+    assert "refused worker 1's update" in result.stderr
+    path, state = Checkpointer(tmp_path / "checkpoints", "server").latest()  # type: ignore[misc]
+    assert torch.isfinite(state["role"]["center"]).all()
+    assert done["test_error"] < 0.2
+
+
+def test_resuming_with_another_model_is_refused_and_keeps_the_checkpoint(tmp_path: Path) -> None:
+    first = torchrun(3, "workers=2", "steps_per_worker=50", f"hydra.run.dir={tmp_path}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    second = torchrun(
+        3, "workers=2", "steps_per_worker=50", "model=lenet", f"hydra.run.dir={tmp_path}"
+    )
+    assert second.returncode != 0
+    assert (
+        "was written by a different run" in second.stderr
+        and "checkpoint.resume=false" in second.stderr
+    )
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["data=mnist", "data.root=/nonexistent/mnist"],
+            "data.root=/nonexistent/mnist is not a folder",
+        ),
+        (["data=cifar10", "data.root={tmp}"], "CIFAR-10 file(s) data_batch_1"),
+        (["model.name=custom", "model.target=no.such.Model"], "cannot import 'no.such.Model'"),
+    ],
+)
+def test_bad_files_fail_before_processes_start(
+    tmp_path: Path, overrides: list[str], message: str
+) -> None:
+    overrides = [o.replace("{tmp}", str(tmp_path)) for o in overrides]
+    result = subprocess.run(
+        [sys.executable, "-m", "easgd.train", *overrides, f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
