@@ -9,21 +9,35 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.nn.utils import parameters_to_vector
 
 
 class FlatModel:
-    """Evaluate a classifier ``module`` at flat parameter vectors."""
+    """Evaluate a classifier ``module`` at flat parameter vectors.
+
+    The module's parameters (and their gradients) are re-pointed to views of two flat buffers,
+    so loading a point is one copy and the gradient needs no concatenation.
+    """
 
     def __init__(self, module: nn.Module, *, weight_decay: float = 0.0) -> None:
         self.module = module
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.num_params = sum(p.numel() for p in self.params)
         self.weight_decay = weight_decay
+        with torch.no_grad():
+            self.flat_params = parameters_to_vector(self.params).detach().clone()
+            self.flat_grads = torch.zeros_like(self.flat_params)
+            for p, data, grad in zip(
+                self.params,
+                self._views(self.flat_params),
+                self._views(self.flat_grads),
+                strict=True,
+            ):
+                p.data, p.grad = data, grad
 
     def initial_point(self) -> Tensor:
         """The module's current parameters as one vector."""
-        return parameters_to_vector(self.params).detach().clone()
+        return self.flat_params.clone()
 
     def load(self, point: Tensor) -> None:
         """Write ``point`` into the module's parameters."""
@@ -32,20 +46,36 @@ class FlatModel:
                 f"point has {point.numel()} values but the model has {self.num_params} parameters"
             )
         with torch.no_grad():
-            vector_to_parameters(point, self.params)
+            self.flat_params.copy_(point.reshape(-1))
 
     def loss_and_grad(self, point: Tensor, inputs: Tensor, targets: Tensor) -> tuple[float, Tensor]:
-        """Cross-entropy of the minibatch at ``point`` and its gradient (plus weight decay)."""
+        """Cross-entropy of the minibatch at ``point`` and its gradient (plus weight decay).
+
+        The gradient returned is valid until the next call (it is the flat gradient buffer).
+        """
         self.load(point)
         self.module.train()
-        for p in self.params:
-            p.grad = None
+        self.flat_grads.zero_()
         loss = F.cross_entropy(self.module(inputs), targets)
         loss.backward()
-        grad = torch.cat([p.grad.reshape(-1) for p in self.params])  # type: ignore[union-attr]
+        grad = self.flat_grads
+        first = self.params[0].grad
+        if first is None or first.data_ptr() != self.flat_grads.data_ptr():
+            # autograd replaced the gradients instead of accumulating into our views: gather them
+            grad = torch.cat([p.grad.reshape(-1) for p in self.params])  # type: ignore[union-attr]
+            for p, view in zip(self.params, self._views(self.flat_grads), strict=True):
+                p.grad = view
         if self.weight_decay:
             grad = grad + self.weight_decay * point
         return float(loss.detach()), grad
+
+    def _views(self, flat: Tensor) -> list[Tensor]:
+        """``flat`` cut into views shaped like each parameter."""
+        views, offset = [], 0
+        for p in self.params:
+            views.append(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+        return views
 
     @torch.no_grad()
     def evaluate(

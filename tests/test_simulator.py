@@ -126,3 +126,25 @@ def test_bad_sim_config_is_rejected() -> None:
         SimConfig(schedule="gossip")
     with pytest.raises(ValueError, match="sim.slowdown"):
         SimConfig(num_workers=2, slowdown=[1.0])
+
+
+def test_flat_model_gradient_matches_plain_autograd() -> None:
+    from torch.nn.utils import vector_to_parameters
+
+    from easgd.flat import FlatModel
+
+    torch.manual_seed(0)
+    model, reference = MLP((12,), 3, (8,)), MLP((12,), 3, (8,))
+    reference.load_state_dict(model.state_dict())
+    flat = FlatModel(model, weight_decay=0.1)
+    inputs, targets = torch.randn(5, 12), torch.tensor([0, 1, 2, 1, 0])
+    point = flat.initial_point() + 0.05
+    for _ in range(2):  # the second call must not accumulate onto the first
+        loss, grad = flat.loss_and_grad(point, inputs, targets)
+    with torch.no_grad():
+        vector_to_parameters(point, reference.parameters())
+    expected_loss = torch.nn.functional.cross_entropy(reference(inputs), targets)
+    expected_loss.backward()
+    expected = torch.cat([p.grad.reshape(-1) for p in reference.parameters()]) + 0.1 * point
+    assert loss == pytest.approx(float(expected_loss))
+    assert torch.allclose(grad, expected, atol=1e-6)

@@ -18,9 +18,9 @@ def sgd_step(params: Tensor, grad: Tensor, *, learning_rate: float) -> Tensor:
 
 
 def nesterov_lookahead(params: Tensor, velocity: Tensor, *, momentum: float) -> Tensor:
-    """The point where EAMSGD/MSGD take the gradient: x + delta * v."""
+    """The point where EAMSGD/MSGD take the gradient: x + delta * v (``params`` itself if delta = 0)."""
     check_momentum(momentum)
-    return params + momentum * velocity
+    return params if momentum == 0 else params + momentum * velocity
 
 
 def nesterov_step(

@@ -32,11 +32,18 @@ class Delay:
         return (self.latency_ms + extra) / 1000.0
 
 
+FRAME_LIMIT = 1 << 16
+"""Payloads up to this many values travel in one frame with their header (one message instead of
+two: latency dominates there); larger ones travel as header + payload, avoiding a copy."""
+
+
 class PairTransport:
     """Sends and receives (header, payload) between this rank and ``peer`` on ``group``.
 
-    Payloads are flat float tensors of ``numel`` values in ``dtype``. Tensors on a GPU are staged
-    through a pinned CPU buffer, since the gloo backend moves CPU tensors.
+    Payloads are flat tensors of ``numel`` values in ``dtype``; received payloads live in a buffer
+    that the next receive reuses, so consume (or copy) them first. Tensors on a GPU are staged
+    through a pinned CPU buffer, since the gloo backend moves CPU tensors. The handshake uses the
+    ``*_control`` pair of methods (header first, so a size mismatch is detected, not mis-framed).
     """
 
     def __init__(
@@ -56,35 +63,72 @@ class PairTransport:
         self.delay = delay
         self._rng = random.Random(seed)
         pin = torch.cuda.is_available()
+        self.framed = numel <= FRAME_LIMIT
         self._header = torch.zeros(HEADER_SIZE, dtype=torch.float64)
-        self._buffer = torch.zeros(numel, dtype=dtype, pin_memory=pin)
+        item = torch.empty((), dtype=dtype).element_size()
+        self._header_slots = HEADER_SIZE * 8 // item
+        size = numel + (self._header_slots if self.framed else 0)
+        self._out = torch.zeros(size, dtype=dtype, pin_memory=pin)
+        self._in = torch.zeros(size, dtype=dtype)
         self.bytes_sent = 0
         self.messages_sent = 0
 
-    def send(self, header: Header, payload: Tensor | None = None) -> None:
-        """Send one message (after the injected delay)."""
-        header.has_payload = payload is not None
+    def _pause(self) -> None:
         pause = self.delay.sample_s(self._rng)
         if pause > 0:
             time.sleep(pause)
-        dist.send(header.encode(), self.peer, group=self.group)
-        self.bytes_sent += HEADER_SIZE * 8
+
+    def _check(self, payload: Tensor) -> None:
+        if payload.numel() != self.numel:
+            raise ValueError(f"payload has {payload.numel()} values, expected {self.numel}")
+
+    def _send_tensor(self, tensor: Tensor) -> None:
+        dist.send(tensor, self.peer, group=self.group)
+        self.bytes_sent += tensor.numel() * tensor.element_size()
+
+    def send(self, header: Header, payload: Tensor | None = None) -> None:
+        """Send one message (after the injected delay)."""
+        if not self.framed:
+            self.send_control(header, payload)
+            return
+        header.has_payload = payload is not None
+        self._pause()
+        self._out[: self._header_slots].view(torch.float64).copy_(header.encode())
         if payload is not None:
-            if payload.numel() != self.numel:
-                raise ValueError(f"payload has {payload.numel()} values, expected {self.numel}")
-            if payload.device.type != "cpu" or payload.dtype != self.dtype:
-                self._buffer.copy_(payload.reshape(-1), non_blocking=False)
-                payload = self._buffer
-            dist.send(payload.reshape(-1).contiguous(), self.peer, group=self.group)
-            self.bytes_sent += self.numel * self._buffer.element_size()
+            self._check(payload)
+            self._out[self._header_slots :].copy_(payload.reshape(-1))
+        self._send_tensor(self._out)
         self.messages_sent += 1
 
     def recv(self) -> tuple[Header, Tensor | None]:
-        """Receive one message; the payload is a fresh CPU tensor (or None)."""
+        """Receive one message; the payload (or None) is valid until the next receive."""
+        if not self.framed:
+            return self.recv_control()
+        dist.recv(self._in, self.peer, group=self.group)
+        header = Header.decode(self._in[: self._header_slots].view(torch.float64))
+        return header, (self._in[self._header_slots :] if header.has_payload else None)
+
+    def send_control(self, header: Header, payload: Tensor | None = None) -> None:
+        """Send the header alone, then the payload (if any) as a second message."""
+        header.has_payload = payload is not None
+        self._pause()
+        self._send_tensor(header.encode())
+        if payload is not None:
+            self._check(payload)
+            flat = payload.reshape(-1)
+            if flat.device.type != "cpu" or flat.dtype != self.dtype or not flat.is_contiguous():
+                staging = self._out[-self.numel :]
+                staging.copy_(flat)
+                flat = staging
+            self._send_tensor(flat)
+        self.messages_sent += 1
+
+    def recv_control(self) -> tuple[Header, Tensor | None]:
+        """Receive a header alone, then its payload if it announces one."""
         dist.recv(self._header, self.peer, group=self.group)
         header = Header.decode(self._header)
         payload = None
         if header.has_payload:
-            payload = torch.empty(self.numel, dtype=self.dtype)
+            payload = self._in[-self.numel :]
             dist.recv(payload, self.peer, group=self.group)
         return header, payload

@@ -95,7 +95,7 @@ class ElasticWorker(WorkerRole):
         self._point_before_move = alg.nesterov_lookahead(
             self.params, self.velocity, momentum=self.momentum
         )
-        return self.params.clone()
+        return self.params  # never modified in place: every rule returns new tensors
 
     def incoming(self, reply: Tensor) -> None:
         self.params = alg.apply_to_worker(self.params, reply)

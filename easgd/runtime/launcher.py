@@ -6,6 +6,7 @@ and Hydra sweeps.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -20,16 +21,20 @@ def _child(config: dict[str, Any]) -> dict[str, Any] | None:
     return run_process(validate(OmegaConf.create(config)))
 
 
-def launch(cfg: TrainConfig, *, max_restarts: int = 0) -> dict[str, Any] | None:
-    """Run ``cfg`` and return the summary (None on worker ranks under torchrun)."""
-    if under_launcher() or cfg.world_size == 1:
-        return run_process(cfg)
+def start_processes(
+    entry: Callable[..., Any], nproc: int, *args: Any, max_restarts: int = 0
+) -> dict[int, Any]:
+    """Run ``entry(*args)`` in ``nproc`` fresh processes on this node, as torchrun would.
+
+    Each process gets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT and a shared rendezvous run
+    id; returns {rank: return value}.
+    """
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
-        nproc_per_node=cfg.world_size,
+        nproc_per_node=nproc,
         run_id=f"easgd-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d",
         rdzv_endpoint="127.0.0.1:0",
@@ -37,5 +42,11 @@ def launch(cfg: TrainConfig, *, max_restarts: int = 0) -> dict[str, Any] | None:
         monitor_interval=0.1,
         start_method="spawn",
     )
-    results = elastic_launch(config, _child)(to_dict(cfg))
-    return results[0]
+    return elastic_launch(config, entry)(*args)
+
+
+def launch(cfg: TrainConfig, *, max_restarts: int = 0) -> dict[str, Any] | None:
+    """Run ``cfg`` and return the summary (None on worker ranks under torchrun)."""
+    if under_launcher() or cfg.world_size == 1:
+        return run_process(cfg)
+    return start_processes(_child, cfg.world_size, to_dict(cfg), max_restarts=max_restarts)[0]

@@ -213,6 +213,7 @@ def run_server(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
                 "restarts": restarts,
                 "resumed_worker_steps": {str(r): s for r, s in server.resumed_steps.items()},
                 "redone_worker_steps": redone,
+                "worker_steps_per_s": {str(r): s.steps_per_s for r, s in server.stats.items()},
             },
         )
         runlog.hparams(

@@ -35,6 +35,11 @@ class RunLog:
             self._metrics.writerow(METRIC_FIELDS)
         self.started = time.time()
 
+    @property
+    def writes_scalars(self) -> bool:
+        """Whether TensorBoard scalars are written (callers can skip computing them if not)."""
+        return self._writer is not None
+
     def scalar(self, tag: str, value: float, step: int, *, walltime: float | None = None) -> None:
         """One TensorBoard scalar."""
         if self._writer is not None:

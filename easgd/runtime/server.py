@@ -9,12 +9,12 @@ center + sum of workers breaks). The main thread evaluates the center (or z) eve
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
 from easgd.comm.heartbeat import HeartbeatMonitor
@@ -47,6 +47,8 @@ class WorkerStats:
     rejected: int = 0
     finished: bool = False
     failed: str | None = None
+    steps_per_s: float = 0.0
+    """The worker's own step rate over its loop, reported when it finishes."""
 
 
 @dataclass
@@ -112,10 +114,16 @@ class ParameterServer:
     def _serve(self, rank: int) -> None:
         transport, stats = self.transports[rank], self.stats[rank]
         try:
+            header, _ = transport.recv_control()
+            if header.op != Op.HELLO:
+                raise RuntimeError(
+                    f"worker {rank} spoke before its handshake (op {header.op.name})"
+                )
+            self._hello(rank, transport, header)
             while True:
                 header, payload = transport.recv()
                 if header.op == Op.HELLO:
-                    self._hello(rank, transport, header)
+                    raise RuntimeError(f"worker {rank} said HELLO twice")
                 elif header.op == Op.EXCHANGE:
                     self._exchange(rank, transport, header, payload)
                 elif header.op == Op.DONE:
@@ -124,6 +132,7 @@ class ParameterServer:
                             self.role.handle(rank, payload)
                     self.progress.advance(header.step - stats.steps, exchanges=self.exchanges)
                     stats.steps = header.step
+                    stats.steps_per_s = header.value
                     stats.finished = True
                     transport.send(Header(Op.REPLY))
                     return
@@ -151,7 +160,9 @@ class ParameterServer:
                 int(header.value),
                 transport.numel,
             )
-            transport.send(Header(Op.REPLY, error=ERROR_SHAPE_MISMATCH, value=transport.numel))
+            transport.send_control(
+                Header(Op.REPLY, error=ERROR_SHAPE_MISMATCH, value=transport.numel)
+            )
             raise RuntimeError(
                 f"worker {rank} model has {int(header.value)} parameters, server has {transport.numel}; "
                 "every rank must build the same model (same model.* config)"
@@ -161,7 +172,7 @@ class ParameterServer:
             self.stats[rank].last_read = self.role.updates
         self.stats[rank].steps = self.resumed_steps[rank] = header.step
         self.progress.advance(header.step, exchanges=self.exchanges)
-        transport.send(Header(Op.REPLY, step=self.role.updates), center)
+        transport.send_control(Header(Op.REPLY, step=self.role.updates), center)
 
     def _exchange(
         self, rank: int, transport: PairTransport, header: Header, payload: Tensor | None
@@ -201,7 +212,8 @@ class ParameterServer:
         """Why an update must not reach the center (called under the lock), or None."""
         if payload is None:
             return None
-        if not bool(torch.isfinite(payload).all()):
+        # one read-only pass: a NaN or infinity anywhere makes the sum non-finite
+        if not math.isfinite(float(payload.sum())):
             return "non-finite values"
         if self.max_update_norm is not None:
             norm = self.role.update_norm(payload)
@@ -212,6 +224,8 @@ class ParameterServer:
     def _log_exchange(
         self, rank: int, header: Header, reply: Tensor, staleness: int, exchanges: int
     ) -> None:
+        if not self.runlog.writes_scalars:
+            return
         tag = f"worker{rank}"
         self.runlog.scalar(f"{tag}/train_loss", header.value, header.step)
         self.runlog.scalar(f"{tag}/exchange_latency_ms", header.latency_ms, header.step)

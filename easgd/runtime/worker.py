@@ -25,14 +25,14 @@ log = logging.getLogger("easgd.worker")
 
 def handshake(transport: PairTransport, *, step: int = 0) -> Tensor:
     """Tell the server our parameter count (and resumed step) and receive the center."""
-    transport.send(Header(Op.HELLO, step=step, value=transport.numel))
-    header, center = transport.recv()
+    transport.send_control(Header(Op.HELLO, step=step, value=transport.numel))
+    header, center = transport.recv_control()
     if header.error == ERROR_SHAPE_MISMATCH or center is None:
         raise ServerRejected(
             f"this worker's model has {transport.numel} parameters but the server's has "
             f"{int(header.value)}; every rank must build the same model (same model.* config)"
         )
-    return center
+    return center.clone()
 
 
 @dataclass
@@ -45,6 +45,7 @@ class WorkerOutcome:
     stopped_by_server: bool
     mean_exchange_ms: float
     max_overlap_staleness: int
+    steps_per_s: float
 
 
 class WorkerLoop:
@@ -76,7 +77,8 @@ class WorkerLoop:
         self._loss_sum = 0.0
         self._loss_count = 0
         self._last_rtt_ms = 0.0
-        self._rtt_total_ms = 0.0
+        self.round_trips_ms: list[float] = []
+        """Every exchange's round-trip time, in order."""
         self._inbox: queue.Queue[tuple[Header, Tensor | None, int]] = queue.Queue(maxsize=1)
         self._outbox: queue.Queue[tuple[Tensor | None, int, float] | None] = queue.Queue(maxsize=1)
         self._in_flight = False
@@ -100,7 +102,7 @@ class WorkerLoop:
         )
         header, reply = self.transport.recv()
         self._last_rtt_ms = 1000 * (time.perf_counter() - started)
-        self._rtt_total_ms += self._last_rtt_ms
+        self.round_trips_ms.append(self._last_rtt_ms)
         self.exchanges += 1
         return header, reply
 
@@ -159,27 +161,32 @@ class WorkerLoop:
                 target=self._comm_loop, name="exchange", daemon=True
             )
             self._comm_thread.start()
+        started, first_step = time.perf_counter(), self.role.step
         while self.role.step < self.steps and not self.stop_requested:
             if self.overlap and self._in_flight:
                 self._take_reply(block=False)
-            started = time.perf_counter()
+            step_started = time.perf_counter()
             loss = worker_step(self.role, self.gradient, self._exchange)
             self._loss_sum += loss
             self._loss_count += 1
             if self.after_step is not None:
                 self.after_step(self.role)
             if self.slowdown > 1.0:
-                time.sleep((self.slowdown - 1.0) * (time.perf_counter() - started))
+                time.sleep((self.slowdown - 1.0) * (time.perf_counter() - step_started))
         if self.overlap:
             self._wait_in_flight()
             self._outbox.put(None)
-        self.transport.send(Header(Op.DONE, step=self.role.step), self.role.final_outgoing())
+        rate = (self.role.step - first_step) / max(time.perf_counter() - started, 1e-9)
+        self.transport.send(
+            Header(Op.DONE, step=self.role.step, value=rate), self.role.final_outgoing()
+        )
         self.transport.recv()
         return WorkerOutcome(
             steps=self.role.step,
             exchanges=self.exchanges,
             resets=self.resets,
             stopped_by_server=self.stop_requested,
-            mean_exchange_ms=self._rtt_total_ms / max(1, self.exchanges),
+            mean_exchange_ms=sum(self.round_trips_ms) / max(1, len(self.round_trips_ms)),
             max_overlap_staleness=self._max_staleness,
+            steps_per_s=rate,
         )
