@@ -1,0 +1,65 @@
+"""Every benchmark script runs in its quick mode and writes the figures it promises."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_quick(script: str, out: Path) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_stability_quick(tmp_path: Path) -> None:
+    run_quick("stability.py", tmp_path)
+    with open(tmp_path / "stability_quick.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["method", "p", "lr", "moving_rate_or_rho", "spectral_radius", "stable"]
+    assert {r["method"] for r in rows} == {"easgd", "admm"}
+    summary = json.loads((tmp_path / "stability_quick.json").read_text())
+    assert summary["agreement_with_analytic"]["easgd_p1"] == 1.0
+    assert summary["paper_example_eta0.001_rho2.5"]["p3"]["admm_radius"] > 1.0
+    assert (tmp_path / "stability_quick.png").stat().st_size > 10_000
+
+
+def test_compare_quick(tmp_path: Path) -> None:
+    out = run_quick("compare.py", tmp_path)
+    assert "EAMSGD tau=10" in out and "tau sweep" in out
+    result = json.loads((tmp_path / "compare_quick.json").read_text())
+    methods = {r["method"] for r in result["sim"]}
+    assert {"EAMSGD tau=10", "EASGD tau=10", "DOWNPOUR tau=1", "MDOWNPOUR tau=1", "MSGD p=1", "SGD p=1"} == methods
+    assert {r["tau"] for r in result["tau_sweep"]} == {1, 4, 16, 64}
+    assert all(r["wall_budget_s"] > 0 for r in result["runtime"])
+    assert result["machine"]["cores"] >= 1
+    assert (tmp_path / "compare_quick.png").stat().st_size > 10_000
+
+
+def test_overhead_quick(tmp_path: Path) -> None:
+    run_quick("overhead.py", tmp_path)
+    result = json.loads((tmp_path / "overhead_quick.json").read_text())
+    runs = {(r["run"], r["tau"]) for r in result["runs"]}
+    assert ("easgd", 10) in runs and ("PeriodicModelAverager", 10) in runs and ("easgd overlap", 10) in runs
+    assert all(r["mean_steps_per_s"] > 0 for r in result["runs"])
+    assert set(result["straggler_3x"]) >= {"easgd_others_rate_ratio", "allreduce_others_rate_ratio"}
+
+
+def test_transport_quick(tmp_path: Path) -> None:
+    run_quick("transport.py", tmp_path)
+    result = json.loads((tmp_path / "transport_quick.json").read_text())
+    assert {(r["workers"], r["floats"]) for r in result["rows"]} == {(p, n) for p in (1, 2) for n in (10**3, 10**5, 10**6)}
+    assert all(r["raw_rtt_ms"] > 0 and r["exchange_rtt_ms"] > 0 for r in result["rows"])
