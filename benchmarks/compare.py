@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from _common import parser, suffix, write_csv, write_json  # noqa: E402
 
 from easgd.config.algorithm import AlgorithmConfig  # noqa: E402
-from easgd.config.schema import DataConfig, TrainConfig  # noqa: E402
+from easgd.config.schema import CommConfig, DataConfig, TrainConfig  # noqa: E402
 from easgd.data.digits import load_digits_split  # noqa: E402
 from easgd.data.synthetic import make_teacher_student  # noqa: E402
 from easgd.models import MLP  # noqa: E402
@@ -131,9 +131,8 @@ def runtime_run(
     cfg = TrainConfig(
         algorithm=method.config(rate), data=DataConfig(name="digits"), workers=method.workers,
         steps_per_worker=10**9, max_wall_s=budget_s, eval_interval_s=budget_s / 20, seed=seed,
-        progress=False, tensorboard=False, run_dir=str(run_dir),
+        progress=False, tensorboard=False, run_dir=str(run_dir), comm=CommConfig(period=method.period),
     )  # fmt: skip
-    cfg.comm.period = method.period
     summary = launch(cfg)
     assert summary is not None
     with open(run_dir / "metrics.csv") as handle:

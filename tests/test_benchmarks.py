@@ -42,7 +42,14 @@ def test_compare_quick(tmp_path: Path) -> None:
     assert "EAMSGD tau=10" in out and "tau sweep" in out
     result = json.loads((tmp_path / "compare_quick.json").read_text())
     methods = {r["method"] for r in result["sim"]}
-    assert {"EAMSGD tau=10", "EASGD tau=10", "DOWNPOUR tau=1", "MDOWNPOUR tau=1", "MSGD p=1", "SGD p=1"} == methods
+    assert {
+        "EAMSGD tau=10",
+        "EASGD tau=10",
+        "DOWNPOUR tau=1",
+        "MDOWNPOUR tau=1",
+        "MSGD p=1",
+        "SGD p=1",
+    } == methods
     assert {r["tau"] for r in result["tau_sweep"]} == {1, 4, 16, 64}
     assert all(r["wall_budget_s"] > 0 for r in result["runtime"])
     assert result["machine"]["cores"] >= 1
@@ -53,7 +60,11 @@ def test_overhead_quick(tmp_path: Path) -> None:
     run_quick("overhead.py", tmp_path)
     result = json.loads((tmp_path / "overhead_quick.json").read_text())
     runs = {(r["run"], r["tau"]) for r in result["runs"]}
-    assert ("easgd", 10) in runs and ("PeriodicModelAverager", 10) in runs and ("easgd overlap", 10) in runs
+    assert (
+        ("easgd", 10) in runs
+        and ("PeriodicModelAverager", 10) in runs
+        and ("easgd overlap", 10) in runs
+    )
     assert all(r["mean_steps_per_s"] > 0 for r in result["runs"])
     assert set(result["straggler_3x"]) >= {"easgd_others_rate_ratio", "allreduce_others_rate_ratio"}
 
@@ -61,5 +72,7 @@ def test_overhead_quick(tmp_path: Path) -> None:
 def test_transport_quick(tmp_path: Path) -> None:
     run_quick("transport.py", tmp_path)
     result = json.loads((tmp_path / "transport_quick.json").read_text())
-    assert {(r["workers"], r["floats"]) for r in result["rows"]} == {(p, n) for p in (1, 2) for n in (10**3, 10**5, 10**6)}
+    assert {(r["workers"], r["floats"]) for r in result["rows"]} == {
+        (p, n) for p in (1, 2) for n in (10**3, 10**5, 10**6)
+    }
     assert all(r["raw_rtt_ms"] > 0 and r["exchange_rtt_ms"] > 0 for r in result["rows"])

@@ -19,7 +19,16 @@ def test_readme_own_loop_example_runs(tmp_path: Path) -> None:
     assert match, "the README lost its own-loop example"
     script = tmp_path / "my_train.py"
     script.write_text(match.group(1))
-    result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", str(script)])
+    result = run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=3",
+            str(script),
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     norm = float(re.search(r"center weight norm: ([0-9.]+)", result.stdout).group(1))  # type: ignore[union-attr]
     assert norm > 0

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from easgd import algorithms as alg
 from easgd.config.algorithm import AlgorithmConfig
+from easgd.roles.state import restore
 
 
 class ServerRole(ABC):
@@ -42,8 +43,7 @@ class ServerRole(ABC):
 
     def load_state_dict(self, state: dict[str, Tensor | int]) -> None:
         """Restore what :meth:`state_dict` returned."""
-        for key, value in state.items():
-            setattr(self, key, value.clone() if isinstance(value, Tensor) else value)
+        restore(self, state)
 
 
 class ElasticServer(ServerRole):

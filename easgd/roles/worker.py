@@ -16,6 +16,7 @@ from torch import Tensor
 
 from easgd import algorithms as alg
 from easgd.config.algorithm import AlgorithmConfig
+from easgd.roles.state import restore
 
 GradientFn = Callable[[Tensor], tuple[float, Tensor]]
 """Maps a point (flat parameter vector) to (minibatch loss, gradient at that point)."""
@@ -71,16 +72,11 @@ class WorkerRole(ABC):
 
     def load_state_dict(self, state: dict[str, Tensor | int]) -> None:
         """Restore what :meth:`state_dict` returned."""
-        for key, value in state.items():
-            setattr(self, key, value.clone() if isinstance(value, Tensor) else value)
+        restore(self, state)
 
 
-class ElasticWorker(WorkerRole):
-    """EASGD (momentum 0) and EAMSGD (Algorithms 1 and 2). Sends x_i, receives e = alpha(x_i - center).
-
-    The gradient of a step is taken at the value before the elastic move (x + delta * v), and the
-    elastic move acts on x_i only, never on v_i.
-    """
+class NesterovWorker(WorkerRole):
+    """A worker whose local step is Nesterov momentum (plain SGD when momentum is 0)."""
 
     def __init__(
         self, params: Tensor, *, comm_period: int, learning_rate: float, momentum: float
@@ -89,22 +85,9 @@ class ElasticWorker(WorkerRole):
         self.velocity = torch.zeros_like(self.params)
         self.learning_rate = learning_rate
         self.momentum = momentum
-        self._point_before_move: Tensor | None = None
-
-    def outgoing(self) -> Tensor:
-        self._point_before_move = alg.nesterov_lookahead(
-            self.params, self.velocity, momentum=self.momentum
-        )
-        return self.params  # never modified in place: every rule returns new tensors
-
-    def incoming(self, reply: Tensor) -> None:
-        self.params = alg.apply_to_worker(self.params, reply)
 
     def gradient_point(self) -> Tensor:
-        point, self._point_before_move = self._point_before_move, None
-        if point is None:
-            point = alg.nesterov_lookahead(self.params, self.velocity, momentum=self.momentum)
-        return point
+        return alg.nesterov_lookahead(self.params, self.velocity, momentum=self.momentum)
 
     def local_step(self, grad: Tensor) -> None:
         self.params, self.velocity = alg.nesterov_step(
@@ -119,10 +102,40 @@ class ElasticWorker(WorkerRole):
     def reset(self, center: Tensor) -> None:
         super().reset(center)
         self.velocity = torch.zeros_like(self.params)
-        self._point_before_move = None
 
     def state_dict(self) -> dict[str, Tensor | int]:
         return {**super().state_dict(), "velocity": self.velocity}
+
+
+class ElasticWorker(NesterovWorker):
+    """EASGD (momentum 0) and EAMSGD (Algorithms 1 and 2). Sends x_i, receives e = alpha(x_i - center).
+
+    The gradient of a step is taken at the value before the elastic move (x + delta * v), and the
+    elastic move acts on x_i only, never on v_i.
+    """
+
+    def __init__(
+        self, params: Tensor, *, comm_period: int, learning_rate: float, momentum: float
+    ) -> None:
+        super().__init__(
+            params, comm_period=comm_period, learning_rate=learning_rate, momentum=momentum
+        )
+        self._point_before_move: Tensor | None = None
+
+    def outgoing(self) -> Tensor:
+        self._point_before_move = super().gradient_point()
+        return self.params  # never modified in place: every rule returns new tensors
+
+    def incoming(self, reply: Tensor) -> None:
+        self.params = alg.apply_to_worker(self.params, reply)
+
+    def gradient_point(self) -> Tensor:
+        point, self._point_before_move = self._point_before_move, None
+        return super().gradient_point() if point is None else point
+
+    def reset(self, center: Tensor) -> None:
+        super().reset(center)
+        self._point_before_move = None
 
 
 class DownpourWorker(WorkerRole):
@@ -185,7 +198,7 @@ class MDownpourWorker(WorkerRole):
         self.pending_grad = None
 
 
-class SequentialWorker(WorkerRole):
+class SequentialWorker(NesterovWorker):
     """SGD, MSGD (Nesterov), ASGD (Polyak average) and MVASGD (moving average), p = 1, no server."""
 
     def __init__(
@@ -197,10 +210,7 @@ class SequentialWorker(WorkerRole):
         average: bool,
         average_rate: float | None,
     ) -> None:
-        super().__init__(params, comm_period=1)
-        self.velocity = torch.zeros_like(self.params)
-        self.learning_rate = learning_rate
-        self.momentum = momentum
+        super().__init__(params, comm_period=1, learning_rate=learning_rate, momentum=momentum)
         self.average: Tensor | None = self.params.clone() if average else None
         self.average_rate = average_rate
 
@@ -213,18 +223,8 @@ class SequentialWorker(WorkerRole):
     def incoming(self, reply: Tensor) -> None:  # pragma: no cover - never due
         raise RuntimeError("sequential algorithms never exchange")
 
-    def gradient_point(self) -> Tensor:
-        return alg.nesterov_lookahead(self.params, self.velocity, momentum=self.momentum)
-
     def local_step(self, grad: Tensor) -> None:
-        self.params, self.velocity = alg.nesterov_step(
-            self.params,
-            self.velocity,
-            grad,
-            learning_rate=self.learning_rate,
-            momentum=self.momentum,
-        )
-        self.step += 1
+        super().local_step(grad)
         if self.average is not None:
             rate = alg.average_rate(self.step, constant_rate=self.average_rate)
             self.average = alg.running_average(self.average, self.params, rate=rate)
@@ -233,7 +233,7 @@ class SequentialWorker(WorkerRole):
         return self.params if self.average is None else self.average
 
     def state_dict(self) -> dict[str, Tensor | int]:
-        state = {**super().state_dict(), "velocity": self.velocity}
+        state = super().state_dict()
         if self.average is not None:
             state["average"] = self.average
         return state
