@@ -9,8 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from easgd.comm.transport import Delay, PairTransport
 from easgd.config.schema import DataConfig, ModelConfig, TrainConfig
 from easgd.data.split import Split
+from easgd.flat import FlatModel
 
 
 def import_object(path: str) -> Any:
@@ -91,3 +93,22 @@ def device_for(cfg: TrainConfig, local_rank: int) -> torch.device:
             raise ValueError("device=cuda but CUDA is not available here; use device=cpu or auto")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+def transport_for(
+    cfg: TrainConfig, peer: int, group: Any, numel: int, own_rank: int
+) -> PairTransport:
+    return PairTransport(
+        peer=peer,
+        group=group,
+        numel=numel,
+        delay=Delay(cfg.comm.latency_ms, cfg.comm.jitter_ms),
+        seed=cfg.seed * 7919 + own_rank * 31 + peer,
+    )
+
+
+def evaluator_for(cfg: TrainConfig, split: Split) -> FlatModel:
+    """A CPU copy of the model for test-set evaluation."""
+    return FlatModel(
+        build_model(cfg.model, split, seed=cfg.seed), weight_decay=cfg.algorithm.weight_decay
+    )

@@ -1,0 +1,89 @@
+"""The sequential baselines (sgd, msgd, asgd, mvasgd): p = 1, one process, no server, through the
+same worker role, run log and summary as the distributed algorithms."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from easgd.config.schema import TrainConfig
+from easgd.data.sampling import MinibatchSampler
+from easgd.data.split import Split
+from easgd.roles import make_worker_role
+from easgd.runtime.components import evaluator_for
+from easgd.runtime.progress import Progress
+from easgd.runtime.runlog import RunLog
+from easgd.runtime.summary import build_hparams, build_summary
+
+log = logging.getLogger("easgd")
+
+
+def run_sequential(cfg: TrainConfig, split: Split) -> dict[str, Any]:
+    """A sequential baseline (p = 1, no server) through the same role, log and summary."""
+    flat = evaluator_for(cfg, split)
+    role = make_worker_role(cfg.algorithm, flat.initial_point(), comm_period=1)
+    sampler = MinibatchSampler(
+        split, batch_size=cfg.data.batch_size, worker_index=0, num_workers=1, seed=cfg.seed
+    )
+    runlog = RunLog(cfg.run_dir, tensorboard=cfg.tensorboard)
+    progress = Progress(cfg.steps_per_worker, enabled=cfg.progress)
+    started = time.perf_counter()
+    next_eval = 0.0
+    stop_reason = "steps"
+
+    def evaluate() -> dict[str, float]:
+        metrics = flat.evaluate(role.evaluated(), split.test_x, split.test_y)
+        runlog.evaluation(
+            wall_s=time.perf_counter() - started,
+            exchanges=0,
+            server_updates=0,
+            worker_steps=role.step,
+            **metrics,
+        )
+        progress.note(test_error=metrics["test_error"])
+        return metrics
+
+    try:
+        while role.step < cfg.steps_per_worker:
+            now = time.perf_counter() - started
+            if now >= next_eval:
+                metrics = evaluate()
+                next_eval = now + cfg.eval_interval_s
+                if (
+                    cfg.target_test_error is not None
+                    and metrics["test_error"] <= cfg.target_test_error
+                ):
+                    stop_reason = "target_test_error"
+                    break
+            if cfg.max_wall_s is not None and now >= cfg.max_wall_s:
+                stop_reason = "max_wall_s"
+                break
+            loss, grad = flat.loss_and_grad(role.gradient_point(), *sampler.sample())
+            role.local_step(grad)
+            runlog.scalar("worker1/train_loss", loss, role.step)
+            progress.advance(1, exchanges=0)
+        metrics = evaluate()
+        progress.close()
+        summary = build_summary(
+            cfg,
+            num_params=flat.num_params,
+            wall_time_s=time.perf_counter() - started,
+            exchanges=0,
+            server_updates=0,
+            worker_steps=role.step,
+            test_loss=metrics["test_loss"],
+            test_error=metrics["test_error"],
+            stop_reason=stop_reason,
+        )
+        runlog.hparams(
+            build_hparams(cfg),
+            {"test_error": metrics["test_error"], "test_loss": metrics["test_loss"]},
+        )
+        runlog.summary(summary)
+    finally:
+        runlog.close()
+    log.info(
+        "done in %.1f s: test error %.2f%%", summary["wall_time_s"], 100 * summary["test_error"]
+    )
+    return summary
