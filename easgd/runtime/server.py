@@ -127,9 +127,10 @@ class ParameterServer:
                 elif header.op == Op.EXCHANGE:
                     self._exchange(rank, transport, header, payload)
                 elif header.op == Op.DONE:
-                    if payload is not None:
+                    if payload is not None:  # MDOWNPOUR's last gradient
                         with self.lock:
-                            self.role.handle(rank, payload)
+                            if self._refuse(payload) is None:
+                                self.role.handle(rank, payload)
                     self.progress.advance(header.step - stats.steps, exchanges=self.exchanges)
                     stats.steps = header.step
                     stats.steps_per_s = header.value
