@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from easgd.algorithms.hyperparams import check_comm_period, check_learning_rate, check_moving_rate
@@ -23,7 +24,7 @@ def is_exchange_step(local_step: int, *, comm_period: int) -> bool:
 def elastic_difference(worker: Tensor, center: Tensor, *, moving_rate: float) -> Tensor:
     """e = alpha * (x_i - center), the elastic move of one exchange (alpha = 0 allowed here)."""
     check_moving_rate(moving_rate, allow_zero=True)
-    return moving_rate * (worker - center)
+    return torch.sub(worker, center).mul_(moving_rate)  # one new tensor, scaled in place
 
 
 def apply_to_worker(worker: Tensor, elastic_diff: Tensor) -> Tensor:

@@ -32,7 +32,7 @@ class Delay:
         return (self.latency_ms + extra) / 1000.0
 
 
-FRAME_LIMIT = 1 << 16
+FRAME_LIMIT = 1 << 17
 """Payloads up to this many values travel in one frame with their header (one message instead of
 two: latency dominates there); larger ones travel as header + payload, avoiding a copy."""
 
