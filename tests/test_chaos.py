@@ -29,7 +29,7 @@ def test_sigkill_mid_run_resumes_from_checkpoints_after_restart(
 ) -> None:
     args = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "--max-restarts=1",
-        "-m", "easgd.train", "workers=3", "steps_per_worker=600", "eval_interval_s=0.1", "checkpoint.every_s=0.1",
+        "-m", "easgd.train", "workers=3", "steps_per_worker=600", "eval_interval_s=0.1", "checkpoint.every_s=0.05",
         f"fault.kill_rank={rank}", f"fault.kill_at_step={at_step}", "progress=false", f"hydra.run.dir={tmp_path}",
     ]  # fmt: skip
     result = run(args)

@@ -83,15 +83,17 @@ def run_server(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
     def on_tick() -> None:
         nonlocal last_save
         write_progress(cfg, {r: s.steps for r, s in server.stats.items()})
-        if (
-            cfg.fault.kill_rank == SERVER_RANK
-            and env.restart_count == 0
-            and role.updates >= cfg.fault.kill_at_step
-        ):
-            kill_self("server", role.updates)
         if cfg.checkpoint.every_s and time.perf_counter() - last_save >= cfg.checkpoint.every_s:
             save()
             last_save = time.perf_counter()
+        # failure injection fires at a tick, after any checkpoint that was due there
+        fault = cfg.fault
+        if (
+            fault.kill_rank == SERVER_RANK
+            and env.restart_count == 0
+            and role.updates >= fault.kill_at_step
+        ):
+            kill_self("server", role.updates)
 
     server.on_tick = on_tick
     try:
