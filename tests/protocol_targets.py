@@ -52,12 +52,13 @@ def conservation(rank: int, world: int, steps: int, overlap: bool) -> object:
         return _serve(ElasticServer(start, moving_rate=0.3), groups, steps)
     transport = PairTransport(peer=0, group=groups[rank], numel=NUMEL, dtype=torch.float64)
     center = handshake(transport)
-    offset = torch.full((NUMEL,), float(rank), dtype=torch.float64)
-    role = ElasticWorker(center + offset, comm_period=1, learning_rate=0.0, momentum=0.0)
+    # the center may already have moved when this worker joins, so it reports where it started
+    start_point = center + torch.full((NUMEL,), float(rank), dtype=torch.float64)
+    role = ElasticWorker(start_point, comm_period=1, learning_rate=0.0, momentum=0.0)
     zero = torch.zeros(NUMEL, dtype=torch.float64)
     loop = WorkerLoop(role, transport, lambda point: (0.0, zero), steps=steps, overlap=overlap)
     outcome = loop.run()
-    return role.params, offset, outcome.exchanges, outcome.max_overlap_staleness
+    return role.params, start_point, outcome.exchanges, outcome.max_overlap_staleness
 
 
 def downpour_sum(rank: int, world: int, steps: int, period: int) -> object:
