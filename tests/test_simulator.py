@@ -148,3 +148,14 @@ def test_flat_model_gradient_matches_plain_autograd() -> None:
     expected = torch.cat([p.grad.reshape(-1) for p in reference.parameters()]) + 0.1 * point
     assert loss == pytest.approx(float(expected_loss.detach()))
     assert torch.allclose(grad, expected, atol=1e-6)
+
+
+def test_demo_prints_the_comparison_table(capsys: pytest.CaptureFixture[str], tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from easgd.sim.demo import main
+
+    main(["--duration", "60", "--eval-interval", "30", "--csv", str(tmp_path / "curves.csv")])
+    out = capsys.readouterr().out
+    for label in ("EAMSGD tau=10", "EASGD tau=10", "DOWNPOUR tau=1", "MSGD p=1"):
+        assert f"| {label} |" in out
+    assert "| t=0 | t=30 | t=60 |" in out
+    assert len((tmp_path / "curves.csv").read_text().splitlines()) == 1 + 4 * 3

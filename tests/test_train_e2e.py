@@ -127,3 +127,15 @@ def test_parameter_count_mismatch_between_ranks_is_reported(tmp_path: Path) -> N
     )
     assert result.returncode != 0
     assert "every rank must build the same model" in result.stderr
+
+
+def test_help_lists_the_config_groups() -> None:
+    result = run([sys.executable, "-m", "easgd.train", "--help"], timeout=60)
+    assert result.returncode == 0
+    for line in [
+        "algorithm: adownpour, asgd, downpour, eamsgd, easgd, mdownpour, msgd, mvadownpour, mvasgd, sgd",
+        "data: cifar10, digits, mnist, synthetic",
+        "model: cifar7, lenet, mlp",
+        "Rank 0 is the parameter server",
+    ]:
+        assert line in result.stdout
