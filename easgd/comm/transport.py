@@ -70,8 +70,6 @@ class PairTransport:
         size = numel + (self._header_slots if self.framed else 0)
         self._out = torch.zeros(size, dtype=dtype, pin_memory=pin)
         self._in = torch.zeros(size, dtype=dtype)
-        self.bytes_sent = 0
-        self.messages_sent = 0
 
     def _pause(self) -> None:
         pause = self.delay.sample_s(self._rng)
@@ -81,10 +79,6 @@ class PairTransport:
     def _check(self, payload: Tensor) -> None:
         if payload.numel() != self.numel:
             raise ValueError(f"payload has {payload.numel()} values, expected {self.numel}")
-
-    def _send_tensor(self, tensor: Tensor) -> None:
-        dist.send(tensor, self.peer, group=self.group)
-        self.bytes_sent += tensor.numel() * tensor.element_size()
 
     def send(self, header: Header, payload: Tensor | None = None) -> None:
         """Send one message (after the injected delay)."""
@@ -97,8 +91,7 @@ class PairTransport:
         if payload is not None:
             self._check(payload)
             self._out[self._header_slots :].copy_(payload.reshape(-1))
-        self._send_tensor(self._out)
-        self.messages_sent += 1
+        dist.send(self._out, self.peer, group=self.group)
 
     def recv(self) -> tuple[Header, Tensor | None]:
         """Receive one message; the payload (or None) is valid until the next receive."""
@@ -112,7 +105,7 @@ class PairTransport:
         """Send the header alone, then the payload (if any) as a second message."""
         header.has_payload = payload is not None
         self._pause()
-        self._send_tensor(header.encode())
+        dist.send(header.encode(), self.peer, group=self.group)
         if payload is not None:
             self._check(payload)
             flat = payload.reshape(-1)
@@ -120,8 +113,7 @@ class PairTransport:
                 staging = self._out[-self.numel :]
                 staging.copy_(flat)
                 flat = staging
-            self._send_tensor(flat)
-        self.messages_sent += 1
+            dist.send(flat, self.peer, group=self.group)
 
     def recv_control(self) -> tuple[Header, Tensor | None]:
         """Receive a header alone, then its payload if it announces one."""
