@@ -69,8 +69,9 @@ def test_torchrun_main_job_shape_writes_summary_metrics_and_tensorboard(tmp_path
         for name in ["train_loss", "elastic_distance", "exchange_latency_ms", "staleness"]:
             assert f"worker{rank}/{name}" in tags
     assert events.Scalars("center/test_error")[-1].value == pytest.approx(summary["test_error"])
-    hparams_runs = [p for p in (tmp_path / "tb").rglob("events.*")]
-    assert hparams_runs  # add_hparams writes its own event file next to the scalars
+    hparams = events.PluginTagToContent("hparams")
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hparams)
+    assert b"comm_period" in hparams["_hparams_/session_start_info"]
 
 
 @pytest.mark.parametrize(
@@ -139,3 +140,29 @@ def test_help_lists_the_config_groups() -> None:
         "Rank 0 is the parameter server",
     ]:
         assert line in result.stdout
+
+
+def test_two_torchrun_agents_with_c10d_rendezvous_form_one_run(tmp_path: Path) -> None:
+    # two "nodes" on this machine: the multi-node launch path (launch/run_multinode.sh)
+    from tests.dist_helpers import free_port
+
+    port = free_port()
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes",
+        "-m", "easgd.train", "workers=3", "steps_per_worker=200", "progress=false", f"hydra.run.dir={tmp_path}",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    nodes = [
+        subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outputs = [node.communicate(timeout=180) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), (
+        outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    )
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["workers"] == 3 and summary["worker_steps"] == 600
+    assert summary["exchanges"] == 3 * 200 // 10
