@@ -87,7 +87,7 @@ class DownpourServer(ServerRole):
         if self.average is not None:
             rate = alg.average_rate(self.updates, constant_rate=self.average_rate)
             self.average = alg.running_average(self.average, self.center, rate=rate)
-        return self.center.clone()
+        return self.center  # never modified in place: the next push makes a new tensor
 
     def update_norm(self, payload: Tensor) -> float:
         return float(payload.norm())

@@ -134,7 +134,7 @@ class Simulator:
         self._sequence = 0
         self._center_history: deque[Tensor] = deque(maxlen=sim.read_staleness + 1)
         if self.server is not None:
-            self._center_history.append(self.server.center.clone())
+            self._center_history.append(self.server.center)
 
     # -- the channel between a worker and the server ---------------------------------------
     def _delayed(self) -> bool:
@@ -151,8 +151,10 @@ class Simulator:
             self._record_center()
 
     def _record_center(self) -> None:
+        """Keep the last k + 1 centers, for stale reads (nothing to keep without delay)."""
         assert self.server is not None
-        self._center_history.append(self.server.center.clone())
+        if self._delayed():
+            self._center_history.append(self.server.center)  # rules never modify it in place
 
     def _arrive_until(self, time: float) -> None:
         while self._in_flight and self._in_flight[0][0] <= time:
