@@ -166,3 +166,16 @@ def test_two_torchrun_agents_with_c10d_rendezvous_form_one_run(tmp_path: Path) -
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["workers"] == 3 and summary["worker_steps"] == 600
     assert summary["exchanges"] == 3 * 200 // 10
+
+
+def test_sequential_baseline_runs_in_one_process_and_stops_on_target(tmp_path: Path) -> None:
+    result = run(
+        [sys.executable, "-m", "easgd.train", "algorithm=asgd", "steps_per_worker=5000",
+         "target_test_error=0.2", "eval_interval_s=0.05", "progress=false", f"hydra.run.dir={tmp_path}"],
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["algorithm"] == "asgd" and summary["workers"] == 1 and summary["exchanges"] == 0
+    assert summary["stop_reason"] == "target_test_error" and summary["test_error"] <= 0.2
+    assert summary["worker_steps"] < 5000

@@ -14,7 +14,8 @@ from easgd.roles import make_worker_role
 from easgd.runtime.components import evaluator_for
 from easgd.runtime.progress import Progress
 from easgd.runtime.runlog import RunLog
-from easgd.runtime.summary import build_hparams, build_summary
+from easgd.runtime.server import StopRule
+from easgd.runtime.summary import build_summary, finish_run
 
 log = logging.getLogger("easgd")
 
@@ -44,20 +45,17 @@ def run_sequential(cfg: TrainConfig, split: Split) -> dict[str, Any]:
         progress.note(test_error=metrics["test_error"])
         return metrics
 
+    rule = StopRule(max_wall_s=cfg.max_wall_s, target_test_error=cfg.target_test_error)
     try:
         while role.step < cfg.steps_per_worker:
             now = time.perf_counter() - started
+            test_error = None
             if now >= next_eval:
-                metrics = evaluate()
+                test_error = evaluate()["test_error"]
                 next_eval = now + cfg.eval_interval_s
-                if (
-                    cfg.target_test_error is not None
-                    and metrics["test_error"] <= cfg.target_test_error
-                ):
-                    stop_reason = "target_test_error"
-                    break
-            if cfg.max_wall_s is not None and now >= cfg.max_wall_s:
-                stop_reason = "max_wall_s"
+            reason = rule.reason(elapsed_s=now, test_error=test_error)
+            if reason is not None:
+                stop_reason = reason
                 break
             loss, grad = flat.loss_and_grad(role.gradient_point(), *sampler.sample())
             role.local_step(grad)
@@ -76,11 +74,7 @@ def run_sequential(cfg: TrainConfig, split: Split) -> dict[str, Any]:
             test_error=metrics["test_error"],
             stop_reason=stop_reason,
         )
-        runlog.hparams(
-            build_hparams(cfg),
-            {"test_error": metrics["test_error"], "test_loss": metrics["test_loss"]},
-        )
-        runlog.summary(summary)
+        finish_run(runlog, cfg, summary)
     finally:
         runlog.close()
     log.info(

@@ -36,6 +36,15 @@ class StopRule:
     max_wall_s: float | None = None
     target_test_error: float | None = None
 
+    def reason(self, *, elapsed_s: float, test_error: float | None = None) -> str | None:
+        """Why to stop now: the target on a fresh ``test_error``, or the wall-clock budget; else None."""
+        target = self.target_test_error
+        if test_error is not None and target is not None and test_error <= target:
+            return "target_test_error"
+        if self.max_wall_s is not None and elapsed_s >= self.max_wall_s:
+            return "max_wall_s"
+        return None
+
 
 @dataclass
 class WorkerStats:
@@ -260,13 +269,10 @@ class ParameterServer:
         """Apply the stop rules: the target on a fresh ``test_error``, the wall-clock budget always."""
         if self.stop.is_set():
             return
-        rule = self.stop_rule
-        target = rule.target_test_error
-        if test_error is not None and target is not None and test_error <= target:
-            self.stop_reason = "target_test_error"
-            self.stop.set()
-        elif rule.max_wall_s is not None and time.perf_counter() - self._started >= rule.max_wall_s:
-            self.stop_reason = "max_wall_s"
+        elapsed = time.perf_counter() - self._started
+        reason = self.stop_rule.reason(elapsed_s=elapsed, test_error=test_error)
+        if reason is not None:
+            self.stop_reason = reason
             self.stop.set()
 
     def _check_heartbeats(self) -> None:

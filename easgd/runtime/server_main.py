@@ -19,7 +19,7 @@ from easgd.runtime.faults import kill_self
 from easgd.runtime.resume import checkpoint_signature, read_progress, resume_state, write_progress
 from easgd.runtime.runlog import RunLog
 from easgd.runtime.server import ParameterServer, StopRule
-from easgd.runtime.summary import build_hparams, build_summary
+from easgd.runtime.summary import build_summary, finish_run
 
 log = logging.getLogger("easgd")
 
@@ -68,6 +68,9 @@ def run_server(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
         max_update_norm=cfg.max_update_norm,
     )
 
+    def record_progress() -> None:
+        write_progress(cfg, {r: s.steps for r, s in server.stats.items()})
+
     def save() -> None:
         with server.lock:
             snapshot = {
@@ -82,7 +85,7 @@ def run_server(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
 
     def on_tick() -> None:
         nonlocal last_save
-        write_progress(cfg, {r: s.steps for r, s in server.stats.items()})
+        record_progress()
         if cfg.checkpoint.every_s and time.perf_counter() - last_save >= cfg.checkpoint.every_s:
             save()
             last_save = time.perf_counter()
@@ -101,7 +104,7 @@ def run_server(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
             outcome = server.run()
         finally:
             # also when a worker failed: the center is intact, and a restart resumes from here
-            write_progress(cfg, {r: s.steps for r, s in server.stats.items()})
+            record_progress()
             save()
         redone = sum(
             max(0, steps_before_crash.get(r, 0) - s) for r, s in server.resumed_steps.items()
@@ -125,10 +128,7 @@ def run_server(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
                 "worker_steps_per_s": {str(r): s.steps_per_s for r, s in server.stats.items()},
             },
         )
-        runlog.hparams(
-            build_hparams(cfg), {"test_error": outcome.test_error, "test_loss": outcome.test_loss}
-        )
-        path = runlog.summary(summary)
+        path = finish_run(runlog, cfg, summary)
     finally:
         runlog.close()
     log.info(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from easgd.config.schema import TrainConfig, to_dict
+from easgd.runtime.runlog import RunLog
 
 
 def build_summary(
@@ -62,3 +64,10 @@ def build_hparams(cfg: TrainConfig) -> dict[str, Any]:
         "dataset": cfg.data.name,
         "model": cfg.model.name,
     }
+
+
+def finish_run(runlog: RunLog, cfg: TrainConfig, summary: dict[str, Any]) -> Path:
+    """Record the HParams entry with the final test figures and write summary.json (its path)."""
+    final = {"test_error": summary["test_error"], "test_loss": summary["test_loss"]}
+    runlog.hparams(build_hparams(cfg), final)
+    return runlog.summary(summary)

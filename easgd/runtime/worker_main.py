@@ -60,6 +60,15 @@ def run_worker(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
                 }
             )
             sampler.generator.set_state(state["rng"])
+
+        def save() -> None:
+            state = {
+                "role": role.state_dict(),
+                "rng": sampler.generator.get_state(),
+                "signature": signature,
+            }
+            checkpointer.save(state)
+
         last_save = time.perf_counter()
         fault = cfg.fault
         first_attempt = env.restart_count == 0
@@ -79,13 +88,7 @@ def run_worker(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
                 )
                 role.params = torch.full_like(role.params, float("nan"))
             if cfg.checkpoint.every_s and time.perf_counter() - last_save >= cfg.checkpoint.every_s:
-                checkpointer.save(
-                    {
-                        "role": role.state_dict(),
-                        "rng": sampler.generator.get_state(),
-                        "signature": signature,
-                    }
-                )
+                save()
                 last_save = time.perf_counter()
 
         loop = WorkerLoop(
@@ -99,13 +102,7 @@ def run_worker(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
             after_step=after_step,
         )
         outcome = loop.run()
-        checkpointer.save(
-            {
-                "role": role.state_dict(),
-                "rng": sampler.generator.get_state(),
-                "signature": signature,
-            }
-        )
+        save()
     except Exception:
         if cfg.worker_failure != "continue":
             raise
