@@ -181,3 +181,39 @@ def test_every_model_fits_the_digits_images(name: str) -> None:
     split = load_digits_split()
     model = build_model(ModelConfig(name=name), split, seed=0)
     assert model(split.test_x[:5]).shape == (5, 10)
+
+
+def test_mnist1d_is_the_standard_offline_split() -> None:
+    from easgd.data.mnist1d import load_mnist1d
+
+    state = np.random.get_state()
+    split = load_mnist1d()
+    assert np.array_equal(np.random.get_state()[1], state[1])  # the generator left numpy alone
+    assert split.train_x.shape == (4000, 1, 40) and split.test_x.shape == (1000, 1, 40)
+    assert split.num_classes == 10
+    # 500 sequences per class in all (5,000 generated, shuffled, then cut 80/20)
+    counts = torch.bincount(torch.cat([split.train_y, split.test_y]), minlength=10)
+    assert counts.tolist() == [500] * 10
+    # the generator standardises the whole set: mean 0, standard deviation 1
+    everything = torch.cat([split.train_x, split.test_x]).double()
+    assert abs(float(everything.mean())) < 1e-6 and abs(float(everything.std()) - 1) < 1e-3
+    again = load_mnist1d()
+    assert torch.equal(again.train_x, split.train_x) and torch.equal(again.test_y, split.test_y)
+
+
+def test_train_subset_keeps_the_first_examples_and_the_whole_test_set() -> None:
+    full = build_split(DataConfig(name="mnist1d"))
+    small = build_split(DataConfig(name="mnist1d", train_subset=256))
+    assert torch.equal(small.train_x, full.train_x[:256])
+    assert torch.equal(small.test_x, full.test_x)
+    with pytest.raises(ValueError, match=r"data.train_subset=5000 must be in \[1, 4000\]"):
+        build_split(DataConfig(name="mnist1d", train_subset=5000))
+
+
+def test_cnn1d_has_the_mnist1d_papers_layout() -> None:
+    split = build_split(DataConfig(name="mnist1d"))
+    model = build_model(ModelConfig(name="cnn1d"), split, seed=0)
+    # length 40 -> 19 -> 10 -> 5 after the three stride-2 convolutions (k=5,3,3; padding 1)
+    expected = (1 * 25 * 5 + 25) + 2 * (25 * 25 * 3 + 25) + (25 * 5 * 10 + 10)
+    assert sum(p.numel() for p in model.parameters()) == expected == 5210
+    assert model(split.test_x[:7]).shape == (7, 10)

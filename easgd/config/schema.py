@@ -15,8 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from easgd.config.algorithm import AlgorithmConfig
 
 BACKENDS = ("auto", "gloo", "nccl")
-DATASETS = ("digits", "synthetic", "mnist", "cifar10", "custom")
-MODELS = ("mlp", "lenet", "cifar7", "custom")
+DATASETS = ("digits", "mnist1d", "synthetic", "mnist", "cifar10", "custom")
+MODELS = ("mlp", "lenet", "cifar7", "cnn1d", "custom")
 SAMPLING = ("whole", "shard")
 DEVICES = ("auto", "cpu", "cuda")
 FAILURE_POLICIES = ("fail_fast", "continue")
@@ -61,7 +61,7 @@ class DataConfig:
     """Which dataset, how it is read and sampled (data/ group)."""
 
     name: str = "digits"
-    """digits (built in, offline), synthetic, mnist, cifar10 (local files), or custom (_target_)."""
+    """digits or mnist1d (built in, offline), synthetic, mnist, cifar10 (local files), or custom."""
     root: str | None = None
     """Folder holding the dataset's standard files (mnist: IDX files; cifar10: python batches)."""
     batch_size: int = 128
@@ -73,7 +73,9 @@ class DataConfig:
     sampling: str = "whole"
     """whole: each worker samples the whole training set with its own seed (paper); shard: disjoint."""
     num_samples: int = 4000
-    """synthetic: number of examples."""
+    """synthetic: number of examples (mnist1d always generates its standard 5,000)."""
+    train_subset: int | None = None
+    """Keep only the first n training examples (the overfitting regime); null: all of them."""
     num_features: int = 32
     """synthetic: input dimension."""
     num_classes: int = 10
@@ -103,6 +105,8 @@ class DataConfig:
             raise ValueError(f"data.test_fraction must be in (0, 1), got {self.test_fraction!r}")
         if self.sampling not in SAMPLING:
             raise ValueError(f"data.sampling={self.sampling!r}; allowed: {', '.join(SAMPLING)}")
+        if self.train_subset is not None and self.train_subset < 1:
+            raise ValueError(f"data.train_subset must be >= 1 or null, got {self.train_subset!r}")
         if min(self.num_samples, self.num_features, self.num_classes, self.teacher_hidden) < 1:
             raise ValueError(
                 "data.num_samples, num_features, num_classes, teacher_hidden must be >= 1"
@@ -114,9 +118,12 @@ class ModelConfig:
     """Which network (model/ group)."""
 
     name: str = "mlp"
-    """mlp, lenet (LeNet-style CNN), cifar7 (the paper's 7-layer CIFAR-10 network), or custom."""
+    """mlp, lenet (LeNet-style CNN), cifar7 (the paper's 7-layer CIFAR-10 network), cnn1d (a
+    small 1-D CNN for MNIST-1D), or custom."""
     hidden: list[int] = field(default_factory=lambda: [128])
     """mlp: hidden layer widths."""
+    channels: int = 25
+    """cnn1d: channels of each of its three convolutions."""
     target: str | None = None
     """custom: import path of an nn.Module class or factory, called with input_shape, num_classes."""
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -127,6 +134,8 @@ class ModelConfig:
             raise ValueError(f"model.name={self.name!r}; allowed: {', '.join(MODELS)}")
         if self.name == "custom" and not self.target:
             raise ValueError("model.target must be set for model.name=custom")
+        if self.channels < 1:
+            raise ValueError(f"model.channels must be >= 1, got {self.channels!r}")
         if any(width < 1 for width in self.hidden):
             raise ValueError(f"model.hidden widths must be >= 1, got {list(self.hidden)!r}")
 

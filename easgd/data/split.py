@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -23,6 +23,15 @@ class Split:
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one example."""
         return tuple(self.train_x.shape[1:])
+
+    def subset(self, num_train: int) -> Split:
+        """The same split with only the first ``num_train`` training examples (test set kept)."""
+        if not 1 <= num_train <= len(self.train_y):
+            raise ValueError(
+                f"data.train_subset={num_train} must be in [1, {len(self.train_y)}] "
+                f"({self.name} has {len(self.train_y)} training examples)"
+            )
+        return replace(self, train_x=self.train_x[:num_train], train_y=self.train_y[:num_train])
 
 
 def fixed_split(

@@ -27,11 +27,22 @@ def import_object(path: str) -> Any:
 
 
 def build_split(data: DataConfig) -> Split:
-    """Load the configured dataset as in-memory train/test tensors."""
+    """Load the configured dataset as in-memory train/test tensors (``data.train_subset`` applied)."""
+    split = _load_split(data)
+    if data.train_subset is not None:
+        split = split.subset(data.train_subset)
+    return split
+
+
+def _load_split(data: DataConfig) -> Split:
     if data.name == "digits":
         from easgd.data.digits import load_digits_split
 
         return load_digits_split(test_fraction=data.test_fraction, seed=data.split_seed)
+    if data.name == "mnist1d":
+        from easgd.data.mnist1d import load_mnist1d
+
+        return load_mnist1d()
     if data.name == "synthetic":
         from easgd.data.synthetic import make_teacher_student
 
@@ -71,6 +82,10 @@ def build_model(model: ModelConfig, split: Split, *, seed: int) -> nn.Module:
         from easgd.models.lenet import LeNet
 
         return LeNet(shape, classes)
+    if model.name == "cnn1d":
+        from easgd.models.cnn1d import ConvNet1D
+
+        return ConvNet1D(shape, classes, channels=model.channels)
     if model.name == "cifar7":
         from easgd.models.cifar7 import Cifar7
 
