@@ -21,10 +21,15 @@ def test_header_round_trips_through_its_encoding() -> None:
         step=2**40,
         has_payload=True,
         stop=True,
-        value=0.25,
+        error=2,
+        train_loss=0.25,
         latency_ms=1.5,
         staleness=7,
-        error=2,
+        num_params=9610,
+        steps_per_s=812.5,
+        snapshot=3,
+        saved_snapshot=2,
+        redone_steps=41,
     )
     assert Header.decode(header.encode()) == header
 

@@ -193,6 +193,12 @@ class MDownpourWorker(WorkerRole):
     def final_outgoing(self) -> Tensor | None:
         return self.outgoing()
 
+    def state_dict(self) -> dict[str, Tensor | int]:
+        state = super().state_dict()
+        if self.pending_grad is not None:  # the gradient the next exchange sends
+            state["pending_grad"] = self.pending_grad
+        return state
+
     def reset(self, center: Tensor) -> None:
         super().reset(center)
         self.pending_grad = None
