@@ -174,9 +174,9 @@ class FaultConfig:
     kill_at_step: int = 0
     """... when its local step counter reaches this value (rank 0: server updates)."""
     raise_rank: int | None = None
-    """This worker raises a RuntimeError ..."""
+    """This rank raises a RuntimeError (0: the server, inside its exchange handling) ..."""
     raise_at_step: int = 0
-    """... at this local step."""
+    """... at this local step (rank 0: once it has made this many updates)."""
     hang_rank: int | None = None
     """This worker stops itself with SIGSTOP (a hung process: its connections stay open) ..."""
     hang_at_step: int = 0

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import threading
+from typing import Any
 
 import torch
 
@@ -58,6 +59,20 @@ class FaultInjector:
             log.warning("fault injection: %s parameters set to NaN at step %d", self.who, step)
             return torch.full_like(params, float("nan"))
         return params
+
+    def wrap_server_role(self, role: Any) -> None:
+        """fault.raise_rank=0: the server role raises in its exchange handling (a serve thread)
+        once it has made ``raise_at_step`` updates, as a bug in the server's own code would."""
+        if not (self.first_start and self.fault.raise_rank == 0):
+            return
+        handle, at = role.handle, self.fault.raise_at_step
+
+        def failing_handle(worker: int, payload: torch.Tensor | None) -> torch.Tensor:
+            if role.updates >= at:
+                raise RuntimeError(f"fault injection: the server raises at update {role.updates}")
+            return handle(worker, payload)
+
+        role.handle = failing_handle
 
     def server_tick(self, updates: int) -> None:
         """The server's kill fires at a tick once it has made ``kill_at_step`` updates."""

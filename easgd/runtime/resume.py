@@ -59,7 +59,13 @@ def resume_worker(
 ) -> dict[str, Any] | None:
     """This worker's part of the newest committed snapshot: its file for that snapshot, or its
     final state if it had finished (or said DONE) by then; None: start fresh."""
-    number = committed_snapshot(cfg)
+    return load_worker_part(checkpointer, committed_snapshot(cfg), signature)
+
+
+def load_worker_part(
+    checkpointer: Checkpointer, number: int | None, signature: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """A worker's part of snapshot ``number``: its file for it, or its final state (None: fresh)."""
     state, path = None, checkpointer.final_path
     if number is not None:
         path = checkpointer.path(number)
@@ -73,6 +79,7 @@ def resume_worker(
         checkpointer.final_path.unlink(missing_ok=True)  # stale: written after this snapshot
     if state is None:
         return None
-    check_compatible(state, path=path, signature=signature)
+    if signature is not None:
+        check_compatible(state, path=path, signature=signature)
     log.info("resuming from %s", path)
     return state

@@ -225,8 +225,9 @@ class ParameterServer:
                 stats.failed = f"worker raised an exception at step {header.step}"
                 stats.steps = max(stats.steps, header.step)
                 log.warning("worker %d left after an exception at step %d", rank, header.step)
-                self._drop(rank)
-                if not self.continue_on_failure:
+                if self.continue_on_failure:
+                    self._drop(rank)
+                else:
                     self._errors.append(RuntimeError(f"worker {rank}: {stats.failed}"))
                     self.stop_reason = "worker_failure"
                     self.stop.set()
@@ -243,7 +244,8 @@ class ParameterServer:
         if stats.failed or stats.finished:
             return
         stats.failed = why
-        self._drop(rank)
+        if self.continue_on_failure:  # under fail_fast no snapshot may complete without it
+            self._drop(rank)
         if self.stop.is_set() and self.stop_reason == "worker_failure" and self._errors:
             log.info("worker %d left after the run stopped (%s)", rank, why)
         elif self.continue_on_failure:
@@ -288,8 +290,6 @@ class ParameterServer:
         with self.lock:
             center = self.role.center.clone()
             self.stats[rank].last_read = self.role.updates
-            if self.heartbeat is not None:
-                self.heartbeat.watch(rank)
         self.stats[rank].steps = self.resumed_steps[rank] = header.step
         self.stats[rank].redone_steps = header.redone_steps
         self.progress.advance(header.step, exchanges=self.exchanges)
@@ -423,7 +423,7 @@ class ParameterServer:
         if self.snapshots is None:
             return None
         with self.lock:
-            if self.snapshots.in_progress:
+            if self.snapshots.in_progress or self._errors or self.server_error is not None:
                 return None
             running = [
                 r for r, s in self.stats.items() if not (s.finished or s.failed or r in self.lost)
@@ -461,6 +461,10 @@ class ParameterServer:
             for rank in self.transports
         }
         self._started = time.perf_counter()
+        if self.heartbeat is not None:  # from the start: a worker can hang before its HELLO too
+            with self.lock:
+                for rank in self.transports:
+                    self.heartbeat.watch(rank)
         for thread in threads.values():
             thread.start()
         history: list[dict[str, float]] = []

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
+
+from torch import Tensor
 
 from easgd.comm.groups import SERVER_RANK, DistEnv, PairGroups
 from easgd.comm.heartbeat import HeartbeatMonitor
 from easgd.config.schema import TrainConfig
 from easgd.data.split import Split
+from easgd.flat import FlatModel
 from easgd.roles import make_server_role
 from easgd.runtime.checkpoint import Checkpointer
 from easgd.runtime.components import evaluator_for, transport_for
@@ -23,23 +27,31 @@ from easgd.runtime.summary import build_summary, finish_run
 log = logging.getLogger("easgd")
 
 
+def evaluate_center(flat: FlatModel, split: Split, point: Tensor) -> dict[str, float]:
+    """Test loss and error of ``point``, with BatchNorm statistics recomputed for it first."""
+    flat.recompute_running_stats(point, split.train_x)
+    return flat.evaluate(point, split.test_x, split.test_y)
+
+
 class SnapshotWriter:
     """Starts snapshots on the policy's schedule, writes the server's part, commits complete ones."""
 
     def __init__(
         self,
         server: ParameterServer,
-        cfg: TrainConfig,
+        directory: str | os.PathLike[str],
         *,
-        extra: dict[str, Any],
+        every_s: float,
+        keep: int = 3,
+        extra: dict[str, Any] | None = None,
         workers: list[int],
     ) -> None:
         self.server = server
-        self.directory = checkpoint_dir(cfg)
-        self.checkpointer = Checkpointer(self.directory, "server", keep=cfg.checkpoint.keep)
-        self.log = SnapshotLog(self.directory, keep=cfg.checkpoint.keep)
-        self.policy = CheckpointPolicy(cfg.checkpoint.every_s)
-        self.extra = extra
+        self.directory = Path(directory)
+        self.checkpointer = Checkpointer(self.directory, "server", keep=keep)
+        self.log = SnapshotLog(self.directory, keep=keep)
+        self.policy = CheckpointPolicy(every_s)
+        self.extra = extra or {}
         self.workers = workers
         self.committed: int | None = None
 
@@ -103,7 +115,7 @@ def run_server(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
     server = ParameterServer(
         role,
         transports,
-        evaluate=lambda point: flat.evaluate(point, split.test_x, split.test_y),
+        evaluate=lambda point: evaluate_center(flat, split, point),
         runlog=runlog,
         stop_rule=StopRule(max_wall_s=cfg.max_wall_s, target_test_error=cfg.target_test_error),
         eval_interval_s=cfg.eval_interval_s,
@@ -121,15 +133,23 @@ def run_server(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
         finished_before=finished_before,
     )
     snapshots = SnapshotWriter(
-        server, cfg, extra={"restarts": restarts, "signature": signature}, workers=list(transports)
+        server,
+        checkpoint_dir(cfg),
+        every_s=cfg.checkpoint.every_s,
+        keep=cfg.checkpoint.keep,
+        extra={"restarts": restarts, "signature": signature},
+        workers=list(transports),
     )
     faults = FaultInjector(cfg.fault, SERVER_RANK, generation=pairs.generation)
+    faults.wrap_server_role(role)
 
     def on_tick() -> None:
         snapshots.tick()
         faults.server_tick(role.updates)  # after any snapshot that was due at this tick
 
     server.on_tick = on_tick
+    for transport in transports.values():  # liveness is the heartbeat's call, not a deadline's
+        transport.recv_timeout_s = 7 * 24 * 3600.0
     try:
         outcome = server.run()
         snapshots.finish()

@@ -35,7 +35,14 @@ def run_worker(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
     device = device_for(cfg, env.local_rank)
     model = build_model(cfg.model, split, seed=cfg.seed).to(device)
     flat = FlatModel(model, weight_decay=cfg.algorithm.weight_decay)
-    transport = transport_for(cfg, SERVER_RANK, pairs.groups[env.rank], flat.num_params, env.rank)
+    transport = transport_for(
+        cfg,
+        SERVER_RANK,
+        pairs.groups[env.rank],
+        flat.num_params,
+        env.rank,
+        pin_memory=device.type == "cuda",
+    )
     index = env.rank - 1
     heartbeat = LoopHeartbeat(pairs.store, env.rank, timeout_s=cfg.comm.heartbeat_timeout_s)
     heartbeat.start()
@@ -63,7 +70,10 @@ def run_worker(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
         ledger = Ledger(role, cfg.algorithm.name) if cfg.checkpoint.ledger else None
         if state is not None:
             role.load_state_dict(
-                {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in state["role"].items()}
+                {
+                    k: v.to(device) if isinstance(v, torch.Tensor) else v
+                    for k, v in state["role"].items()
+                }
             )
             sampler.generator.set_state(state["rng"])
             if ledger is not None:
