@@ -108,4 +108,6 @@ def test_downpour_applies_every_push_exactly_once_across_a_kill_and_resume(tmp_p
     assert second[2][1] > 0
     # pushes at t = 0, 4, ..., 44 carry the steps before them: steps - period steps per worker
     expected = -sum(0.125 * r for r in range(1, world)) * (steps - period)
-    assert torch.equal(torch.from_numpy(second[0][0]), torch.full((targets.NUMEL,), expected, dtype=torch.float64))
+    assert torch.equal(
+        torch.from_numpy(second[0][0]), torch.full((targets.NUMEL,), expected, dtype=torch.float64)
+    )

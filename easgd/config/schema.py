@@ -189,7 +189,6 @@ class FaultConfig:
     nan_at_step: int = 0
     """... at this local step (the server must refuse them and reset the worker)."""
 
-
     def __post_init__(self) -> None:
         if self.hang_mode not in ("sigstop", "loop"):
             raise ValueError(f"fault.hang_mode={self.hang_mode!r}; allowed: sigstop, loop")
