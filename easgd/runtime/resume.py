@@ -59,7 +59,11 @@ def resume_worker(
 ) -> dict[str, Any] | None:
     """This worker's part of the newest committed snapshot: its file for that snapshot, or its
     final state if it had finished (or said DONE) by then; None: start fresh."""
-    return load_worker_part(checkpointer, committed_snapshot(cfg), signature)
+    number = committed_snapshot(cfg)
+    state = load_worker_part(checkpointer, number, signature)
+    if state is None or number is None or checkpointer.path(number).is_file():
+        checkpointer.final_path.unlink(missing_ok=True)  # stale: written after this snapshot
+    return state
 
 
 def load_worker_part(
@@ -75,8 +79,6 @@ def load_worker_part(
             state = checkpointer.load_final()
         if state is None:
             log.warning("no part of snapshot %d for %s; starting fresh", number, checkpointer.name)
-    if state is None or path != checkpointer.final_path:
-        checkpointer.final_path.unlink(missing_ok=True)  # stale: written after this snapshot
     if state is None:
         return None
     if signature is not None:
