@@ -113,3 +113,20 @@ def test_bad_files_fail_before_processes_start(
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr
+
+
+def test_chaos_benchmark_quick(tmp_path: Path) -> None:
+    result = run(
+        [sys.executable, "benchmarks/chaos.py", "--quick", "--out", str(tmp_path),
+         "--scratch", str(tmp_path / "scratch")],
+        timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads((tmp_path / "chaos_quick.json").read_text())
+    worker = figures["kills"]["worker"]
+    assert worker["killed"] + worker["not_killed_in_time"] == 1
+    assert worker["survived"] == worker["conservation_held"] == worker["killed"]
+    soak = figures["soak"]
+    assert soak["returncode"] == 0 and soak["samples"] >= 2
+    assert abs(soak["growth_total"]) < 0.5  # a leak of this size would show in seconds
+    assert "worker kills: survived" in (tmp_path / "chaos_quick.log").read_text()

@@ -149,8 +149,8 @@ class WorkerLoop:
 
     def _exchange(self, payload: Tensor | None) -> Tensor | None:
         if self.overlap:
-            self._wait_in_flight()
-            self._captured = self._next_capture
+            self._wait_in_flight()  # the reply it applies is part of the state sent now
+            self._captured = self.snapshots.capture() if self.snapshots is not None else None
             self._outbox.put((payload, self.role.step, self._mean_loss()))
             self._in_flight = True
             return None
@@ -220,7 +220,7 @@ class WorkerLoop:
                 if self.overlap and self._in_flight:
                     self._take_reply(block=False)
                 step_started = time.perf_counter()
-                if self.snapshots is not None and self.role.due():
+                if self.snapshots is not None and self.role.due() and not self.overlap:
                     # the state before this exchange is sent: what a marked reply saves
                     self._next_capture = self.snapshots.capture()
                 loss = worker_step(self.role, self.gradient, self._exchange)
