@@ -129,6 +129,9 @@ def soak(run_dir: Path, workers: int, seconds: float, every_s: float) -> dict[st
                            "checkpoint.every_s=5"], restarts=0,
     )  # fmt: skip
     samples: list[dict[str, Any]] = []
+    metrics = run_dir / "metrics.csv"
+    while proc.poll() is None and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.1)  # start-up (imports, rendezvous) is not part of the soak
     started = time.time()
     while proc.poll() is None:
         pids = rank_pids(proc.pid)
@@ -140,7 +143,8 @@ def soak(run_dir: Path, workers: int, seconds: float, every_s: float) -> dict[st
         time.sleep(every_s)
     _, stderr = proc.communicate()
     summary = json.loads((run_dir / "summary.json").read_text()) if proc.returncode == 0 else {}
-    # growth from the first sample after warm-up (a fifth of the run) to the last one
+    # growth from the first sample after warm-up (a fifth of the run, from the first
+    # evaluations on) to the last one
     steady = [s for s in samples if s["t"] >= seconds / 5] or samples
     first, last = steady[0], steady[-1]
     total = lambda s: sum(s["rss_mb"].values())  # noqa: E731
