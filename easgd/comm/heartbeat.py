@@ -117,15 +117,28 @@ class HeartbeatMonitor:
         self.first_step_s = first_step_s
         self.pace_factor = pace_factor
         self._seen: dict[int, tuple[str, float]] = {}
+        self._lock = threading.Lock()  # watch/unwatch come from serve threads
         self._failing_since: float | None = None
 
     def watch(self, rank: int) -> None:
-        """Start watching ``rank`` (after its handshake), as if it had just beaten."""
-        self._seen[rank] = ("", time.monotonic())
+        """Start watching ``rank``, as if it had just beaten."""
+        with self._lock:
+            self._seen[rank] = ("", time.monotonic())
 
     def unwatch(self, rank: int) -> None:
         """Stop watching ``rank`` (finished, failed or lost)."""
-        self._seen.pop(rank, None)
+        with self._lock:
+            self._seen.pop(rank, None)
+
+    def _note(self, rank: int, value: str, now: float) -> tuple[str, float] | None:
+        """Record ``rank``'s value; returns its previous (value, since), None if not watched."""
+        with self._lock:
+            if rank not in self._seen:
+                return None
+            last, since = self._seen[rank]
+            if value != last:
+                self._seen[rank] = (value, now)
+            return last, since
 
     def allowance_s(self, value: str) -> float:
         """How long a worker whose last published ``value`` is this may stay silent."""
@@ -142,20 +155,23 @@ class HeartbeatMonitor:
         now = time.monotonic()
         silent = {}
         try:
-            for rank in list(self._seen):
+            with self._lock:
+                ranks = list(self._seen)
+            for rank in ranks:
                 if rank in ignore:  # being served: its silence is the server's, not its own
-                    self._seen[rank] = (self._seen[rank][0], now)
+                    with self._lock:
+                        if rank in self._seen:
+                            self._seen[rank] = (self._seen[rank][0], now)
                     continue
                 key = _key(rank)
                 value = self._store.get(key).decode() if self._store.check([key]) else ""
-                last, since = self._seen.get(rank, ("", now))
-                if value != last:
-                    self._seen[rank] = (value, now)
+                previous = self._note(rank, value, now)
+                if previous is None or value != previous[0]:
                     continue
                 allowance = self.allowance_s(value)
-                if now - since > allowance:
+                if now - previous[1] > allowance:
                     silent[rank] = (
-                        f"its training loop has not advanced for {now - since:.1f} s "
+                        f"its training loop has not advanced for {now - previous[1]:.1f} s "
                         f"(allowance {allowance:.1f} s; hung, stuck or stopped)"
                     )
             self._failing_since = None

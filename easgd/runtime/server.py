@@ -187,8 +187,7 @@ class ParameterServer:
         finally:
             self.stats[rank].in_service = False
             if self.heartbeat is not None:
-                with self.lock:
-                    self.heartbeat.unwatch(rank)
+                self.heartbeat.unwatch(rank)
             with self._wake:
                 self._wake.notify_all()
 
@@ -405,8 +404,7 @@ class ParameterServer:
             return
         self._last_heartbeat_check = now
         busy = {r for r, s in self.stats.items() if s.in_service}
-        with self.lock:  # watch/unwatch happen under the lock
-            stale = self.heartbeat.stale(ignore=busy)
+        stale = self.heartbeat.stale(ignore=busy)  # store reads: not under the server's lock
         for rank, reason in stale.items():
             if self.stats[rank].finished or self.stats[rank].failed:
                 continue
@@ -462,9 +460,8 @@ class ParameterServer:
         }
         self._started = time.perf_counter()
         if self.heartbeat is not None:  # from the start: a worker can hang before its HELLO too
-            with self.lock:
-                for rank in self.transports:
-                    self.heartbeat.watch(rank)
+            for rank in self.transports:
+                self.heartbeat.watch(rank)
         for thread in threads.values():
             thread.start()
         history: list[dict[str, float]] = []
