@@ -45,8 +45,8 @@ class FaultInjector:
         self.first_start = generation == 0
         self.who = "server" if rank == 0 else f"worker {rank}"
 
-    def worker_step(self, step: int, params: torch.Tensor) -> torch.Tensor:
-        """Fire this worker's faults due at ``step``; returns the (possibly poisoned) params."""
+    def worker_step(self, step: int, params: torch.Tensor) -> None:
+        """Fire this worker's faults due at ``step`` (NaN: written into ``params`` in place)."""
         fault, rank = self.fault, self.rank
         if self.first_start:
             if fault.kill_rank == rank and step == fault.kill_at_step:
@@ -57,8 +57,7 @@ class FaultInjector:
                 hang_self(self.who, step, mode=fault.hang_mode)
         if fault.nan_rank == rank and step == fault.nan_at_step:
             log.warning("fault injection: %s parameters set to NaN at step %d", self.who, step)
-            return torch.full_like(params, float("nan"))
-        return params
+            params.fill_(float("nan"))
 
     def wrap_server_role(self, role: Any) -> None:
         """fault.raise_rank=0: the server role raises in its exchange handling (a serve thread)
@@ -67,10 +66,10 @@ class FaultInjector:
             return
         handle, at = role.handle, self.fault.raise_at_step
 
-        def failing_handle(worker: int, payload: torch.Tensor | None) -> torch.Tensor:
+        def failing_handle(*args: Any, **kwargs: Any) -> torch.Tensor:
             if role.updates >= at:
                 raise RuntimeError(f"fault injection: the server raises at update {role.updates}")
-            return handle(worker, payload)
+            return handle(*args, **kwargs)
 
         role.handle = failing_handle
 

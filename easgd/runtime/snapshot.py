@@ -241,8 +241,9 @@ class Ledger:
             return sent[0]
 
         def incoming(reply: torch.Tensor) -> None:
-            receive(reply)
+            # read before the role applies the reply: in-place roles reuse these buffers
             change = reply if uses_reply else sent[0]
             self.total += change.detach().reshape(-1).to("cpu", torch.float64)
+            receive(reply)
 
         role.outgoing, role.incoming = outgoing, incoming

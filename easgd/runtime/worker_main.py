@@ -66,7 +66,9 @@ def run_worker(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
         resumed_step = int(state["role"]["step"]) if state is not None else 0
         redone = marker.start(resumed_step, resumed=state is not None)
         center = handshake(transport, step=resumed_step, redone_steps=redone).to(device)
-        role = make_worker_role(cfg.algorithm, center, comm_period=cfg.comm.period)
+        role = make_worker_role(
+            cfg.algorithm, center, comm_period=cfg.comm.period, scratch=flat.flat_params
+        )
         ledger = Ledger(role, cfg.algorithm.name) if cfg.checkpoint.ledger else None
         if state is not None:
             role.load_state_dict(
@@ -91,12 +93,12 @@ def run_worker(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
             marker.mark(role.step)
             heartbeat.beat()
             heartbeat.check()
-            role.params = faults.worker_step(role.step, role.params)
+            faults.worker_step(role.step, role.params)
 
         loop = WorkerLoop(
             role,
             transport,
-            lambda point: flat.loss_and_grad(point, *sampler.sample()),
+            lambda point: flat.gradient(point, *sampler.sample()),
             steps=cfg.steps_per_worker,
             slowdown=cfg.comm.slowdown[index] if cfg.comm.slowdown else 1.0,
             overlap=cfg.comm.overlap,
