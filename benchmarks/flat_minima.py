@@ -99,7 +99,7 @@ QUICK = Plan(
     max_duration=400.0,
     eval_interval=10.0,
     seeds=(0,),
-    radii=(0.03, 0.1),
+    radii=(0.1, 1.0),
     perturbation_samples=3,
     power_iterations=15,
 )

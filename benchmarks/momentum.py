@@ -285,6 +285,31 @@ def _ratio(reference: float | None, mine: float | None) -> float | None:
     return reference / mine
 
 
+def findings(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The figures the claim rests on, per delta over the (tau, p) cells."""
+    out: dict[str, Any] = {}
+    easgd = {(r["tau"], r["p"]): r for r in rows if r["delta"] == 0}
+    for delta in sorted({r["delta"] for r in rows if r["delta"] > 0}):
+        mine = [r for r in rows if r["delta"] == delta]
+        speedups = [r["speedup_vs_tuned_easgd"] for r in mine]
+        known = [x for x in speedups if x is not None]
+        out[f"delta={delta:g}"] = {
+            "cells": len(mine),
+            "faster_than_tuned_easgd": sum(x > 1 for x in known),
+            "speedup_min": min(known, default=None),
+            "speedup_max": max(known, default=None),
+            "missed_threshold": speedups.count(None),
+            "tuned_eta_eff_above_easgd": sum(
+                r["eta_eff"] > easgd[(r["tau"], r["p"])]["eta_eff"] for r in mine
+            ),
+            "control_missed": sum(r["control_time"] is None for r in mine),
+            "travel_ratio_vs_tuned_easgd": [
+                r["mean_travel"] / easgd[(r["tau"], r["p"])]["mean_travel"] for r in mine
+            ],
+        }
+    return out
+
+
 def _each(times: list[float | None]) -> str:
     return "(" + "/".join("miss" if t is None else f"{t:g}" for t in times) + ")"
 
@@ -412,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"{tag}.md").write_text(table)
     write_json(
         args.out / f"{tag}.json",
-        {"plan": asdict(plan), "rows": rows, "runs": len(runs)},
+        {"plan": asdict(plan), "findings": findings(rows), "rows": rows, "runs": len(runs)},
     )
     plot(plan, rows, runs, args.out / f"{tag}.png")
     return 0
