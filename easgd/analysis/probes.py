@@ -145,7 +145,7 @@ class ExchangeProbe:
             if "after" in last:
                 self.travel[index].append(float((before - last["after"]).norm()))
             original(reply)
-            last["after"] = role.params  # rules return new tensors: no copy needed
+            last["after"] = role.params.clone()  # roles update their params in place
 
         role.incoming = incoming  # type: ignore[method-assign]
 
