@@ -75,6 +75,7 @@ def run_sequential(cfg: TrainConfig, split: Split) -> dict[str, Any]:
             runlog.scalar("worker1/train_loss", loss, role.step)
             progress.advance(1, exchanges=0)
         metrics = evaluate()
+        train = flat.evaluate(role.evaluated(), split.train_x, split.train_y)
         progress.close()
         summary = build_summary(
             cfg,
@@ -86,6 +87,7 @@ def run_sequential(cfg: TrainConfig, split: Split) -> dict[str, Any]:
             test_loss=metrics["test_loss"],
             test_error=metrics["test_error"],
             stop_reason=stop_reason,
+            extra={"train_loss": train["test_loss"], "train_error": train["test_error"]},
         )
         finish_run(runlog, cfg, summary)
     finally:
