@@ -19,6 +19,7 @@ from easgd.roles.worker import (
     MDownpourWorker,
     SequentialWorker,
     WorkerRole,
+    exchange_if_due,
     make_worker_role,
     worker_step,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "SequentialWorker",
     "ServerRole",
     "WorkerRole",
+    "exchange_if_due",
     "make_server_role",
     "make_worker_role",
     "worker_step",

@@ -3,6 +3,8 @@
 The order of exchange and gradient is :func:`easgd.roles.worker_step`'s; this module adds what a
 real process needs: the handshake, round trips over the transport, the straggler slowdown, the
 overlap mode (exchanges in a background thread while stepping goes on) and the stop signal.
+:meth:`WorkerLoop.run` composes public pieces (``start``, ``exchange_if_due``, ``end_step``,
+``finish``) that :mod:`easgd.api` drives from a user's own training loop, so both share them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import Tensor
 
 from easgd.comm.message import ERROR_NON_FINITE, ERROR_SHAPE_MISMATCH, Header, Op, ServerRejected
 from easgd.comm.transport import PairTransport
-from easgd.roles import GradientFn, WorkerRole, worker_step
+from easgd.roles import GradientFn, WorkerRole, exchange_if_due, worker_step
 
 log = logging.getLogger("easgd.worker")
 
@@ -85,6 +87,7 @@ class WorkerLoop:
         self._max_staleness = 0
         self._comm_thread: threading.Thread | None = None
         self._comm_error: BaseException | None = None
+        self._started, self._first_step = time.perf_counter(), role.step
 
     # -- one round trip ---------------------------------------------------------------------
     def _mean_loss(self) -> float:
@@ -153,30 +156,42 @@ class WorkerLoop:
         if self._in_flight:
             self._take_reply(block=True)
 
-    # -- the loop ----------------------------------------------------------------------------
-    def run(self) -> WorkerOutcome:
-        """Step until the budget is spent or the server says stop; then say DONE."""
-        if self.overlap:
+    # -- the loop, in public pieces that easgd.api's optimizer wrapper drives too --------------
+    def start(self) -> None:
+        """Start the clock and, in overlap mode, the exchange thread: once, before the first step."""
+        if self.overlap and self._comm_thread is None:
             self._comm_thread = threading.Thread(
                 target=self._comm_loop, name="exchange", daemon=True
             )
             self._comm_thread.start()
-        started, first_step = time.perf_counter(), self.role.step
-        while self.role.step < self.steps and not self.stop_requested:
-            if self.overlap and self._in_flight:
-                self._take_reply(block=False)
-            step_started = time.perf_counter()
-            loss = worker_step(self.role, self.gradient, self._exchange)
+        self._started, self._first_step = time.perf_counter(), self.role.step
+
+    def take_arrived_reply(self) -> None:
+        """Overlap mode: apply the reply of the exchange in flight if it has arrived (never waits)."""
+        if self.overlap and self._in_flight:
+            self._take_reply(block=False)
+
+    def exchange_if_due(self) -> None:
+        """The exchange that starts step t_i when t_i % tau == 0 (what precedes the gradient)."""
+        self.take_arrived_reply()
+        exchange_if_due(self.role, self._exchange)
+
+    def end_step(self, loss: float | None, step_started: float) -> None:
+        """After-step bookkeeping: the loss reported at the next exchange, the hook, the slowdown."""
+        if loss is not None:
             self._loss_sum += loss
             self._loss_count += 1
-            if self.after_step is not None:
-                self.after_step(self.role)
-            if self.slowdown > 1.0:
-                time.sleep((self.slowdown - 1.0) * (time.perf_counter() - step_started))
+        if self.after_step is not None:
+            self.after_step(self.role)
+        if self.slowdown > 1.0:
+            time.sleep((self.slowdown - 1.0) * (time.perf_counter() - step_started))
+
+    def finish(self) -> WorkerOutcome:
+        """Wait for the exchange in flight, say DONE (with the final payload), return the figures."""
         if self.overlap:
             self._wait_in_flight()
             self._outbox.put(None)
-        rate = (self.role.step - first_step) / max(time.perf_counter() - started, 1e-9)
+        rate = (self.role.step - self._first_step) / max(time.perf_counter() - self._started, 1e-9)
         self.transport.send(
             Header(Op.DONE, step=self.role.step, value=rate), self.role.final_outgoing()
         )
@@ -190,3 +205,13 @@ class WorkerLoop:
             max_overlap_staleness=self._max_staleness,
             steps_per_s=rate,
         )
+
+    def run(self) -> WorkerOutcome:
+        """Step until the budget is spent or the server says stop; then say DONE."""
+        self.start()
+        while self.role.step < self.steps and not self.stop_requested:
+            self.take_arrived_reply()
+            step_started = time.perf_counter()
+            loss = worker_step(self.role, self.gradient, self._exchange)
+            self.end_step(loss, step_started)
+        return self.finish()
