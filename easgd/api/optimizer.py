@@ -208,8 +208,12 @@ class ElasticOptimizer(torch.optim.Optimizer):
         self._fresh_gradient = False
         started = time.perf_counter()
         if self.role.gradient_before_exchange:
+            resets = self.loop.resets
             self.loop.exchange_if_due()
-            self.role.local_step()
+            if self.loop.resets == resets:
+                self.role.local_step()
+            else:  # reset to the center: the gradient belongs to the refused point, drop it
+                self.role.step += 1
         else:
             self.role.local_step()
             self.loop.exchange_if_due()
