@@ -368,3 +368,32 @@ def test_buffers_stay_local_and_only_trainable_parameters_travel() -> None:
     assert torch.allclose(model[1].running_mean, expected_mean.detach(), atol=1e-12)
     assert int(model[1].num_batches_tracked) == 1
     assert server.role.center.numel() == numel
+
+
+def test_a_learning_rate_schedule_on_the_wrapper_drives_the_wrapped_optimizer() -> None:
+    model, optimizer, _ = wrapped(
+        "easgd",
+        ElasticServer(flat(linear_model(seed=0)), moving_rate=0.3),
+        lambda p: torch.optim.SGD(p, lr=LR),
+    )
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    run_steps(model, optimizer, batches(4))
+    for _ in range(4):
+        schedule.step()
+    assert optimizer.optimizer.param_groups[0]["lr"] == pytest.approx(LR / 4)
+
+
+def test_an_exception_in_the_loop_tells_the_server_this_worker_failed() -> None:
+    center0 = flat(linear_model(seed=0))
+    model, optimizer, server = wrapped(
+        "easgd", ElasticServer(center0, moving_rate=0.3), lambda p: torch.optim.SGD(p, lr=LR)
+    )
+    sent: list[Op] = []
+    send = server.send
+    server.send = lambda header, payload=None: (sent.append(header.op), send(header, payload))  # type: ignore[method-assign]
+    with pytest.raises(KeyError), optimizer:
+        run_steps(model, optimizer, batches(2))
+        raise KeyError("a bug in the user's loop")
+    assert sent[-1] == Op.FAILED
+    with pytest.raises(RuntimeError, match="after optimizer.close"):
+        optimizer.step()
