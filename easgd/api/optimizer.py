@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -217,7 +218,8 @@ class ElasticOptimizer(torch.optim.Optimizer):
         else:
             self.role.local_step()
             self.loop.exchange_if_due()
-        self.loop.end_step(None if loss is None else float(loss), started)
+        # an unknown loss reads NaN on the server's TensorBoard, not a made-up 0
+        self.loop.end_step(math.nan if loss is None else float(loss), started)
         return loss
 
     def state_dict(self) -> dict[str, Any]:
