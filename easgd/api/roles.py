@@ -89,14 +89,14 @@ class OptimizerRole(WorkerRole):
     def gradient_point(self) -> Tensor:
         return self.params  # the user's backward already ran here
 
-    def local_step(self, grad: Tensor | None = None) -> None:
+    def local_step(self, grad: object = None) -> None:
         """The user's optimizer step (``grad`` is unused: the gradients are in ``.grad``)."""
         self.optimizer.step()
         self.step += 1
 
     def reset(self, center: Tensor) -> None:
         """Restart from ``center`` with the optimizer's state (momentum, moments) cleared."""
-        super().reset(center)
+        self.model_params.assign(center)  # not the base's: ``params`` here is a copy
         self.optimizer.state.clear()
 
 
@@ -153,7 +153,7 @@ class ElasticOptimizerRole(OptimizerRole):
             self.model_params.subtract(self.pending_move)
             self.pending_move = None
 
-    def local_step(self, grad: Tensor | None = None) -> None:
+    def local_step(self, grad: object = None) -> None:
         super().local_step(grad)
         self.apply_pending_move()
 
@@ -183,7 +183,7 @@ class DownpourOptimizerRole(OptimizerRole):
         self.params = reply  # x_i = center (pull); assign copies
         self.accumulated.zero_()
 
-    def local_step(self, grad: Tensor | None = None) -> None:
+    def local_step(self, grad: object = None) -> None:
         before = self.params
         super().local_step(grad)
         self.accumulated += self.params - before
