@@ -100,21 +100,28 @@ class OptimizerRole(WorkerRole):
         self.optimizer.state.clear()
 
 
-def lookahead_shift(optimizer: torch.optim.Optimizer, param: Tensor) -> Tensor | None:
-    """delta * v for a parameter of torch's Nesterov SGD (which stores y = x + delta v), else None.
+def lookahead_shifts(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> list[Tensor | None]:
+    """delta * v for each parameter of torch's Nesterov SGD (which stores y = x + delta v), else None.
 
     torch.optim.SGD(nesterov=True) keeps buffer b with v = -lr b, and updates the parameter as
     p <- p - lr (g + delta b'): with p = x + delta v this is exactly Algorithm 2's local step, the
     gradient being taken at p = x + delta v. So x = p - delta v = p + lr delta b.
     """
-    for group in optimizer.param_groups:
-        if not group.get("nesterov", False) or not any(q is param for q in group["params"]):
-            continue
-        buffer = optimizer.state.get(param, {}).get("momentum_buffer")
-        if buffer is None:
-            return None  # before the first step v = 0
-        return -float(group["lr"]) * group["momentum"] * buffer
-    return None
+    nesterov = {
+        id(p): group
+        for group in optimizer.param_groups
+        if group.get("nesterov", False)
+        for p in group["params"]
+    }
+    shifts: list[Tensor | None] = []
+    for param in params:
+        group = nesterov.get(id(param))
+        buffer = None if group is None else optimizer.state.get(param, {}).get("momentum_buffer")
+        if group is None or buffer is None:  # not Nesterov, or before its first step (v = 0)
+            shifts.append(None)
+        else:
+            shifts.append(-float(group["lr"]) * group["momentum"] * buffer)
+    return shifts
 
 
 class ElasticOptimizerRole(OptimizerRole):
@@ -132,7 +139,7 @@ class ElasticOptimizerRole(OptimizerRole):
 
     def exchange_point(self) -> Tensor:
         """x_i (the parameters, less torch Nesterov's shift delta v where there is one)."""
-        shifts = [lookahead_shift(self.optimizer, p) for p in self.model_params.params]
+        shifts = lookahead_shifts(self.optimizer, self.model_params.params)
         point = self.params
         if any(s is not None for s in shifts):
             for view, shift in zip(self.model_params.views(point), shifts, strict=True):
