@@ -339,6 +339,24 @@ def test_an_optimizer_that_misses_trainable_parameters_is_refused() -> None:
         )
 
 
+def test_a_bad_comm_period_or_overlap_with_downpour_is_refused_before_joining() -> None:
+    model = linear_model(seed=0)
+    never = InProcessServer(ElasticServer(flat(model), moving_rate=0.3), 5)
+    never.send_control = None  # type: ignore[assignment,method-assign]  # must not be reached
+    for algorithm, options, message in [
+        ("easgd", {"comm_period": 0}, "comm_period"),
+        ("downpour", {"overlap": True}, "overlap=True is for easgd/eamsgd only"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ElasticOptimizer(
+                model,
+                torch.optim.SGD(model.parameters(), lr=LR),
+                session_for(algorithm),
+                transport=never,  # type: ignore[arg-type]
+                **options,  # type: ignore[arg-type]
+            )
+
+
 def test_join_refuses_backends_the_transport_cannot_serve_before_connecting() -> None:
     with pytest.raises(ValueError, match="use backend='gloo'"):
         join(backend="nccl")

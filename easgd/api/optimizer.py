@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from easgd.algorithms.hyperparams import check_comm_period
 from easgd.api.roles import DownpourOptimizerRole, ElasticOptimizerRole, ModelParams, OptimizerRole
 from easgd.api.session import Session
 from easgd.comm.groups import SERVER_RANK, LaunchError
@@ -96,6 +97,12 @@ class ElasticOptimizer(torch.optim.Optimizer):
         run = session.read_run()
         algorithm = str(run.get("algorithm", "easgd"))
         self._check_same_model(run, model_params)
+        if algorithm not in ELASTIC_ALGORITHMS + DOWNPOUR_ALGORITHMS:
+            raise ValueError(f"the server runs {algorithm!r}, which ElasticOptimizer cannot drive")
+        try:
+            check_comm_period(comm_period)
+        except ValueError as err:
+            raise ValueError(f"ElasticOptimizer: {err}") from None
         if overlap and algorithm not in ELASTIC_ALGORITHMS:
             raise ValueError(
                 f"overlap=True is for easgd/eamsgd only, and the server runs {algorithm!r}; "
@@ -120,10 +127,8 @@ class ElasticOptimizer(torch.optim.Optimizer):
         role: OptimizerRole
         if algorithm in ELASTIC_ALGORITHMS:
             role = ElasticOptimizerRole(model_params, optimizer, comm_period=comm_period)
-        elif algorithm in DOWNPOUR_ALGORITHMS:
-            role = DownpourOptimizerRole(model_params, optimizer, comm_period=comm_period)
         else:
-            raise ValueError(f"the server runs {algorithm!r}, which ElasticOptimizer cannot drive")
+            role = DownpourOptimizerRole(model_params, optimizer, comm_period=comm_period)
         self.role = role
         device = model_params.device
         self.loop = WorkerLoop(
