@@ -223,8 +223,10 @@ class ElasticOptimizer(torch.optim.Optimizer):
         else:
             self.role.local_step()
             self.loop.exchange_if_due()
-        # an unknown loss reads NaN on the server's TensorBoard, not a made-up 0
-        self.loop.end_step(math.nan if loss is None else float(loss), started)
+        # an unknown loss reads NaN on the server's TensorBoard, not a made-up 0; a tensor stays
+        # on its device until an exchange reports it (no host sync per step)
+        reported = loss.detach() if isinstance(loss, Tensor) else loss
+        self.loop.end_step(math.nan if reported is None else reported, started)
         return loss
 
     def state_dict(self) -> dict[str, Any]:

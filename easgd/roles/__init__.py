@@ -9,6 +9,7 @@ from easgd.roles.server import (
     ElasticServer,
     MDownpourServer,
     ServerRole,
+    UpdateRefused,
     make_server_role,
 )
 from easgd.roles.worker import (
@@ -35,6 +36,7 @@ __all__ = [
     "MDownpourWorker",
     "SequentialWorker",
     "ServerRole",
+    "UpdateRefused",
     "WorkerRole",
     "exchange_if_due",
     "make_server_role",

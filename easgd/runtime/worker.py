@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from easgd.comm.message import ERROR_NON_FINITE, ERROR_SHAPE_MISMATCH, Header, Op, ServerRejected
@@ -76,8 +77,12 @@ class WorkerLoop:
         self.stop_requested = False
         self.exchanges = 0
         self.resets = 0
-        self._loss_sum = 0.0
+        self._loss_sum: float | Tensor = 0.0
+        """Sum of the step losses since the last exchange; a device tensor when the gradient
+        function returns one, read (one host sync) only when an exchange reports it."""
         self._loss_count = 0
+        self._sent: Tensor | None = None
+        """Overlap mode: the copy of the payload in flight (the role keeps stepping meanwhile)."""
         self._last_rtt_ms = 0.0
         self.round_trips_ms: list[float] = []
         """Every exchange's round-trip time, in order."""
@@ -92,7 +97,7 @@ class WorkerLoop:
     # -- one round trip ---------------------------------------------------------------------
     def _mean_loss(self) -> float:
         """Mean train loss since the last exchange (reported to the server), then reset."""
-        mean = self._loss_sum / self._loss_count if self._loss_count else 0.0
+        mean = float(self._loss_sum) / self._loss_count if self._loss_count else 0.0
         self._loss_sum, self._loss_count = 0.0, 0
         return mean
 
@@ -123,6 +128,10 @@ class WorkerLoop:
     def _exchange(self, payload: Tensor | None) -> Tensor | None:
         if self.overlap:
             self._wait_in_flight()
+            if payload is not None:  # the role updates it in place while the copy travels
+                if self._sent is None:
+                    self._sent = torch.empty_like(payload)
+                payload = self._sent.copy_(payload)
             self._outbox.put((payload, self.role.step, self._mean_loss()))
             self._in_flight = True
             return None
@@ -176,10 +185,10 @@ class WorkerLoop:
         self.take_arrived_reply()
         exchange_if_due(self.role, self._exchange)
 
-    def end_step(self, loss: float | None, step_started: float) -> None:
+    def end_step(self, loss: float | Tensor | None, step_started: float) -> None:
         """After-step bookkeeping: the loss reported at the next exchange, the hook, the slowdown."""
         if loss is not None:
-            self._loss_sum += loss
+            self._loss_sum = loss + self._loss_sum  # stays on the device: no sync per step
             self._loss_count += 1
         if self.after_step is not None:
             self.after_step(self.role)
