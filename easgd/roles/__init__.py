@@ -20,6 +20,7 @@ from easgd.roles.worker import (
     MDownpourWorker,
     SequentialWorker,
     WorkerRole,
+    exchange_if_due,
     make_worker_role,
     worker_step,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "ServerRole",
     "UpdateRefused",
     "WorkerRole",
+    "exchange_if_due",
     "make_server_role",
     "make_worker_role",
     "worker_step",

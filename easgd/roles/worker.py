@@ -327,16 +327,21 @@ class SequentialWorker(NesterovWorker):
         return tensors
 
 
+def exchange_if_due(role: WorkerRole, exchange: ExchangeFn) -> None:
+    """The exchange that starts step t_i when t_i % tau == 0: send ``outgoing()``, apply the reply."""
+    if role.due():
+        reply = exchange(role.outgoing())
+        if reply is not None:
+            role.incoming(reply)
+
+
 def worker_step(role: WorkerRole, gradient: GradientFn, exchange: ExchangeFn) -> float | Tensor:
     """One step t_i of a worker: the exchange when due, then the gradient step. Returns the loss.
 
     Elastic workers take the gradient at the point from before the elastic move (the role keeps
     it); DOWNPOUR workers at the center they just pulled; MDOWNPOUR at the look-ahead received.
     """
-    if role.due():
-        reply = exchange(role.outgoing())
-        if reply is not None:
-            role.incoming(reply)
+    exchange_if_due(role, exchange)
     loss, grad = gradient(role.gradient_point())
     role.local_step(grad)
     return loss

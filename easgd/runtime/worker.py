@@ -3,6 +3,8 @@
 The order of exchange and gradient is :func:`easgd.roles.worker_step`'s; this module adds what a
 real process needs: the handshake, round trips over the transport, the straggler slowdown, the
 overlap mode (exchanges in a background thread while stepping goes on) and the stop signal.
+:meth:`WorkerLoop.run` composes public pieces (``start``, ``exchange_if_due``, ``end_step``,
+``finish``) that :mod:`easgd.api` drives from a user's own training loop, so both share them.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from easgd.comm.message import (
     ServerRejected,
 )
 from easgd.comm.transport import PairTransport
-from easgd.roles import GradientFn, WorkerRole, worker_step
+from easgd.roles import GradientFn, WorkerRole, exchange_if_due, worker_step
 from easgd.runtime.snapshot import WorkerSnapshots
 
 log = logging.getLogger("easgd.worker")
@@ -107,6 +109,7 @@ class WorkerLoop:
         """Where this worker's part of a marked snapshot is saved (None: no snapshots)."""
         self._next_capture: dict | None = None  # the state before this step's exchange
         self._captured: dict | None = None  # the state when the in-flight exchange was sent
+        self._started, self._first_step = time.perf_counter(), role.step
 
     # -- one round trip ---------------------------------------------------------------------
     def _mean_loss(self) -> float:
@@ -215,35 +218,50 @@ class WorkerLoop:
         self.transport.send(Header(Op.FAILED, step=self.role.step))
         return True
 
-    # -- the loop ----------------------------------------------------------------------------
-    def run(self) -> WorkerOutcome:
-        """Step until the budget is spent or the server says stop; then say DONE."""
-        if self.overlap:
+    # -- the loop, in public pieces that easgd.api's optimizer wrapper drives too --------------
+    def start(self) -> None:
+        """Start the clock and, in overlap mode, the exchange thread: once, before the first step."""
+        if self.overlap and self._comm_thread is None:
             self._comm_thread = threading.Thread(
                 target=self._comm_loop, name="exchange", daemon=True
             )
             self._comm_thread.start()
-        started, first_step = time.perf_counter(), self.role.step
+        self._started, self._first_step = time.perf_counter(), self.role.step
+
+    def take_arrived_reply(self) -> None:
+        """Overlap mode: apply the reply of the exchange in flight if it has arrived (never waits)."""
+        if self.overlap and self._in_flight:
+            self._take_reply(block=False)
+
+    def _capture_before_exchange(self) -> None:
+        if self.snapshots is not None and self.role.due() and not self.overlap:
+            # the state before this exchange is sent: what a marked reply saves
+            self._next_capture = self.snapshots.capture()
+
+    def exchange_if_due(self) -> None:
+        """The exchange that starts step t_i when t_i % tau == 0 (what precedes the gradient)."""
+        self.take_arrived_reply()
+        self._capture_before_exchange()
+        exchange_if_due(self.role, self._exchange)
+
+    def end_step(self, loss: float | Tensor | None, step_started: float) -> None:
+        """After-step bookkeeping: the loss reported at the next exchange, the slowdown, the hook."""
+        if loss is not None:
+            self._loss_sum = loss + self._loss_sum  # stays on the device: no sync per step
+            self._loss_count += 1
+        if self.slowdown > 1.0:
+            time.sleep((self.slowdown - 1.0) * (time.perf_counter() - step_started))
+        if self.after_step is not None:
+            self.after_step(self.role)
+
+    def finish(self) -> WorkerOutcome:
+        """Wait for the exchange in flight, say DONE (with the final payload), return the figures."""
         try:
-            while self.role.step < self.steps and not self.stop_requested:
-                if self.overlap and self._in_flight:
-                    self._take_reply(block=False)
-                step_started = time.perf_counter()
-                if self.snapshots is not None and self.role.due() and not self.overlap:
-                    # the state before this exchange is sent: what a marked reply saves
-                    self._next_capture = self.snapshots.capture()
-                loss = worker_step(self.role, self.gradient, self._exchange)
-                self._loss_sum = loss + self._loss_sum  # stays on the device: no sync per step
-                self._loss_count += 1
-                if self.slowdown > 1.0:
-                    time.sleep((self.slowdown - 1.0) * (time.perf_counter() - step_started))
-                if self.after_step is not None:
-                    self.after_step(self.role)
             if self.overlap:
                 self._wait_in_flight()
         finally:
             self._stop_comm_thread()
-        rate = (self.role.step - first_step) / max(time.perf_counter() - started, 1e-9)
+        rate = (self.role.step - self._first_step) / max(time.perf_counter() - self._started, 1e-9)
         if self.snapshots is not None:  # before DONE: DONE is this worker's part of any snapshot
             self.snapshots.save_final()
         saved = self.snapshots.saved if self.snapshots is not None else 0
@@ -263,3 +281,18 @@ class WorkerLoop:
             max_overlap_staleness=self._max_staleness,
             steps_per_s=rate,
         )
+
+    def run(self) -> WorkerOutcome:
+        """Step until the budget is spent or the server says stop; then say DONE."""
+        self.start()
+        try:
+            while self.role.step < self.steps and not self.stop_requested:
+                self.take_arrived_reply()
+                step_started = time.perf_counter()
+                self._capture_before_exchange()
+                loss = worker_step(self.role, self.gradient, self._exchange)
+                self.end_step(loss, step_started)
+        except BaseException:
+            self._stop_comm_thread()
+            raise
+        return self.finish()

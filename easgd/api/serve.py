@@ -1,0 +1,201 @@
+"""The server side of the own-loop API: the runtime's ParameterServer around a user's model.
+
+``serve(model, session)`` holds the center (initialised from ``model``'s trainable parameters),
+serves every worker with :class:`~easgd.runtime.server.ParameterServer` (the class ``easgd.train``
+uses: divergence guard, heartbeats, stop rules, run log), evaluates the center with the user's
+callback, checkpoints it, resumes from the newest checkpoint after a torchrun restart, and writes
+metrics.csv, TensorBoard events and summary.json into ``run_dir``.
+
+Buffers (BatchNorm running statistics) are not averaged: each worker keeps its own, and the center
+has none. ``evaluate(model)`` receives the model holding the center's parameters and its own
+buffers; recompute them there for the center (as for any averaged weights, e.g. with
+``torch.optim.swa_utils.update_bn(batches, model)``) before measuring.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from easgd.api.optimizer import DOWNPOUR_ALGORITHMS, ELASTIC_ALGORITHMS, trainable_params
+from easgd.api.roles import ModelParams
+from easgd.api.session import Session
+from easgd.comm.groups import LaunchError
+from easgd.comm.heartbeat import HeartbeatMonitor
+from easgd.comm.transport import PairTransport
+from easgd.config.algorithm import AlgorithmConfig
+from easgd.roles import make_server_role
+from easgd.runtime.checkpoint import Checkpointer, check_compatible
+from easgd.runtime.runlog import RunLog
+from easgd.runtime.server import ParameterServer, StopRule
+
+log = logging.getLogger("easgd")
+
+SERVED = ELASTIC_ALGORITHMS + DOWNPOUR_ALGORITHMS
+WORKER_FAILURE = ("fail_fast", "continue")
+
+Evaluate = Callable[[nn.Module], dict[str, float]]
+
+
+def _check(algorithm: str, worker_failure: str, eval_interval_s: float) -> None:
+    if algorithm == "mdownpour":
+        raise ValueError(
+            "api.serve(algorithm='mdownpour'): MDOWNPOUR's momentum step runs on the server from "
+            "gradients, which a wrapped optimizer does not send; use downpour, or easgd.train"
+        )
+    if algorithm not in SERVED:
+        raise ValueError(f"api.serve(algorithm={algorithm!r}); allowed: {', '.join(SERVED)}")
+    if worker_failure not in WORKER_FAILURE:
+        raise ValueError(
+            f"api.serve(worker_failure={worker_failure!r}); allowed: {', '.join(WORKER_FAILURE)}"
+        )
+    if not eval_interval_s > 0:
+        raise ValueError(f"api.serve(eval_interval_s={eval_interval_s!r}) must be > 0")
+
+
+def serve(
+    model: nn.Module,
+    session: Session,
+    *,
+    algorithm: str = "easgd",
+    moving_rate: float | None = None,
+    average_rate: float | None = None,
+    evaluate: Evaluate | None = None,
+    run_dir: str | Path | None = None,
+    eval_interval_s: float = 5.0,
+    max_wall_s: float | None = None,
+    target_test_error: float | None = None,
+    checkpoint_every_s: float | None = 60.0,
+    resume: bool = True,
+    heartbeat_timeout_s: float = 60.0,
+    worker_failure: str = "fail_fast",
+    max_update_norm: float | None = None,
+    tensorboard: bool = True,
+    hparams: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Rank 0: hold the center until every worker has closed; return ``model`` holding it.
+
+    ``algorithm``: easgd or eamsgd (elastic; the workers' optimizer makes the difference),
+    downpour, adownpour or mvadownpour (``average_rate`` as in easgd.train). ``moving_rate``:
+    alpha, default 0.9 / p. ``evaluate(model)`` returns ``test_loss`` and ``test_error`` of the
+    center (missing keys are NaN); it runs at the start, every ``eval_interval_s`` and at the end.
+    ``run_dir``: metrics.csv, TensorBoard (``tensorboard``), summary.json and checkpoints every
+    ``checkpoint_every_s`` and at the end, resumed from when ``resume`` (without a run_dir:
+    nothing is written). ``hparams`` are added to summary.json and TensorBoard's HParams entry.
+    """
+    if not session.is_server:
+        raise LaunchError(
+            "api.serve runs on rank 0; workers wrap their optimizer in ElasticOptimizer"
+        )
+    _check(algorithm, worker_failure, eval_interval_s)
+    config = AlgorithmConfig(name=algorithm, moving_rate=moving_rate, average_rate=average_rate)
+    params = ModelParams(trainable_params(model))
+    role = make_server_role(config, params.vector().cpu(), num_workers=session.num_workers)
+    signature = {"algorithm": algorithm, "num_params": params.numel, "workers": session.num_workers}
+    checkpointer = Checkpointer(Path(run_dir) / "checkpoints", "server") if run_dir else None
+    restarts, exchanges_before = 0, 0
+    found = checkpointer.latest() if checkpointer is not None and resume else None
+    if found is not None:
+        path, state = found
+        check_compatible(state, path=path, signature=signature)
+        role.load_state_dict(state["role"])
+        restarts, exchanges_before = int(state["restarts"]) + 1, int(state["exchanges"])
+        log.info("resuming the center from %s", path)
+    session.publish_run({"algorithm": algorithm, "numel": params.numel, "dtype": str(params.dtype)})
+    transports = {
+        rank: PairTransport(peer=rank, group=group, numel=params.numel, dtype=params.dtype)
+        for rank, group in session.groups.items()
+    }
+
+    def evaluate_center(center: Tensor) -> dict[str, float]:
+        metrics = {"test_loss": math.nan, "test_error": math.nan}
+        if evaluate is not None:
+            params.assign(center)
+            metrics.update({k: float(v) for k, v in evaluate(model).items()})
+        return metrics
+
+    with tempfile.TemporaryDirectory() as scratch:
+        runlog = RunLog(run_dir or scratch, tensorboard=tensorboard and run_dir is not None)
+        try:
+            server = ParameterServer(
+                role,
+                transports,
+                evaluate=evaluate_center,
+                runlog=runlog,
+                stop_rule=StopRule(max_wall_s=max_wall_s, target_test_error=target_test_error),
+                eval_interval_s=eval_interval_s,
+                total_steps=0,
+                continue_on_failure=worker_failure == "continue",
+                progress=False,
+                exchanges_before=exchanges_before,
+                heartbeat=HeartbeatMonitor(
+                    session.store, list(session.groups), timeout_s=heartbeat_timeout_s
+                )
+                if session.store is not None
+                else None,
+                max_update_norm=max_update_norm,
+            )
+
+            def save() -> None:
+                if checkpointer is None:
+                    return
+                with server.lock:
+                    snapshot = {
+                        "role": role.state_dict(),
+                        "exchanges": server.exchanges,
+                        "restarts": restarts,
+                        "signature": signature,
+                    }
+                checkpointer.save(snapshot)
+
+            last_save = time.perf_counter()
+
+            def on_tick() -> None:
+                nonlocal last_save
+                if checkpoint_every_s and time.perf_counter() - last_save >= checkpoint_every_s:
+                    save()
+                    last_save = time.perf_counter()
+
+            server.on_tick = on_tick
+            try:
+                outcome = server.run()
+            finally:
+                save()  # also after a worker failure: a restart resumes from here
+            summary = {
+                "algorithm": algorithm,
+                "api": True,
+                "workers": session.num_workers,
+                "moving_rate": getattr(role, "moving_rate", None),
+                "num_params": params.numel,
+                "worker_steps": outcome.worker_steps,
+                "exchanges": outcome.exchanges,
+                "server_updates": outcome.server_updates,
+                "exchanges_per_s": outcome.exchanges / max(outcome.wall_time_s, 1e-9),
+                "wall_time_s": outcome.wall_time_s,
+                "test_loss": outcome.test_loss,
+                "test_error": outcome.test_error,
+                "stop_reason": outcome.stop_reason,
+                "rejected_messages": outcome.rejected,
+                "failed_workers": {str(r): why for r, why in outcome.failed_workers.items()},
+                "restarts": restarts,
+                "resumed_worker_steps": {str(r): s for r, s in server.resumed_steps.items()},
+                "worker_steps_per_s": {str(r): s.steps_per_s for r, s in server.stats.items()},
+                **(hparams or {}),
+            }
+            if run_dir is not None:
+                runlog.hparams(
+                    {"algorithm": algorithm, "workers": session.num_workers, **(hparams or {})},
+                    {"test_error": outcome.test_error, "test_loss": outcome.test_loss},
+                )
+                runlog.summary(summary)
+        finally:
+            runlog.close()
+    params.assign(role.evaluated())
+    return model
