@@ -33,7 +33,7 @@ from easgd.algorithms.hyperparams import check_comm_period
 from easgd.api.roles import DownpourOptimizerRole, ElasticOptimizerRole, ModelParams, OptimizerRole
 from easgd.api.session import Session
 from easgd.comm.groups import SERVER_RANK, LaunchError
-from easgd.comm.heartbeat import HeartbeatSender
+from easgd.comm.heartbeat import LoopHeartbeat
 from easgd.comm.message import Header, Op, ServerRejected
 from easgd.comm.transport import PairTransport
 from easgd.runtime.worker import WorkerLoop, WorkerOutcome, handshake
@@ -140,7 +140,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
             to_device=lambda t: t.to(device, non_blocking=True),
         )
         self._heartbeat = (
-            HeartbeatSender(session.store, session.env.rank).start()
+            LoopHeartbeat(session.store, session.env.rank).start()
             if session.store is not None
             else None
         )
@@ -227,6 +227,9 @@ class ElasticOptimizer(torch.optim.Optimizer):
         # on its device until an exchange reports it (no host sync per step)
         reported = loss.detach() if isinstance(loss, Tensor) else loss
         self.loop.end_step(math.nan if reported is None else reported, started)
+        if self._heartbeat is not None:  # liveness from the training loop itself
+            self._heartbeat.beat()
+            self._heartbeat.check()
         return loss
 
     def state_dict(self) -> dict[str, Any]:
