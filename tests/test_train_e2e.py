@@ -135,8 +135,8 @@ def test_help_lists_the_config_groups() -> None:
     assert result.returncode == 0
     for line in [
         "algorithm: adownpour, asgd, downpour, eamsgd, easgd, mdownpour, msgd, mvadownpour, mvasgd, sgd",
-        "data: cifar10, digits, mnist, synthetic",
-        "model: cifar7, lenet, mlp",
+        "data: cifar10, digits, mnist, mnist1d, synthetic",
+        "model: cifar7, cnn1d, lenet, mlp",
         "Rank 0 is the parameter server",
     ]:
         assert line in result.stdout
