@@ -215,8 +215,9 @@ def run_all(jobs: list[dict[str, Any]], cache: Cache, deadline: float) -> list[d
         )
         pool = mp.get_context("spawn").Pool(2)
         try:
+            by_key = {job["key"]: job for job in unique}
             for run in pool.imap_unordered(run_job, unique):
-                cache.add(run)
+                cache.add({**by_key[run["key"]], **run})
                 if time.time() > deadline:
                     raise OutOfTime
         finally:

@@ -407,7 +407,9 @@ class Simulator:
                     waiting[worker] = True
                     return
                 times = queue.book(worker, time)
-                booked.append((times, role.outgoing()))
+                payload = role.outgoing()
+                # a copy: what was sent must not change while it travels (roles may update in place)
+                booked.append((times, None if payload is None else payload.clone()))
                 push(times.served, worker, serve_)
                 if not overlap:
                     return  # the gradient step waits for the reply
