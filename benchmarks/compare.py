@@ -212,6 +212,8 @@ def run_all(jobs: list[dict[str, Any]], cache: Cache, deadline: float) -> list[d
         job["key"] = job_key(job)
     missing = [job for job in jobs if job["key"] not in cache.runs]
     unique = list({job["key"]: job for job in missing}.values())
+    if unique and time.time() > deadline:
+        raise OutOfTime
     if unique:
         print(
             f"  running {len(unique)} simulations ({len(jobs) - len(missing)} cached)", flush=True
@@ -526,18 +528,20 @@ def main() -> None:
     arguments = parser(__doc__ or "")
     arguments.add_argument("--max-minutes", type=float, default=9.0,
                            help="stop after this long (rerun to continue from the cache)")  # fmt: skip
+    arguments.add_argument("--report-only", action="store_true",
+                           help="run nothing: report the tasks whose runs are all cached")  # fmt: skip
     args = arguments.parse_args()
     protocol = QUICK if args.quick else FULL
     tag = suffix(args.quick)
     cache = Cache(args.out / f"compare_cache{tag}.jsonl")
     args.out.mkdir(parents=True, exist_ok=True)
-    deadline = time.time() + 60 * args.max_minutes
+    deadline = 0.0 if args.report_only else time.time() + 60 * args.max_minutes
     results: dict[str, Any] = {"quick": args.quick, "protocol": {
         "budget_steps": protocol.budget, "periods": protocol.periods, "workers": protocol.workers,
         "seeds": protocol.seeds, "plain_rates": PLAIN_RATES, "momentum_rates": MOMENTUM_RATES,
-        "momentum": MOMENTUM, "profiles": PROFILES}, "tasks": []}  # fmt: skip
-    try:
-        for task in protocol.tasks:
+        "momentum": MOMENTUM, "profiles": PROFILES}, "tasks": [], "incomplete": []}  # fmt: skip
+    for task in protocol.tasks:
+        try:
             print(f"{task.name}: costs, grid stage", flush=True)
             costs = resolved_costs(task, protocol)
             split = build_split(task.data)
@@ -552,11 +556,15 @@ def main() -> None:
             for c in costs.values():
                 c["num_params"] = numel
             results["tasks"].append({"task": task.name, "num_params": numel, "threshold": threshold,
-                                     "step_time_s": costs[("measured", "sgd")]["step_time_s"],
-                                     "loose_threshold": loose, "grid": grid, "speedup": speed, "charges": list(charges_of(costs))})  # fmt: skip
-    except OutOfTime:
-        print(f"out of time: {len(cache.runs)} runs cached in {cache.path}; run again to continue")
-        sys.exit(3)
+                                         "step_time_s": costs[("measured", "sgd")]["step_time_s"],
+                                         "loose_threshold": loose, "grid": grid, "speedup": speed, "charges": list(charges_of(costs))})  # fmt: skip
+        except OutOfTime:
+            if not args.report_only:
+                print(f"out of time: {len(cache.runs)} runs cached in {cache.path}; run again")
+                sys.exit(3)
+            results["incomplete"].append(task.name)
+    if not results["tasks"]:
+        sys.exit("nothing to report yet")
     public = [
         {k: v for k, v in r.items() if not k.startswith("_")}
         for t in results["tasks"]
@@ -570,6 +578,8 @@ def main() -> None:
         {**t, "grid": [{k: v for k, v in r.items() if not k.startswith("_")} for r in t["grid"]]}
         for t in results["tasks"]]})  # fmt: skip
     markdown = report(results)
+    if results["incomplete"]:
+        markdown += f"\nNot finished (runs missing): {', '.join(results['incomplete'])}\n"
     (args.out / f"compare{tag}.md").write_text(markdown)
     plot(results, args.out / f"compare{tag}.png")
     print(markdown)

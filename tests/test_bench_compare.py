@@ -42,6 +42,8 @@ def test_compare_quick_runs_the_protocol_uniformly_and_resumes_from_its_cache(
     # the threshold: 1.1 x the better sequential baseline's best error, rounded up to a percent
     best = min(r["best_test_error_mean"] for r in grid if r["algorithm"] in ("sgd", "msgd"))
     assert task["threshold"] == math.ceil(100 * 1.1 * best - 1e-9) / 100
+    worst = max(r["best_test_error_mean"] for r in grid if r["algorithm"] in ("sgd", "msgd"))
+    assert task["loose_threshold"] == math.ceil(100 * worst - 1e-9) / 100
     speed = task["speedup"]
     assert {(r["profile"], r["algorithm"], r["workers"]) for r in speed} == {
         (profile, name, p)
@@ -51,6 +53,13 @@ def test_compare_quick_runs_the_protocol_uniformly_and_resumes_from_its_cache(
         for p in counts
     }  # fmt: skip
     assert {r["tau"] for r in speed if r["algorithm"] in ("easgd", "eamsgd")} == {10}
+    for row in speed:  # a time is reported only when at least half of the seeds got there
+        for key, seeds in (
+            ("time_to_threshold", "seeds_reached"),
+            ("time_to_loose", "seeds_reached_loose"),
+        ):
+            reached, total = map(int, row[seeds].split("/"))
+            assert (row[key] is not None) == (2 * reached > total)
     # 1 GbE charges more per exchange than loopback for the same model
     charges = {(c["profile"], c["algorithm"]): c for c in task["charges"]}
     assert (
