@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -462,7 +463,7 @@ def plot(results: dict[str, Any], out: Path) -> None:
     fig, axes = plt.subplots(
         len(tasks),
         1 + len(PROFILES),
-        figsize=(5 * (1 + len(PROFILES)), 4 * len(tasks)),
+        figsize=(6 * (1 + len(PROFILES)), 4.5 * len(tasks)),
         squeeze=False,
     )
     for row, task in zip(axes, tasks, strict=True):
@@ -480,7 +481,7 @@ def plot(results: dict[str, Any], out: Path) -> None:
             ax.plot(times, 100 * curve, label=label)
         ax.axhline(100 * task["threshold"], color="gray", ls=":")
         ax.axhline(100 * task["loose_threshold"], color="gray", ls="-.")
-        ax.set(title=f"{task['task']}: grid stage, best rates (measured)", xlabel="virtual time (model steps)",
+        ax.set(title=f"{task['task']}: grid stage at the chosen rates", xlabel="virtual time (model steps)",
                ylabel="center test error (%)", yscale="log")  # fmt: skip
         ax.legend(fontsize=7)
         for ax, profile in zip(row[1:], PROFILES, strict=True):
@@ -499,8 +500,9 @@ def plot(results: dict[str, Any], out: Path) -> None:
                     ax.axhline(
                         base, color="gray", ls=style, label=f"best p=1 (SGD/MSGD), {level:.0f}%"
                     )
-            ax.set(title=f"{task['task']}: time to threshold ({profile}); solid {loose:.0f}%, dashed {tight:.0f}%",
-                   xlabel="p", ylabel="virtual time (model steps)", xscale="log", yscale="log")  # fmt: skip
+            ax.set(title=f"{task['task']}, {profile}: time to {loose:.0f}% (solid), {tight:.0f}% (dashed)",
+                   xlabel="p", ylabel="virtual time to threshold (model steps)", xscale="log", yscale="log")  # fmt: skip
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xticks(list(WORKERS), [str(w) for w in WORKERS])
             ax.legend(fontsize=7)
     for ax in axes.flat:
