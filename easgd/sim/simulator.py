@@ -173,7 +173,7 @@ class Simulator:
         self._sequence = 0
         self._center_history: deque[Tensor] = deque(maxlen=sim.read_staleness + 1)
         if self.server is not None:
-            self._center_history.append(self.server.center)
+            self._center_history.append(self.server.center.clone())
         self._stop_reason: str | None = None
         self._next_eval = sim.eval_interval
         self._finished_at = 0.0
@@ -197,7 +197,7 @@ class Simulator:
         """Keep the last k + 1 centers, for stale reads (nothing to keep without delay)."""
         assert self.server is not None
         if self._delayed():
-            self._center_history.append(self.server.center)  # rules never modify it in place
+            self._center_history.append(self.server.center.clone())  # roles update it in place
 
     def _arrive_until(self, time: float) -> None:
         while self._in_flight and self._in_flight[0][0] <= time:
@@ -220,7 +220,9 @@ class Simulator:
             self._deliver(lambda: server.apply(diff))
             return diff
         if isinstance(server, DownpourServer):
-            self._deliver(lambda: server.handle(worker, payload))
+            assert payload is not None
+            sent = payload.clone()  # the worker zeroes its accumulation in place on the reply
+            self._deliver(lambda: server.handle(worker, sent))
             return read.clone()
         raise ValueError(
             f"communication delay is simulated for the elastic and DOWNPOUR families, "
