@@ -46,7 +46,8 @@ def test_overhead_quick(tmp_path: Path) -> None:
         and ("PeriodicModelAverager", 10) in runs
         and ("easgd overlap", 10) in runs
     )
-    assert all(r["mean_steps_per_s"] > 0 for r in result["runs"])
+    # communication can slow workers down, not speed them up beyond noise
+    assert all(0 < r["ratio_to_no_comm"] < 1.5 for r in result["runs"])
     assert set(result["straggler_3x"]) >= {"easgd_others_rate_ratio", "allreduce_others_rate_ratio"}
 
 
@@ -56,4 +57,8 @@ def test_transport_quick(tmp_path: Path) -> None:
     assert {(r["workers"], r["floats"]) for r in result["rows"]} == {
         (p, n) for p in (1, 2) for n in (10**3, 10**5, 10**6)
     }
-    assert all(r["raw_rtt_ms"] > 0 and r["exchange_rtt_ms"] > 0 for r in result["rows"])
+    # 4 MB messages take longer than 4 KB ones: the payload really travels
+    rtt = {(r["workers"], r["floats"]): r for r in result["rows"]}
+    for p in (1, 2):
+        for key in ("raw_rtt_ms", "exchange_rtt_ms"):
+            assert rtt[(p, 10**6)][key] > rtt[(p, 10**3)][key]
