@@ -46,6 +46,14 @@ def label(run: Path) -> str:
     return text
 
 
+def _mode(run: Path) -> str:
+    """distributed, or simulate for runs of ``mode=simulate`` (their clock is virtual)."""
+    path = run / "summary.json"
+    return (
+        json.loads(path.read_text()).get("mode", "distributed") if path.is_file() else "distributed"
+    )
+
+
 def read_metrics(run: Path) -> dict[str, list[float]]:
     """metrics.csv as columns of floats."""
     with open(run / "metrics.csv") as handle:
@@ -65,7 +73,14 @@ def plot(
         error = [100 * e for e in metrics["test_error"]]
         by_time.plot(metrics["wall_s"], error, label=label(run))
         by_exchanges.plot(metrics["exchanges"], error, label=label(run))
-    by_time.set_xlabel("wall-clock time (s)")
+    simulated = [_mode(run) == "simulate" for run in runs]
+    by_time.set_xlabel(
+        "virtual time (s, cost model)"
+        if all(simulated)
+        else "time (s; simulated runs: virtual)"
+        if any(simulated)
+        else "wall-clock time (s)"
+    )
     by_exchanges.set_xlabel("exchanges with the server")
     for axis in (by_time, by_exchanges):
         axis.set_ylabel("test error (%)")

@@ -24,6 +24,7 @@ COLUMNS = (
     "test_error",
     "test_loss",
     "stop_reason",
+    "mode",
 )
 
 
@@ -32,7 +33,9 @@ def collect(root: Path) -> list[dict[str, Any]]:
     rows = []
     for path in sorted(root.glob("*/summary.json")):
         summary = json.loads(path.read_text())
-        rows.append({"run": path.parent.name, **{k: summary.get(k) for k in COLUMNS[1:]}})
+        row = {"run": path.parent.name, **{k: summary.get(k) for k in COLUMNS[1:]}}
+        row["mode"] = summary.get("mode", "distributed")  # wall_time_s is virtual in simulate
+        rows.append(row)
     return rows
 
 

@@ -6,6 +6,8 @@ torchrun --standalone --nproc_per_node=5 -m easgd.train
 python -m easgd.train workers=4
 # a sweep, every combination a real distributed run, a table at the sweep's root:
 python -m easgd.train -m algorithm=eamsgd,downpour comm.period=1,4
+# the same on the simulator's virtual clock with communication costs (one process per run):
+python -m easgd.train -m mode=simulate cost=ethernet_1g algorithm=eamsgd,downpour comm.period=1,4,16
 # the groups and their options:
 python -m easgd.train --help
 """
@@ -29,10 +31,17 @@ register()
 
 
 def train(cfg: DictConfig) -> dict[str, Any] | None:
-    """Validate ``cfg`` (before any process starts), then run it; returns the summary on rank 0."""
+    """Validate ``cfg`` (before any process starts), then run it; returns the summary on rank 0.
+
+    ``mode=simulate`` runs it in this process on the simulator's virtual clock instead.
+    """
     config = validate(cfg)
     preflight(config)
     config.run_dir = HydraConfig.get().runtime.output_dir
+    if config.mode == "simulate":
+        from easgd.runtime.simulate import run_simulated
+
+        return run_simulated(config)
     return launch(config)
 
 

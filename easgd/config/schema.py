@@ -20,6 +20,7 @@ MODELS = ("mlp", "lenet", "cifar7", "cnn1d", "custom")
 SAMPLING = ("whole", "shard")
 DEVICES = ("auto", "cpu", "cuda")
 FAILURE_POLICIES = ("fail_fast", "continue")
+MODES = ("distributed", "simulate")
 
 
 @dataclass
@@ -195,6 +196,43 @@ class FaultConfig:
 
 
 @dataclass
+class CostConfig:
+    """What an exchange costs on the simulator's virtual clock (cost/ group; mode=simulate only).
+
+    An exchange costs latency + bytes / bandwidth each way plus the server's service time, and the
+    server serves one exchange at a time (easgd/sim/cost.py). Times are turned into steps by
+    dividing by the model's step time. Null figures are measured on this machine (cached).
+    """
+
+    name: str = "zero"
+    """The profile's name (measured, zero, or a cluster profile of configs/cost/)."""
+    measure_network: bool = False
+    """Measure latency and bandwidth here: a real 2-process gloo exchange of the model's size."""
+    latency_us: float = 0.0
+    """One-way latency of one message, microseconds (ignored when measure_network)."""
+    bandwidth_gbps: float | None = None
+    """Link bandwidth in gigabits per second; null: infinite (ignored when measure_network)."""
+    service_us: float | None = 0.0
+    """The server's time to handle one exchange, microseconds; null: time the server role here."""
+    step_time_s: float | None = None
+    """Seconds per local step of the model (the unit of the virtual clock); null: measured here."""
+    source: str = ""
+    """Where the profile's numbers come from."""
+
+    def __post_init__(self) -> None:
+        if self.latency_us < 0:
+            raise ValueError(f"cost.latency_us must be >= 0, got {self.latency_us!r}")
+        if self.bandwidth_gbps is not None and self.bandwidth_gbps <= 0:
+            raise ValueError(
+                f"cost.bandwidth_gbps must be > 0 or null (infinite), got {self.bandwidth_gbps!r}"
+            )
+        if self.service_us is not None and self.service_us < 0:
+            raise ValueError(f"cost.service_us must be >= 0 or null, got {self.service_us!r}")
+        if self.step_time_s is not None and self.step_time_s <= 0:
+            raise ValueError(f"cost.step_time_s must be > 0 or null, got {self.step_time_s!r}")
+
+
+@dataclass
 class TrainConfig:
     """One training run: p workers and a server (or one process for the sequential baselines)."""
 
@@ -204,6 +242,10 @@ class TrainConfig:
     comm: CommConfig = field(default_factory=CommConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
+    mode: str = "distributed"
+    """distributed: real processes, wall-clock time; simulate: one process on the simulator's
+    virtual clock with the cost/ profile's communication costs (the same outputs)."""
     workers: int = 4
     """p: worker processes (torchrun starts workers + 1 processes; rank 0 is the server)."""
     steps_per_worker: int = 1000
@@ -233,6 +275,8 @@ class TrainConfig:
     """Where summary.json, metrics.csv, checkpoints and TensorBoard files go (Hydra sets it)."""
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r}; allowed: {', '.join(MODES)}")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers!r}")
         if self.steps_per_worker < 1:

@@ -8,7 +8,7 @@ import time
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from easgd.config.schema import TrainConfig
+from easgd.config.schema import CostConfig, TrainConfig
 
 
 def run_id() -> str:
@@ -22,6 +22,8 @@ def run_id() -> str:
 
 def register() -> None:
     """Make ``base_config`` and the resolver available to Hydra (idempotent)."""
-    ConfigStore.instance().store(name="base_config", node=TrainConfig)
+    store = ConfigStore.instance()
+    store.store(name="base_config", node=TrainConfig)
+    store.store(group="cost", name="base_cost", node=CostConfig)
     if not OmegaConf.has_resolver("easgd_run_id"):
         OmegaConf.register_new_resolver("easgd_run_id", run_id)

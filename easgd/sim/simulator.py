@@ -10,8 +10,15 @@ with slowdown s takes s units. Schedules:
 - ``asynchronous``: each worker steps at its own pace; ties go to the lower worker id.
 
 Communication delay: ``read_staleness`` k makes a worker read the center as it was k server
-updates ago; ``push_delay`` d makes its message reach the server d time units late. The same seed
-gives a bit-identical result.
+updates ago; ``push_delay`` d makes its message reach the server d time units late.
+
+Communication cost (``cost``, asynchronous schedule): every exchange is charged latency and
+transfer each way plus the server's service time, the server serves one exchange at a time in
+arrival order, and a blocking worker takes its next gradient step when the reply arrives (an
+overlapping one, ``overlap``, keeps stepping and applies the reply when it comes). With all charges
+zero this is exactly the clock without costs. See :mod:`easgd.sim.cost`.
+
+The same seed gives a bit-identical result.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from easgd.roles import (
     make_worker_role,
     worker_step,
 )
+from easgd.sim.cost import ExchangeCost, ExchangeTimes, ServerQueue
 from easgd.sim.objectives import Objective
 
 SCHEDULES = ("synchronous", "round_robin", "asynchronous")
@@ -62,6 +70,16 @@ class SimConfig:
     """Virtual time between evaluations of the evaluated variable."""
     seed: int = 0
     """Seeds every worker's minibatch generator."""
+    cost: ExchangeCost | None = None
+    """Charges of each exchange (asynchronous schedule only); None: exchanges are free."""
+    overlap: bool = False
+    """With a cost: elastic workers keep stepping while their exchange is in flight."""
+    steps_per_worker: int | None = None
+    """Each worker stops after this many local steps (None: only ``duration`` stops the run)."""
+    target_test_error: float | None = None
+    """Stop at the first evaluation whose test error is at most this (None: never)."""
+    record_exchanges: bool = False
+    """With a cost: keep every exchange's :class:`ExchangeTimes` in the result."""
 
     def __post_init__(self) -> None:
         alg.hyperparams.check_num_workers(self.num_workers)
@@ -76,6 +94,21 @@ class SimConfig:
             raise ValueError("sim.read_staleness and sim.push_delay must be >= 0")
         if self.duration <= 0 or self.eval_interval <= 0:
             raise ValueError("sim.duration and sim.eval_interval must be > 0")
+        if self.cost is not None:
+            if self.schedule != "asynchronous":
+                raise ValueError(
+                    f"sim.cost is charged on the asynchronous schedule, not {self.schedule!r}"
+                )
+            if self.read_staleness or self.push_delay:
+                raise ValueError(
+                    "sim.cost replaces sim.read_staleness and sim.push_delay: set those to 0"
+                )
+        elif self.overlap:
+            raise ValueError("sim.overlap needs a sim.cost (without costs nothing is in flight)")
+        if self.steps_per_worker is not None and self.steps_per_worker < 1:
+            raise ValueError(f"sim.steps_per_worker must be >= 1, got {self.steps_per_worker!r}")
+        if self.duration == float("inf") and self.steps_per_worker is None:
+            raise ValueError("an infinite sim.duration needs sim.steps_per_worker")
 
 
 @dataclass
@@ -87,6 +120,8 @@ class EvalPoint:
     exchanges: int
     test_loss: float
     test_error: float
+    server_updates: int = 0
+    """Center updates so far (the server's clock s)."""
 
 
 @dataclass
@@ -99,6 +134,10 @@ class SimResult:
     workers: list[Tensor]
     exchanges: int
     steps: int
+    stop_reason: str = "duration"
+    """duration, steps (every worker spent its step budget) or target_test_error."""
+    exchange_log: list[ExchangeTimes] = field(default_factory=list)
+    """Every exchange's times (with a cost and ``record_exchanges``)."""
 
     @property
     def final(self) -> EvalPoint:
@@ -135,6 +174,10 @@ class Simulator:
         self._center_history: deque[Tensor] = deque(maxlen=sim.read_staleness + 1)
         if self.server is not None:
             self._center_history.append(self.server.center.clone())
+        self._stop_reason: str | None = None
+        self._next_eval = sim.eval_interval
+        self._finished_at = 0.0
+        self._exchange_log: list[ExchangeTimes] = []
 
     # -- the channel between a worker and the server ---------------------------------------
     def _delayed(self) -> bool:
@@ -234,50 +277,54 @@ class Simulator:
                 exchanges=self.exchanges,
                 test_loss=metrics["test_loss"],
                 test_error=metrics["test_error"],
+                server_updates=self.server.updates if self.server is not None else 0,
             )
         )
+        target = self.sim.target_test_error
+        if target is not None and metrics["test_error"] <= target:
+            self._stop_reason = "target_test_error"
+
+    def _spent(self, worker: int, started: float) -> bool:
+        """Whether ``worker``, whose last step started at ``started``, spent its step budget."""
+        budget = self.sim.steps_per_worker
+        if budget is None or self.workers[worker].step < budget:
+            return False
+        self._finished_at = max(self._finished_at, started + self.speeds[worker])
+        return True
+
+    def _evaluate_until(
+        self, time: float, history: list[EvalPoint], *, arrive: bool = True
+    ) -> None:
+        """Every evaluation due at or before ``time`` (``arrive``: in-flight updates land first)."""
+        while self._next_eval <= time and self._stop_reason is None:
+            self.now = self._next_eval
+            if arrive:
+                self._arrive_until(self._next_eval)
+            self._evaluate(history)
+            self._next_eval += self.sim.eval_interval
 
     def run(self) -> SimResult:
-        """Run until ``duration`` and return the evaluation history."""
+        """Run until ``duration`` (or a step budget or target) and return the evaluation history."""
         history: list[EvalPoint] = []
         self._evaluate(history)
-        next_eval = self.sim.eval_interval
-        schedule = self.sim.schedule
-        if schedule == "asynchronous":
-            events = [(0.0, worker) for worker in range(len(self.workers))]
-            heapq.heapify(events)
-            while events and events[0][0] < self.sim.duration:
-                time, worker = heapq.heappop(events)
-                while next_eval <= time:
-                    self.now = next_eval
-                    self._arrive_until(next_eval)
-                    self._evaluate(history)
-                    next_eval += self.sim.eval_interval
-                self.now = time
-                self._arrive_until(time)
-                self._step(worker)
-                heapq.heappush(events, (time + self.speeds[worker], worker))
+        end = self.sim.duration
+        if self.sim.cost is not None:
+            end = self._run_with_cost(history)
+        elif self.sim.schedule == "asynchronous":
+            end = self._run_asynchronous(history)
         else:
-            tick = 0
-            while tick < self.sim.duration:
-                while next_eval <= tick:
-                    self.now = next_eval
-                    self._evaluate(history)
-                    next_eval += self.sim.eval_interval
-                self.now = float(tick)
-                self._arrive_until(self.now)
-                if schedule == "synchronous":
-                    self._synchronous_tick()
-                else:
-                    self._step(tick % len(self.workers))
-                tick += 1
-        self.now = self.sim.duration
+            end = self._run_ticks(history)
+        self.now = end
         self._arrive_until(float("inf"))
         for worker, role in enumerate(self.workers):
             final = role.final_outgoing()
             if final is not None:
                 self._exchange(worker, final)
-        self._evaluate(history)
+        stop_reason = self._stop_reason
+        if stop_reason is None:
+            stop_reason = "duration" if end >= self.sim.duration else "steps"
+        if stop_reason != "target_test_error":
+            self._evaluate(history)
         return SimResult(
             algorithm=self.algorithm.name,
             history=history,
@@ -285,7 +332,139 @@ class Simulator:
             workers=[role.params.clone() for role in self.workers],
             exchanges=self.exchanges,
             steps=sum(role.step for role in self.workers),
+            stop_reason=stop_reason,
+            exchange_log=self._exchange_log,
         )
+
+    def _run_asynchronous(self, history: list[EvalPoint]) -> float:
+        """Each worker at its own pace, exchanges free; returns the time the run ended."""
+        events = [(0.0, worker) for worker in range(len(self.workers))]
+        heapq.heapify(events)
+        while events and events[0][0] < self.sim.duration:
+            time, worker = heapq.heappop(events)
+            self._evaluate_until(time, history)
+            if self._stop_reason is not None:
+                return self.now
+            self.now = time
+            self._arrive_until(time)
+            self._step(worker)
+            if not self._spent(worker, time):
+                heapq.heappush(events, (time + self.speeds[worker], worker))
+        return self.sim.duration if events else self._finished_at
+
+    def _run_ticks(self, history: list[EvalPoint]) -> float:
+        """The synchronous and round-robin schedules; returns the time the run ended."""
+        tick = 0
+        while tick < self.sim.duration:
+            self._evaluate_until(float(tick), history, arrive=False)
+            if self._stop_reason is not None:
+                return self.now
+            if all(self._spent(worker, tick - 1.0) for worker in range(len(self.workers))):
+                return float(tick)
+            self.now = float(tick)
+            self._arrive_until(self.now)
+            if self.sim.schedule == "synchronous":
+                self._synchronous_tick()
+            else:
+                self._step(tick % len(self.workers))
+            tick += 1
+        return self.sim.duration
+
+    # -- the clock with communication costs ---------------------------------------------------
+    def _run_with_cost(self, history: list[EvalPoint]) -> float:
+        """Event-driven run where exchanges take time and queue at the server.
+
+        Events are ordered by (time, worker, sequence): at equal times a worker's whole exchange
+        completes before the next worker acts, which is the tie rule of the free clock, so zero
+        charges replay it exactly. The server serves booked exchanges first come, first served.
+        """
+        assert self.sim.cost is not None
+        queue = ServerQueue(self.sim.cost)
+        overlap = self.sim.overlap
+        if overlap and not isinstance(self.server, ElasticServer):
+            raise ValueError(f"comm.overlap is for easgd/eamsgd only, not {self.algorithm.name!r}")
+        step_, serve_, reply_ = 0, 1, 2
+        events: list[tuple[float, int, int, int, Tensor | None]] = []
+        booked: deque[tuple[ExchangeTimes, Tensor | None]] = deque()
+        in_flight = [False] * len(self.workers)
+        waiting = [False] * len(self.workers)
+        sequence = 0
+
+        def push(time: float, worker: int, kind: int, reply: Tensor | None = None) -> None:
+            nonlocal sequence
+            sequence += 1
+            heapq.heappush(events, (time, worker, sequence, kind, reply))
+
+        def gradient_step(worker: int, time: float) -> None:
+            role = self.workers[worker]
+            generator = self.generators[worker]
+            role.local_step(self.objective.gradient(role.gradient_point(), generator)[1])
+            if not self._spent(worker, time):
+                push(time + self.speeds[worker], worker, step_)
+
+        def start_step(worker: int, time: float) -> None:
+            role = self.workers[worker]
+            if role.due():
+                if in_flight[worker]:  # overlap: the previous exchange must land first
+                    waiting[worker] = True
+                    return
+                times = queue.book(worker, time)
+                payload = role.outgoing()
+                # a copy: what was sent must not change while it travels (roles may update in place)
+                booked.append((times, None if payload is None else payload.clone()))
+                push(times.served, worker, serve_)
+                if not overlap:
+                    return  # the gradient step waits for the reply
+                in_flight[worker] = True
+            gradient_step(worker, time)
+
+        def serve() -> None:
+            assert self.server is not None
+            times, payload = booked.popleft()
+            self.exchanges += 1
+            if self.sim.record_exchanges:
+                self._exchange_log.append(times)
+            push(times.replied, times.worker, reply_, self.server.handle(times.worker, payload))
+
+        def receive(worker: int, time: float, reply: Tensor | None, *, finishing: bool) -> None:
+            if reply is not None:
+                self.workers[worker].incoming(reply)
+            if finishing:
+                return
+            if not overlap:
+                gradient_step(worker, time)
+            else:
+                in_flight[worker] = False
+                if waiting[worker]:
+                    waiting[worker] = False
+                    start_step(worker, time)
+
+        for worker in range(len(self.workers)):
+            push(0.0, worker, step_)
+        while events and events[0][0] < self.sim.duration:
+            time, worker, _, kind, reply = heapq.heappop(events)
+            self._evaluate_until(time, history)
+            if self._stop_reason is not None:
+                break
+            self.now = time
+            if kind == step_:
+                start_step(worker, time)
+            elif kind == serve_:
+                serve()
+            else:
+                receive(worker, time, reply, finishing=False)
+        if self._stop_reason is not None:
+            end = self.now
+        else:
+            end = self.sim.duration if events else self._finished_at
+        # messages already sent still reach the server; nobody takes another step
+        while events:
+            time, worker, _, kind, reply = heapq.heappop(events)
+            if kind == serve_:
+                serve()
+            elif kind == reply_:
+                receive(worker, time, reply, finishing=True)
+        return end
 
 
 def simulate(algorithm: AlgorithmConfig, sim: SimConfig, objective: Objective) -> SimResult:

@@ -1,0 +1,220 @@
+"""``mode=simulate``: any training config run by the simulator on its virtual clock, in one process,
+with the outputs of a real run (summary.json, metrics.csv, TensorBoard events).
+
+The virtual clock counts seconds of the cost profile: a worker's step takes the model's step time
+(measured here unless ``cost.step_time_s`` is set), an exchange what :mod:`easgd.sim.cost` charges.
+``eval_interval_s`` and ``max_wall_s`` are read on that clock, so a sweep compares methods in
+virtual time the way real runs compare in wall time::
+
+    python -m easgd.train mode=simulate data=mnist1d model=cnn1d cost=ethernet_1g
+    python -m easgd.train -m mode=simulate algorithm=eamsgd,downpour comm.period=1,4,16
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from easgd.config.algorithm import AlgorithmConfig
+from easgd.config.schema import TrainConfig, to_dict
+from easgd.roles import make_server_role, make_worker_role
+from easgd.runtime.components import build_model, build_split
+from easgd.runtime.runlog import RunLog
+from easgd.runtime.summary import build_summary, finish_run
+from easgd.sim import ClassifierObjective, SimConfig, SimResult, Simulator
+from easgd.sim.cost import ExchangeCost, cached, exchange_cost, measure_gloo_exchange, median_time_s
+
+log = logging.getLogger("easgd")
+
+STOP_REASONS = {
+    "duration": "max_wall_s",
+    "steps": "steps",
+    "target_test_error": "target_test_error",
+}
+"""The simulator's stop reasons in the words of a real run's summary."""
+
+
+@dataclass(frozen=True)
+class CostFigures:
+    """A resolved cost profile: physical figures and the charges in steps."""
+
+    profile: str
+    step_time_s: float
+    latency_s: float
+    bandwidth_gbps: float | None
+    service_s: float
+    charges: ExchangeCost
+
+
+def check_simulable(cfg: TrainConfig) -> None:
+    """Reject what the simulator does not model, naming the key (before any work)."""
+    if cfg.data.sampling != "whole":
+        raise ValueError(
+            "mode=simulate samples every worker's minibatches from the whole training set; "
+            "set data.sampling=whole"
+        )
+    fault = cfg.fault
+    if any(
+        rank is not None
+        for rank in (fault.kill_rank, fault.raise_rank, fault.hang_rank, fault.nan_rank)
+    ):
+        raise ValueError("fault.* injection needs real processes: use mode=distributed")
+    if cfg.max_update_norm is not None:
+        raise ValueError("max_update_norm (the server's guard) is not simulated; set it to null")
+
+
+def resolve_cost(cfg: TrainConfig, objective: ClassifierObjective) -> CostFigures:
+    """The cost profile's figures, measuring (once per machine, cached) what it leaves null.
+
+    The step is the same for every algorithm (gradient + SGD update of the model), so one sweep's
+    runs share one time unit; the service time is the algorithm's own server rule.
+    """
+    cost, numel = cfg.cost, objective.flat.num_params
+    model = {
+        "model": to_dict(cfg)["model"],
+        "data": cfg.data.name,
+        "batch_size": cfg.data.batch_size,
+        "threads": torch.get_num_threads(),
+        "num_params": numel,
+    }
+    start = objective.initial_point()
+    step_time_s = cost.step_time_s
+    if step_time_s is None:
+        worker = make_worker_role(AlgorithmConfig("sgd", learning_rate=0.0), start, comm_period=1)
+        generator = torch.Generator().manual_seed(0)
+
+        def step() -> None:
+            worker.local_step(objective.gradient(worker.gradient_point(), generator)[1])
+
+        step_time_s = cached(
+            {"what": "step", **model}, lambda: {"s": median_time_s(step, repeats=30)}
+        )["s"]
+    service_s = 0.0 if cost.service_us is None else cost.service_us * 1e-6
+    if cost.service_us is None and cfg.algorithm.uses_server:
+        server = make_server_role(cfg.algorithm, start, num_workers=cfg.workers)
+        elastic = cfg.algorithm.name in ("easgd", "eamsgd")
+        payload = start + 1e-3 if elastic else torch.zeros_like(start)
+
+        def serve() -> None:
+            server.handle(0, payload)
+
+        family = "elastic" if elastic else cfg.algorithm.name
+        service_s = cached(
+            {"what": "service", "algorithm": family, "num_params": numel},
+            lambda: {"s": median_time_s(serve, repeats=30)},
+        )["s"]
+    latency_s, bandwidth_gbps = cost.latency_us * 1e-6, cost.bandwidth_gbps
+    if cost.measure_network and cfg.algorithm.uses_server:
+        network = cached(
+            {"what": "gloo_exchange", "num_params": numel},
+            lambda: dict(
+                zip(("latency_s", "bandwidth_gbps"), measure_gloo_exchange(numel), strict=True)
+            ),
+        )
+        latency_s, bandwidth_gbps = network["latency_s"], network["bandwidth_gbps"]
+    # injected delay of the real runtime (comm.latency_ms + mean jitter) adds to the link's latency
+    latency_s += (cfg.comm.latency_ms + cfg.comm.jitter_ms / 2) / 1000
+    charges = (
+        exchange_cost(
+            latency_s=latency_s,
+            bandwidth_gbps=bandwidth_gbps,
+            service_s=service_s,
+            num_params=numel,
+            step_time_s=step_time_s,
+        )
+        if cfg.algorithm.uses_server
+        else ExchangeCost()
+    )
+    return CostFigures(cost.name, step_time_s, latency_s, bandwidth_gbps, service_s, charges)
+
+
+def build_simulation(cfg: TrainConfig) -> tuple[Simulator, CostFigures]:
+    """The simulator of ``cfg`` (model, data, algorithm, workers, period, stops) and its costs."""
+    check_simulable(cfg)
+    torch.set_num_threads(cfg.threads)
+    split = build_split(cfg.data)
+    objective = ClassifierObjective(
+        build_model(cfg.model, split, seed=cfg.seed),
+        split,
+        batch_size=cfg.data.batch_size,
+        weight_decay=cfg.algorithm.weight_decay,
+    )
+    figures = resolve_cost(cfg, objective)
+    unit = figures.step_time_s
+    sim = SimConfig(
+        num_workers=cfg.workers if cfg.algorithm.uses_server else 1,
+        comm_period=cfg.comm.period if cfg.algorithm.uses_server else 1,
+        schedule="asynchronous",
+        duration=math.inf if cfg.max_wall_s is None else cfg.max_wall_s / unit,
+        slowdown=list(cfg.comm.slowdown) if cfg.algorithm.uses_server else [],
+        eval_interval=cfg.eval_interval_s / unit,
+        seed=cfg.seed,
+        cost=figures.charges,
+        overlap=cfg.comm.overlap,
+        steps_per_worker=cfg.steps_per_worker,
+        target_test_error=cfg.target_test_error,
+    )
+    return Simulator(cfg.algorithm, sim, objective), figures
+
+
+def run_simulated(cfg: TrainConfig) -> dict[str, Any]:
+    """Run ``cfg`` on the virtual clock; write and return the summary (as a real run would)."""
+    simulator, figures = build_simulation(cfg)
+    started = time.perf_counter()
+    result = simulator.run()
+    elapsed = time.perf_counter() - started
+    unit = figures.step_time_s
+    runlog = RunLog(cfg.run_dir, tensorboard=cfg.tensorboard)
+    try:
+        write_history(runlog, result, unit)
+        final = result.final
+        summary = build_summary(
+            cfg,
+            num_params=simulator.objective.flat.num_params,  # type: ignore[attr-defined]
+            wall_time_s=simulator.now * unit,
+            exchanges=result.exchanges,
+            server_updates=final.server_updates,
+            worker_steps=result.steps,
+            test_loss=final.test_loss,
+            test_error=final.test_error,
+            stop_reason=STOP_REASONS[result.stop_reason],
+            extra={
+                "mode": "simulate",
+                "clock": "virtual (cost model)",
+                "cost_profile": figures.profile,
+                "step_time_s": unit,
+                "link_latency_s": figures.latency_s,
+                "bandwidth_gbps": figures.bandwidth_gbps,
+                "service_s": figures.service_s,
+                "charges_in_steps": asdict(figures.charges),
+                "simulation_s": elapsed,
+            },
+        )
+        finish_run(runlog, cfg, summary)
+    finally:
+        runlog.close()
+    log.info(
+        "simulated %.2f virtual s in %.1f s: test error %.2f%%",
+        summary["wall_time_s"],
+        elapsed,
+        100 * summary["test_error"],
+    )
+    return summary
+
+
+def write_history(runlog: RunLog, result: SimResult, unit: float) -> None:
+    """Every evaluation into metrics.csv and TensorBoard, on the virtual clock (seconds)."""
+    for point in result.history:
+        runlog.evaluation(
+            wall_s=point.time * unit,
+            exchanges=point.exchanges,
+            server_updates=point.server_updates,
+            worker_steps=point.steps,
+            test_loss=point.test_loss,
+            test_error=point.test_error,
+        )
