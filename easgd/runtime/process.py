@@ -40,6 +40,12 @@ def setup_logging(rank: int) -> None:
 
 def run_process(cfg: TrainConfig) -> dict[str, Any] | None:
     """Run this process's part; the server (or sequential process) returns the run summary."""
+    # -- scale: topology=allreduce has no server rank; its own module lays out the ranks --
+    if cfg.topology == "allreduce" and cfg.algorithm.uses_server:
+        from easgd.runtime.allreduce import run_allreduce
+
+        return run_allreduce(cfg)
+    # -- end scale --
     env = DistEnv.from_environ()
     check_world(env, expected_world_size=cfg.world_size, workers=cfg.workers)
     torch.set_num_threads(cfg.threads)
