@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from easgd.comm.message import ERROR_NON_FINITE, ERROR_SHAPE_MISMATCH, Header, Op, ServerRejected
-from easgd.comm.transport import PairTransport
+from easgd.comm.transport import WorkerTransport
 from easgd.roles import GradientFn, WorkerRole, worker_step
 
 log = logging.getLogger("easgd.worker")
 
 
-def handshake(transport: PairTransport, *, step: int = 0) -> Tensor:
+def handshake(transport: WorkerTransport, *, step: int = 0) -> Tensor:
     """Tell the server our parameter count (and resumed step) and receive the center."""
     transport.send_control(Header(Op.HELLO, step=step, value=transport.numel))
     header, center = transport.recv_control()
@@ -54,7 +54,7 @@ class WorkerLoop:
     def __init__(
         self,
         role: WorkerRole,
-        transport: PairTransport,
+        transport: WorkerTransport,
         gradient: GradientFn,
         *,
         steps: int,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from easgd.comm.groups import SERVER_RANK, DistEnv, PairGroups
+from easgd.comm.groups import DistEnv, PairGroups
 from easgd.comm.heartbeat import HeartbeatSender
 from easgd.comm.message import Header, Op
 from easgd.config.schema import TrainConfig
@@ -18,7 +18,7 @@ from easgd.data.split import Split
 from easgd.flat import FlatModel
 from easgd.roles import WorkerRole, make_worker_role
 from easgd.runtime.checkpoint import Checkpointer
-from easgd.runtime.components import build_model, device_for, transport_for
+from easgd.runtime.components import build_model, device_for, worker_transport
 from easgd.runtime.faults import hang_self, kill_self
 from easgd.runtime.resume import checkpoint_signature, resume_state
 from easgd.runtime.worker import WorkerLoop, handshake
@@ -31,8 +31,10 @@ def run_worker(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
     device = device_for(cfg, env.local_rank)
     model = build_model(cfg.model, split, seed=cfg.seed).to(device)
     flat = FlatModel(model, weight_decay=cfg.algorithm.weight_decay)
-    transport = transport_for(cfg, SERVER_RANK, pairs.groups[env.rank], flat.num_params, env.rank)
-    index = env.rank - 1
+    # -- scale: with server.shards = k, ranks 0..k-1 hold the center and the transport talks to all
+    transport = worker_transport(cfg, pairs.groups, flat.num_params, env.rank)
+    index = env.rank - cfg.server.shards
+    # -- end scale --
     heartbeat = HeartbeatSender(pairs.store, env.rank).start()
     checkpointer = Checkpointer(
         Path(cfg.run_dir) / "checkpoints", f"worker{env.rank}", keep=cfg.checkpoint.keep
