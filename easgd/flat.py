@@ -2,6 +2,12 @@
 
 ``FlatModel`` turns a point (1-D tensor of all parameters) into a minibatch loss and gradient,
 and evaluates a point on a test set. Gradients include weight decay, as the spec requires.
+
+Two ways to take a gradient: :meth:`FlatModel.loss_and_grad` (a float loss and one flat gradient,
+for the simulator and the tests) and the hot path :meth:`FlatModel.gradient`, which returns the
+loss as a device tensor (no host sync) and the gradient as the per-parameter tensors autograd
+produced (no copy into a flat buffer). A worker role writes its look-ahead point straight into
+:attr:`FlatModel.flat_params` (its scratch buffer), so loading the point costs nothing.
 """
 
 from __future__ import annotations
@@ -15,8 +21,10 @@ from torch.nn.utils import parameters_to_vector
 class FlatModel:
     """Evaluate a classifier ``module`` at flat parameter vectors.
 
-    The module's parameters (and their gradients) are re-pointed to views of two flat buffers,
-    so loading a point is one copy and the gradient needs no concatenation.
+    The module's parameters are re-pointed to views of one flat buffer, :attr:`flat_params`, so
+    loading a point is one copy (none when the point is written there directly). The flat
+    gradient buffer of :meth:`loss_and_grad` is allocated on its first call only: the hot path,
+    :meth:`gradient`, never needs it.
     """
 
     def __init__(self, module: nn.Module, *, weight_decay: float = 0.0) -> None:
@@ -26,27 +34,55 @@ class FlatModel:
         self.weight_decay = weight_decay
         with torch.no_grad():
             self.flat_params = parameters_to_vector(self.params).detach().clone()
-            self.flat_grads = torch.zeros_like(self.flat_params)
-            for p, data, grad in zip(
-                self.params,
-                self._views(self.flat_params),
-                self._views(self.flat_grads),
-                strict=True,
-            ):
-                p.data, p.grad = data, grad
+            for p, data in zip(self.params, self._views(self.flat_params), strict=True):
+                p.data = data
+            self._flat_grads: Tensor | None = None
+            self._flat_pieces = [v.reshape(-1) for v in self._views(self.flat_params)]
+
+    @property
+    def flat_grads(self) -> Tensor:
+        """The flat gradient buffer of :meth:`loss_and_grad` (allocated on first use)."""
+        if self._flat_grads is None:
+            self._flat_grads = torch.zeros_like(self.flat_params)
+        return self._flat_grads
 
     def initial_point(self) -> Tensor:
         """The module's current parameters as one vector."""
         return self.flat_params.clone()
 
     def load(self, point: Tensor) -> None:
-        """Write ``point`` into the module's parameters."""
+        """Write ``point`` into the module's parameters (nothing to do if it is already there)."""
         if point.numel() != self.num_params:
             raise ValueError(
                 f"point has {point.numel()} values but the model has {self.num_params} parameters"
             )
+        if point.data_ptr() == self.flat_params.data_ptr() and point.is_contiguous():
+            return
         with torch.no_grad():
             self.flat_params.copy_(point.reshape(-1))
+
+    def gradient(
+        self, point: Tensor, inputs: Tensor, targets: Tensor
+    ) -> tuple[Tensor, list[Tensor]]:
+        """The hot path: (loss as a 0-d tensor on the model's device, gradient pieces).
+
+        The pieces are each parameter's gradient viewed flat, in order (their concatenation is
+        the flat gradient, weight decay included); they are valid until the next call. Pass
+        :attr:`flat_params` itself as ``point`` (a role's scratch) to skip the load.
+        """
+        self.load(point)
+        self.module.train()
+        for p in self.params:
+            p.grad = None  # autograd then hands over its fresh gradient: no zeroing, no adding
+        loss = F.cross_entropy(self.module(inputs), targets)
+        loss.backward()
+        grads = [
+            torch.zeros_like(p).reshape(-1) if p.grad is None else p.grad.reshape(-1)
+            for p in self.params
+        ]
+        if self.weight_decay:
+            torch._foreach_add_(grads, self._flat_pieces, alpha=self.weight_decay)
+        return loss.detach(), grads
 
     def loss_and_grad(self, point: Tensor, inputs: Tensor, targets: Tensor) -> tuple[float, Tensor]:
         """Cross-entropy of the minibatch at ``point`` and its gradient (plus weight decay).
@@ -55,6 +91,9 @@ class FlatModel:
         """
         self.load(point)
         self.module.train()
+        for p, view in zip(self.params, self._views(self.flat_grads), strict=True):
+            if p.grad is None or p.grad.data_ptr() != view.data_ptr():
+                p.grad = view  # after :meth:`gradient` handed the gradients to autograd
         self.flat_grads.zero_()
         loss = F.cross_entropy(self.module(inputs), targets)
         loss.backward()

@@ -84,8 +84,18 @@ class PairTransport:
         item = torch.empty((), dtype=dtype).element_size()
         self._header_slots = HEADER_SIZE * 8 // item
         size = numel + (self._header_slots if self.framed else 0)
-        self._out = torch.zeros(size, dtype=dtype, pin_memory=pin)
+        self._pin = pin
+        self._out_buffer: Tensor | None = None
         self._in = torch.zeros(size, dtype=dtype)
+
+    @property
+    def _out(self) -> Tensor:
+        """The send buffer, allocated on first use: unframed payloads that are contiguous CPU
+        tensors of the right dtype go out as they are, so they never need it (memory)."""
+        if self._out_buffer is None:
+            size = self.numel + (self._header_slots if self.framed else 0)
+            self._out_buffer = torch.zeros(size, dtype=self.dtype, pin_memory=self._pin)
+        return self._out_buffer
 
     def _pause(self) -> None:
         pause = self.delay.sample_s(self._rng)

@@ -9,6 +9,7 @@ from easgd.roles.server import (
     ElasticServer,
     MDownpourServer,
     ServerRole,
+    UpdateRefused,
     make_server_role,
 )
 from easgd.roles.worker import (
@@ -34,6 +35,7 @@ __all__ = [
     "MDownpourWorker",
     "SequentialWorker",
     "ServerRole",
+    "UpdateRefused",
     "WorkerRole",
     "make_server_role",
     "make_worker_role",

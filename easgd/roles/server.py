@@ -1,20 +1,32 @@
 """What the parameter server does with each message, apart from how messages travel.
 
 A server role holds the center (and MDOWNPOUR's velocity v~, or the average z) and answers one
-worker message with :meth:`ServerRole.handle`. The caller serialises calls (the runtime holds a
-lock): the conservation of center + sum of workers depends on it.
+worker message with :meth:`ServerRole.handle`, updating its variables in place
+(:mod:`easgd.algorithms.inplace`, one pass over memory). The caller serialises calls (the runtime
+holds a lock): the conservation of center + sum of workers depends on it.
+
+Ownership: a reply is written into ``out`` (the caller's per-worker buffer, e.g. the payload's own
+receive buffer) or into a new tensor, never returned as an alias of the center, so it stays
+consistent after the lock is released. ``evaluated()`` is live (copy it under the lock);
+``state_dict()`` returns copies.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor
 
 from easgd import algorithms as alg
+from easgd.algorithms import inplace
 from easgd.config.algorithm import AlgorithmConfig
-from easgd.roles.state import restore
+from easgd.roles.state import State, load_into, snapshot
+
+
+class UpdateRefused(ValueError):
+    """An update's norm exceeded the limit; the center was left untouched."""
 
 
 class ServerRole(ABC):
@@ -26,24 +38,48 @@ class ServerRole(ABC):
         """Server clock s: how many center updates so far."""
 
     @abstractmethod
-    def handle(self, worker: int, payload: Tensor | None) -> Tensor:
-        """Apply one worker's payload and return the reply for that worker."""
+    def handle(
+        self,
+        worker: int,
+        payload: Tensor | None,
+        *,
+        out: Tensor | None = None,
+        max_update_norm: float | None = None,
+    ) -> Tensor:
+        """Apply one worker's payload and return the reply for that worker.
+
+        The reply is written into ``out`` when given (it may be ``payload`` itself: the payload
+        is read before it is overwritten), else into a new tensor. ``max_update_norm`` is only
+        enforced here by roles whose :meth:`update_norm` needs the center (raises
+        :class:`UpdateRefused`, center untouched); the others are checked before the call.
+        """
 
     @abstractmethod
-    def update_norm(self, payload: Tensor) -> float:
-        """Norm of the change ``handle(payload)`` would make to the center (divergence guard)."""
+    def update_norm(self, payload: Tensor) -> float | None:
+        """Norm of the change ``handle(payload)`` would make, from the payload alone (one read
+        pass, so it also reveals a non-finite payload); None when it depends on the center."""
+
+    def reply_center(self, out: Tensor | None = None) -> Tensor:
+        """A copy of the center (into ``out`` when given): the reply to a refused update."""
+        return self.center.clone() if out is None else out.copy_(self.center)
 
     def evaluated(self) -> Tensor:
         """The variable that is tested and checkpointed: the center (z for averaging variants)."""
         return self.center
 
-    def state_dict(self) -> dict[str, Tensor | int]:
-        """Every server variable, for checkpoints."""
-        return {"center": self.center, "updates": self.updates}
+    def _tensors(self) -> dict[str, Tensor]:
+        """The role's live tensor variables, by state-dictionary key."""
+        return {"center": self.center}
 
-    def load_state_dict(self, state: dict[str, Tensor | int]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        restore(self, state)
+    def state_dict(self) -> State:
+        """Copies of every server variable, for checkpoints."""
+        return snapshot(self._tensors(), {"updates": self.updates})
+
+    def load_state_dict(self, state: State) -> None:
+        """Restore what :meth:`state_dict` returned (exactly this role's keys and shapes)."""
+        self.updates = load_into(type(self).__name__, state, self._tensors(), ("updates",))[
+            "updates"
+        ]
 
 
 class ElasticServer(ServerRole):
@@ -53,19 +89,39 @@ class ElasticServer(ServerRole):
         super().__init__(center)
         self.moving_rate = alg.hyperparams.check_moving_rate(moving_rate)
 
-    def handle(self, worker: int, payload: Tensor | None) -> Tensor:
+    def handle(
+        self,
+        worker: int,
+        payload: Tensor | None,
+        *,
+        out: Tensor | None = None,
+        max_update_norm: float | None = None,
+    ) -> Tensor:
         if payload is None:
             raise ValueError(f"worker {worker} sent no parameters to an elastic exchange")
-        diff = alg.elastic_difference(payload, self.center, moving_rate=self.moving_rate)
-        self.apply(diff)
-        return diff
+        reply = torch.empty_like(self.center) if out is None else out
+        if max_update_norm is None:
+            inplace.elastic_update_(self.center, payload, reply, moving_rate=self.moving_rate)
+        else:
+            # two passes only when guarded: e first (and its norm), the center after the check
+            norm = inplace.elastic_difference_(
+                reply, payload, self.center, moving_rate=self.moving_rate
+            )
+            if not norm <= max_update_norm:
+                raise UpdateRefused(
+                    "non-finite values" if not math.isfinite(norm)
+                    else f"update norm {norm:.3g} > max_update_norm {max_update_norm:g}"
+                )  # fmt: skip
+            self.center.add_(reply)
+        self.updates += 1
+        return reply
 
-    def update_norm(self, payload: Tensor) -> float:
-        return self.moving_rate * float((payload - self.center).norm())
+    def update_norm(self, payload: Tensor) -> float | None:
+        return None  # alpha ||x_i - center||: measured during the update (see handle)
 
     def apply(self, elastic_diff: Tensor) -> None:
-        """center <- center + e (also used by the simulator when e arrives late)."""
-        self.center = alg.apply_to_center(self.center, elastic_diff)
+        """center <- center + e (used by the simulator when e arrives late)."""
+        self.center.add_(elastic_diff)
         self.updates += 1
 
 
@@ -79,27 +135,35 @@ class DownpourServer(ServerRole):
         self.average: Tensor | None = self.center.clone() if average else None
         self.average_rate = average_rate
 
-    def handle(self, worker: int, payload: Tensor | None) -> Tensor:
+    def handle(
+        self,
+        worker: int,
+        payload: Tensor | None,
+        *,
+        out: Tensor | None = None,
+        max_update_norm: float | None = None,
+    ) -> Tensor:
         if payload is None:
             raise ValueError(f"worker {worker} sent no accumulated update to DOWNPOUR")
-        self.center = alg.downpour_push(self.center, payload)
+        reply = torch.empty_like(self.center) if out is None else out
+        inplace.downpour_push_(self.center, payload, reply)
         self.updates += 1
         if self.average is not None:
             rate = alg.average_rate(self.updates, constant_rate=self.average_rate)
-            self.average = alg.running_average(self.average, self.center, rate=rate)
-        return self.center  # never modified in place: the next push makes a new tensor
+            inplace.running_average_(self.average, self.center, rate=rate)
+        return reply
 
     def update_norm(self, payload: Tensor) -> float:
-        return float(payload.norm())
+        return float(torch.linalg.vector_norm(payload))
 
     def evaluated(self) -> Tensor:
         return self.center if self.average is None else self.average
 
-    def state_dict(self) -> dict[str, Tensor | int]:
-        state = super().state_dict()
+    def _tensors(self) -> dict[str, Tensor]:
+        tensors = super()._tensors()
         if self.average is not None:
-            state["average"] = self.average
-        return state
+            tensors["average"] = self.average
+        return tensors
 
 
 class MDownpourServer(ServerRole):
@@ -108,26 +172,36 @@ class MDownpourServer(ServerRole):
     def __init__(self, center: Tensor, *, learning_rate: float, momentum: float) -> None:
         super().__init__(center)
         self.velocity = torch.zeros_like(self.center)
-        self.learning_rate = learning_rate
-        self.momentum = momentum
+        self.learning_rate = alg.hyperparams.check_learning_rate(learning_rate)
+        self.momentum = alg.hyperparams.check_momentum(momentum)
 
-    def handle(self, worker: int, payload: Tensor | None) -> Tensor:
-        if payload is not None:
-            self.center, self.velocity = alg.mdownpour_server_step(
-                self.center,
-                self.velocity,
-                payload,
-                learning_rate=self.learning_rate,
-                momentum=self.momentum,
-            )
-            self.updates += 1
-        return alg.mdownpour_lookahead(self.center, self.velocity, momentum=self.momentum)
+    def handle(
+        self,
+        worker: int,
+        payload: Tensor | None,
+        *,
+        out: Tensor | None = None,
+        max_update_norm: float | None = None,
+    ) -> Tensor:
+        reply = torch.empty_like(self.center) if out is None else out
+        if payload is None:
+            return inplace.lookahead_(reply, self.center, self.velocity, momentum=self.momentum)
+        inplace.mdownpour_server_step_(
+            self.center,
+            self.velocity,
+            payload,
+            reply,
+            learning_rate=self.learning_rate,
+            momentum=self.momentum,
+        )
+        self.updates += 1
+        return reply
 
     def update_norm(self, payload: Tensor) -> float:
-        return self.learning_rate * float(payload.norm())
+        return self.learning_rate * float(torch.linalg.vector_norm(payload))
 
-    def state_dict(self) -> dict[str, Tensor | int]:
-        return {**super().state_dict(), "velocity": self.velocity}
+    def _tensors(self) -> dict[str, Tensor]:
+        return {**super()._tensors(), "velocity": self.velocity}
 
 
 def make_server_role(config: AlgorithmConfig, center: Tensor, *, num_workers: int) -> ServerRole:

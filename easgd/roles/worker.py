@@ -1,9 +1,14 @@
 """What a worker does in each algorithm, apart from how messages travel.
 
-A worker role holds worker i's variables (x_i, and v_i or a_i) and composes the pure rules of
-:mod:`easgd.algorithms`. It never sends anything itself: the simulator and the distributed runtime
-move ``outgoing()`` to the server and hand the reply to ``incoming()``, and both drive a step
-through :func:`worker_step`, so the order of exchange and gradient is written once.
+A worker role holds worker i's variables (x_i, and v_i or a_i) and applies the rules of
+:mod:`easgd.algorithms` to them in place (:mod:`easgd.algorithms.inplace`, proven equal to the pure
+rules), so a step allocates nothing. It never sends anything itself: the simulator and the
+distributed runtime move ``outgoing()`` to the server and hand the reply to ``incoming()``, and both
+drive a step through :func:`worker_step`, so the order of exchange and gradient is written once.
+
+Ownership: the tensors a role returns (``outgoing()``, ``gradient_point()``, ``evaluated()``) are
+its live variables, valid until the role's next call; whoever keeps one longer copies it (the
+overlap mode and the simulator's delayed deliveries do). ``state_dict()`` returns copies.
 """
 
 from __future__ import annotations
@@ -15,11 +20,15 @@ import torch
 from torch import Tensor
 
 from easgd import algorithms as alg
+from easgd.algorithms import inplace
+from easgd.algorithms.inplace import Grad
 from easgd.config.algorithm import AlgorithmConfig
-from easgd.roles.state import restore
+from easgd.roles.state import State, load_into, snapshot
 
-GradientFn = Callable[[Tensor], tuple[float, Tensor]]
-"""Maps a point (flat parameter vector) to (minibatch loss, gradient at that point)."""
+GradientFn = Callable[[Tensor], tuple[float | Tensor, Grad]]
+"""Maps a point (flat parameter vector) to (minibatch loss, gradient at that point). The loss may
+be a 0-d device tensor (read only when reported, so a step needs no host sync); the gradient is
+flat or its per-parameter pieces in order, valid until the next call."""
 
 ExchangeFn = Callable[[Tensor | None], Tensor | None]
 """Sends a worker's payload to the server and returns the server's reply, or None when the reply
@@ -36,22 +45,22 @@ class WorkerRole(ABC):
 
     def due(self) -> bool:
         """Whether this step starts with an exchange (t_i % tau == 0)."""
-        return alg.is_exchange_step(self.step, comm_period=self.comm_period)
+        return self.step % self.comm_period == 0
 
     @abstractmethod
     def outgoing(self) -> Tensor | None:
-        """The payload of this exchange (None: nothing to send yet)."""
+        """The payload of this exchange (None: nothing to send yet); live, valid until the next call."""
 
     @abstractmethod
     def incoming(self, reply: Tensor) -> None:
-        """Apply the server's reply to this worker's variables."""
+        """Apply the server's reply to this worker's variables (``reply`` is only read)."""
 
     @abstractmethod
     def gradient_point(self) -> Tensor:
         """Where this step's stochastic gradient must be taken."""
 
     @abstractmethod
-    def local_step(self, grad: Tensor) -> None:
+    def local_step(self, grad: Grad) -> None:
         """Apply the local update with the gradient taken at :meth:`gradient_point`; t_i += 1."""
 
     def final_outgoing(self) -> Tensor | None:
@@ -60,37 +69,70 @@ class WorkerRole(ABC):
 
     def reset(self, center: Tensor) -> None:
         """Restart from ``center`` with cleared local state (after the server rejected our values)."""
-        self.params = center.detach().clone()
+        self.params.copy_(center)
 
     def evaluated(self) -> Tensor:
         """The variable to evaluate for this worker (x_i; sequential averages return z)."""
         return self.params
 
-    def state_dict(self) -> dict[str, Tensor | int]:
-        """Every variable of the worker, for checkpoints."""
-        return {"params": self.params, "step": self.step}
+    def _tensors(self) -> dict[str, Tensor]:
+        """The role's live tensor variables, by state-dictionary key."""
+        return {"params": self.params}
 
-    def load_state_dict(self, state: dict[str, Tensor | int]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        restore(self, state)
+    def state_dict(self) -> State:
+        """Copies of every variable of the worker, for checkpoints."""
+        return snapshot(self._tensors(), {"step": self.step})
+
+    def load_state_dict(self, state: State) -> None:
+        """Restore what :meth:`state_dict` returned (exactly this role's keys and shapes)."""
+        counters = load_into(type(self).__name__, state, self._tensors(), ("step",))
+        self.step = counters["step"]
+        self._after_load()
+
+    def _after_load(self) -> None:  # noqa: B027 - a hook; most roles derive nothing
+        """Forget anything derived from the variables (a cached look-ahead)."""
 
 
 class NesterovWorker(WorkerRole):
-    """A worker whose local step is Nesterov momentum (plain SGD when momentum is 0)."""
+    """A worker whose local step is Nesterov momentum (plain SGD when momentum is 0).
+
+    The look-ahead point y = x + delta * v is written into one scratch buffer, ``lookahead``:
+    by default the role's own, or (``scratch``) the model's flat parameter buffer, so the gradient
+    is taken there with no further copy.
+    """
 
     def __init__(
-        self, params: Tensor, *, comm_period: int, learning_rate: float, momentum: float
+        self,
+        params: Tensor,
+        *,
+        comm_period: int,
+        learning_rate: float,
+        momentum: float,
+        scratch: Tensor | None = None,
     ) -> None:
         super().__init__(params, comm_period=comm_period)
         self.velocity = torch.zeros_like(self.params)
-        self.learning_rate = learning_rate
-        self.momentum = momentum
+        self.learning_rate = alg.hyperparams.check_learning_rate(learning_rate)
+        self.momentum = alg.hyperparams.check_momentum(momentum)
+        if scratch is not None and (
+            scratch.shape != self.params.shape or scratch.dtype != self.params.dtype
+        ):
+            raise ValueError(
+                f"scratch must match the parameters ({tuple(self.params.shape)}, "
+                f"{self.params.dtype}), got {tuple(scratch.shape)}, {scratch.dtype}"
+            )
+        self.lookahead = torch.empty_like(self.params) if scratch is None else scratch
+
+    def _fill_lookahead(self) -> Tensor:
+        return inplace.lookahead_(
+            self.lookahead, self.params, self.velocity, momentum=self.momentum
+        )
 
     def gradient_point(self) -> Tensor:
-        return alg.nesterov_lookahead(self.params, self.velocity, momentum=self.momentum)
+        return self._fill_lookahead()
 
-    def local_step(self, grad: Tensor) -> None:
-        self.params, self.velocity = alg.nesterov_step(
+    def local_step(self, grad: Grad) -> None:
+        inplace.nesterov_step_(
             self.params,
             self.velocity,
             grad,
@@ -101,41 +143,57 @@ class NesterovWorker(WorkerRole):
 
     def reset(self, center: Tensor) -> None:
         super().reset(center)
-        self.velocity = torch.zeros_like(self.params)
+        self.velocity.zero_()
 
-    def state_dict(self) -> dict[str, Tensor | int]:
-        return {**super().state_dict(), "velocity": self.velocity}
+    def _tensors(self) -> dict[str, Tensor]:
+        return {**super()._tensors(), "velocity": self.velocity}
 
 
 class ElasticWorker(NesterovWorker):
     """EASGD (momentum 0) and EAMSGD (Algorithms 1 and 2). Sends x_i, receives e = alpha(x_i - center).
 
-    The gradient of a step is taken at the value before the elastic move (x + delta * v), and the
-    elastic move acts on x_i only, never on v_i.
+    The gradient of a step is taken at the value before the elastic move (x + delta * v): the
+    look-ahead is written when the payload leaves, and the move acts on x_i only, never on v_i.
     """
 
     def __init__(
-        self, params: Tensor, *, comm_period: int, learning_rate: float, momentum: float
+        self,
+        params: Tensor,
+        *,
+        comm_period: int,
+        learning_rate: float,
+        momentum: float,
+        scratch: Tensor | None = None,
     ) -> None:
         super().__init__(
-            params, comm_period=comm_period, learning_rate=learning_rate, momentum=momentum
+            params,
+            comm_period=comm_period,
+            learning_rate=learning_rate,
+            momentum=momentum,
+            scratch=scratch,
         )
-        self._point_before_move: Tensor | None = None
+        self._point_before_move = False
 
     def outgoing(self) -> Tensor:
-        self._point_before_move = super().gradient_point()
-        return self.params  # never modified in place: every rule returns new tensors
+        self._fill_lookahead()
+        self._point_before_move = True
+        return self.params
 
     def incoming(self, reply: Tensor) -> None:
-        self.params = alg.apply_to_worker(self.params, reply)
+        inplace.apply_to_worker_(self.params, reply)
 
     def gradient_point(self) -> Tensor:
-        point, self._point_before_move = self._point_before_move, None
-        return super().gradient_point() if point is None else point
+        if self._point_before_move:
+            self._point_before_move = False
+            return self.lookahead
+        return self._fill_lookahead()
 
     def reset(self, center: Tensor) -> None:
         super().reset(center)
-        self._point_before_move = None
+        self._point_before_move = False
+
+    def _after_load(self) -> None:
+        self._point_before_move = False
 
 
 class DownpourWorker(WorkerRole):
@@ -144,29 +202,29 @@ class DownpourWorker(WorkerRole):
     def __init__(self, params: Tensor, *, comm_period: int, learning_rate: float) -> None:
         super().__init__(params, comm_period=comm_period)
         self.accumulated = torch.zeros_like(self.params)
-        self.learning_rate = learning_rate
+        self.learning_rate = alg.hyperparams.check_learning_rate(learning_rate)
 
     def outgoing(self) -> Tensor:
-        return self.accumulated.clone()
+        return self.accumulated
 
     def incoming(self, reply: Tensor) -> None:
-        self.params, self.accumulated = alg.downpour_pull(reply)
+        inplace.downpour_pull_(self.params, self.accumulated, reply)
 
     def gradient_point(self) -> Tensor:
         return self.params
 
-    def local_step(self, grad: Tensor) -> None:
-        self.params, self.accumulated = alg.downpour_local_step(
+    def local_step(self, grad: Grad) -> None:
+        inplace.downpour_local_step_(
             self.params, self.accumulated, grad, learning_rate=self.learning_rate
         )
         self.step += 1
 
     def reset(self, center: Tensor) -> None:
         super().reset(center)
-        self.accumulated = torch.zeros_like(self.params)
+        self.accumulated.zero_()
 
-    def state_dict(self) -> dict[str, Tensor | int]:
-        return {**super().state_dict(), "accumulated": self.accumulated}
+    def _tensors(self) -> dict[str, Tensor]:
+        return {**super()._tensors(), "accumulated": self.accumulated}
 
 
 class MDownpourWorker(WorkerRole):
@@ -174,20 +232,27 @@ class MDownpourWorker(WorkerRole):
 
     def __init__(self, params: Tensor) -> None:
         super().__init__(params, comm_period=1)
-        self.pending_grad: Tensor | None = None
+        self._grad = torch.empty_like(self.params)
+        self._pending = False
+
+    @property
+    def pending_grad(self) -> Tensor | None:
+        """The gradient of the last step, not sent yet (None after a send)."""
+        return self._grad if self._pending else None
 
     def outgoing(self) -> Tensor | None:
-        grad, self.pending_grad = self.pending_grad, None
+        grad, self._pending = self.pending_grad, False
         return grad
 
     def incoming(self, reply: Tensor) -> None:
-        self.params = reply.clone()
+        self.params.copy_(reply)
 
     def gradient_point(self) -> Tensor:
         return self.params
 
-    def local_step(self, grad: Tensor) -> None:
-        self.pending_grad = grad.clone()
+    def local_step(self, grad: Grad) -> None:
+        inplace.gather_(self._grad, grad)
+        self._pending = True
         self.step += 1
 
     def final_outgoing(self) -> Tensor | None:
@@ -195,7 +260,10 @@ class MDownpourWorker(WorkerRole):
 
     def reset(self, center: Tensor) -> None:
         super().reset(center)
-        self.pending_grad = None
+        self._pending = False
+
+    def _after_load(self) -> None:
+        self._pending = False
 
 
 class SequentialWorker(NesterovWorker):
@@ -209,8 +277,15 @@ class SequentialWorker(NesterovWorker):
         momentum: float,
         average: bool,
         average_rate: float | None,
+        scratch: Tensor | None = None,
     ) -> None:
-        super().__init__(params, comm_period=1, learning_rate=learning_rate, momentum=momentum)
+        super().__init__(
+            params,
+            comm_period=1,
+            learning_rate=learning_rate,
+            momentum=momentum,
+            scratch=scratch,
+        )
         self.average: Tensor | None = self.params.clone() if average else None
         self.average_rate = average_rate
 
@@ -223,23 +298,23 @@ class SequentialWorker(NesterovWorker):
     def incoming(self, reply: Tensor) -> None:  # pragma: no cover - never due
         raise RuntimeError("sequential algorithms never exchange")
 
-    def local_step(self, grad: Tensor) -> None:
+    def local_step(self, grad: Grad) -> None:
         super().local_step(grad)
         if self.average is not None:
             rate = alg.average_rate(self.step, constant_rate=self.average_rate)
-            self.average = alg.running_average(self.average, self.params, rate=rate)
+            inplace.running_average_(self.average, self.params, rate=rate)
 
     def evaluated(self) -> Tensor:
         return self.params if self.average is None else self.average
 
-    def state_dict(self) -> dict[str, Tensor | int]:
-        state = super().state_dict()
+    def _tensors(self) -> dict[str, Tensor]:
+        tensors = super()._tensors()
         if self.average is not None:
-            state["average"] = self.average
-        return state
+            tensors["average"] = self.average
+        return tensors
 
 
-def worker_step(role: WorkerRole, gradient: GradientFn, exchange: ExchangeFn) -> float:
+def worker_step(role: WorkerRole, gradient: GradientFn, exchange: ExchangeFn) -> float | Tensor:
     """One step t_i of a worker: the exchange when due, then the gradient step. Returns the loss.
 
     Elastic workers take the gradient at the point from before the elastic move (the role keeps
@@ -254,8 +329,14 @@ def worker_step(role: WorkerRole, gradient: GradientFn, exchange: ExchangeFn) ->
     return loss
 
 
-def make_worker_role(config: AlgorithmConfig, params: Tensor, *, comm_period: int) -> WorkerRole:
-    """The worker role of ``config.name`` starting from ``params``."""
+def make_worker_role(
+    config: AlgorithmConfig, params: Tensor, *, comm_period: int, scratch: Tensor | None = None
+) -> WorkerRole:
+    """The worker role of ``config.name`` starting from ``params``.
+
+    ``scratch`` (optional): a buffer shaped like ``params`` where momentum workers write their
+    look-ahead point, typically :attr:`easgd.flat.FlatModel.flat_params`.
+    """
     name = config.name
     if name in ("easgd", "eamsgd"):
         return ElasticWorker(
@@ -263,6 +344,7 @@ def make_worker_role(config: AlgorithmConfig, params: Tensor, *, comm_period: in
             comm_period=comm_period,
             learning_rate=config.learning_rate,
             momentum=config.momentum,
+            scratch=scratch,
         )
     if name in ("downpour", "adownpour", "mvadownpour"):
         return DownpourWorker(params, comm_period=comm_period, learning_rate=config.learning_rate)
@@ -276,4 +358,5 @@ def make_worker_role(config: AlgorithmConfig, params: Tensor, *, comm_period: in
         momentum=config.momentum,
         average=config.averages,
         average_rate=config.average_rate,
+        scratch=scratch,
     )

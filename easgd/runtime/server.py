@@ -20,7 +20,7 @@ from torch import Tensor
 from easgd.comm.heartbeat import HeartbeatMonitor
 from easgd.comm.message import ERROR_NON_FINITE, ERROR_SHAPE_MISMATCH, Header, Op
 from easgd.comm.transport import PairTransport
-from easgd.roles import ElasticServer, ServerRole
+from easgd.roles import ElasticServer, ServerRole, UpdateRefused
 from easgd.runtime.progress import Progress
 from easgd.runtime.runlog import RunLog
 
@@ -188,15 +188,24 @@ class ParameterServer:
         self, rank: int, transport: PairTransport, header: Header, payload: Tensor | None
     ) -> None:
         stats = self.stats[rank]
+        # checks on this thread's own payload, outside the lock that serialises the workers
+        refusal = self._refuse(payload)
         with self.lock:
-            refusal = self._refuse(payload)
+            staleness = self.role.updates - stats.last_read
             if refusal is None:
-                staleness = self.role.updates - stats.last_read
-                reply = self.role.handle(rank, payload)
+                try:
+                    # the reply goes into this worker's own receive buffer (the payload is read
+                    # first), so it stays consistent once the lock is released
+                    reply = self.role.handle(
+                        rank, payload, out=payload, max_update_norm=self.max_update_norm
+                    )
+                except UpdateRefused as err:
+                    refusal = str(err)
+            if refusal is None:
                 stats.last_read = self.role.updates
                 self.exchanges += 1
             else:
-                reply = self.role.center.clone()
+                reply = self.role.reply_center(out=payload)
                 stats.last_read = self.role.updates
             exchanges = self.exchanges
         if refusal is not None:
@@ -219,16 +228,19 @@ class ParameterServer:
         self._log_exchange(rank, header, reply, staleness, exchanges)
 
     def _refuse(self, payload: Tensor | None) -> str | None:
-        """Why an update must not reach the center (called under the lock), or None."""
+        """Why an update must not reach the center, or None: one read pass over ``payload``.
+
+        Needs no lock (the payload is the serving thread's own). Where the update's norm depends
+        on the center (elastic), the role measures it during the update instead.
+        """
         if payload is None:
             return None
-        # one read-only pass: a NaN or infinity anywhere makes the sum non-finite
-        if not math.isfinite(float(payload.sum())):
+        norm = self.role.update_norm(payload) if self.max_update_norm is not None else None
+        # a NaN or infinity anywhere makes the norm (or the sum) non-finite
+        if not math.isfinite(float(payload.sum()) if norm is None else norm):
             return "non-finite values"
-        if self.max_update_norm is not None:
-            norm = self.role.update_norm(payload)
-            if norm > self.max_update_norm:
-                return f"update norm {norm:.3g} > max_update_norm {self.max_update_norm:g}"
+        if norm is not None and self.max_update_norm is not None and norm > self.max_update_norm:
+            return f"update norm {norm:.3g} > max_update_norm {self.max_update_norm:g}"
         return None
 
     def _log_exchange(

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from easgd.comm.message import ERROR_NON_FINITE, ERROR_SHAPE_MISMATCH, Header, Op, ServerRejected
@@ -74,8 +75,12 @@ class WorkerLoop:
         self.stop_requested = False
         self.exchanges = 0
         self.resets = 0
-        self._loss_sum = 0.0
+        self._loss_sum: float | Tensor = 0.0
+        """Sum of the step losses since the last exchange; a device tensor when the gradient
+        function returns one, read (one host sync) only when an exchange reports it."""
         self._loss_count = 0
+        self._sent: Tensor | None = None
+        """Overlap mode: the copy of the payload in flight (the role keeps stepping meanwhile)."""
         self._last_rtt_ms = 0.0
         self.round_trips_ms: list[float] = []
         """Every exchange's round-trip time, in order."""
@@ -89,7 +94,7 @@ class WorkerLoop:
     # -- one round trip ---------------------------------------------------------------------
     def _mean_loss(self) -> float:
         """Mean train loss since the last exchange (reported to the server), then reset."""
-        mean = self._loss_sum / self._loss_count if self._loss_count else 0.0
+        mean = float(self._loss_sum) / self._loss_count if self._loss_count else 0.0
         self._loss_sum, self._loss_count = 0.0, 0
         return mean
 
@@ -120,6 +125,10 @@ class WorkerLoop:
     def _exchange(self, payload: Tensor | None) -> Tensor | None:
         if self.overlap:
             self._wait_in_flight()
+            if payload is not None:  # the role updates it in place while the copy travels
+                if self._sent is None:
+                    self._sent = torch.empty_like(payload)
+                payload = self._sent.copy_(payload)
             self._outbox.put((payload, self.role.step, self._mean_loss()))
             self._in_flight = True
             return None
@@ -167,7 +176,7 @@ class WorkerLoop:
                 self._take_reply(block=False)
             step_started = time.perf_counter()
             loss = worker_step(self.role, self.gradient, self._exchange)
-            self._loss_sum += loss
+            self._loss_sum = loss + self._loss_sum  # stays on the device: no sync per step
             self._loss_count += 1
             if self.after_step is not None:
                 self.after_step(self.role)

@@ -53,7 +53,9 @@ def run_worker(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
         state = resume_state(checkpointer, cfg, signature)
         resumed_step = int(state["role"]["step"]) if state is not None else 0
         center = handshake(transport, step=resumed_step).to(device)
-        role = make_worker_role(cfg.algorithm, center, comm_period=cfg.comm.period)
+        role = make_worker_role(
+            cfg.algorithm, center, comm_period=cfg.comm.period, scratch=flat.flat_params
+        )
         if state is not None:
             role.load_state_dict(
                 {
@@ -96,7 +98,7 @@ def run_worker(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
         loop = WorkerLoop(
             role,
             transport,
-            lambda point: flat.loss_and_grad(point, *sampler.sample()),
+            lambda point: flat.gradient(point, *sampler.sample()),
             steps=cfg.steps_per_worker,
             slowdown=cfg.comm.slowdown[index] if cfg.comm.slowdown else 1.0,
             overlap=cfg.comm.overlap,

@@ -134,7 +134,7 @@ class Simulator:
         self._sequence = 0
         self._center_history: deque[Tensor] = deque(maxlen=sim.read_staleness + 1)
         if self.server is not None:
-            self._center_history.append(self.server.center)
+            self._center_history.append(self.server.center.clone())
 
     # -- the channel between a worker and the server ---------------------------------------
     def _delayed(self) -> bool:
@@ -154,7 +154,7 @@ class Simulator:
         """Keep the last k + 1 centers, for stale reads (nothing to keep without delay)."""
         assert self.server is not None
         if self._delayed():
-            self._center_history.append(self.server.center)  # rules never modify it in place
+            self._center_history.append(self.server.center.clone())  # roles update it in place
 
     def _arrive_until(self, time: float) -> None:
         while self._in_flight and self._in_flight[0][0] <= time:
@@ -177,7 +177,9 @@ class Simulator:
             self._deliver(lambda: server.apply(diff))
             return diff
         if isinstance(server, DownpourServer):
-            self._deliver(lambda: server.handle(worker, payload))
+            assert payload is not None
+            sent = payload.clone()  # the worker zeroes its accumulation in place on the reply
+            self._deliver(lambda: server.handle(worker, sent))
             return read.clone()
         raise ValueError(
             f"communication delay is simulated for the elastic and DOWNPOUR families, "
