@@ -51,21 +51,32 @@ class ShardedServer(ServerRole):
     def _slices(self, payload: Tensor) -> list[Tensor]:
         return [payload[lo:hi] for lo, hi in self.bounds]
 
-    def handle(self, worker: int, payload: Tensor | None) -> Tensor:
+    def handle(
+        self,
+        worker: int,
+        payload: Tensor | None,
+        *,
+        out: Tensor | None = None,
+        max_update_norm: float | None = None,
+    ) -> Tensor:
+        if max_update_norm is not None:
+            raise ValueError(
+                "max_update_norm is a norm over the whole update: see easgd.roles.sharded"
+            )
         parts: list[Tensor | None] = (
             [None] * len(self.shards) if payload is None else list(self._slices(payload))
         )
         replies = [role.handle(worker, part) for role, part in zip(self.shards, parts, strict=True)]
-        reply = torch.cat(replies)
+        reply = torch.cat(replies) if out is None else torch.cat(replies, out=out)
         self.center = torch.cat([role.center for role in self.shards])
         self.updates = self.shards[0].updates
         return reply
 
-    def update_norm(self, payload: Tensor) -> float:
-        squares = (
-            r.update_norm(s) ** 2 for r, s in zip(self.shards, self._slices(payload), strict=True)
-        )
-        return math.sqrt(sum(squares))
+    def update_norm(self, payload: Tensor) -> float | None:
+        norms = [r.update_norm(s) for r, s in zip(self.shards, self._slices(payload), strict=True)]
+        if any(norm is None for norm in norms):
+            return None  # measured during the update by these roles
+        return math.sqrt(sum(norm**2 for norm in norms if norm is not None))
 
     def evaluated(self) -> Tensor:
         return torch.cat([role.evaluated() for role in self.shards])

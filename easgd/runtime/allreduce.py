@@ -137,7 +137,7 @@ class ReplicatedCenterLoop:
         self.after_step = after_step
         self.stop_requested = False
         self._save_due = False
-        self._loss_sum = 0.0
+        self._loss_sum: float | Tensor = 0.0  # a device tensor is read only at the exchange
         self._loss_count = 0
         self._allreduce_ms: list[float] = []
 
@@ -148,7 +148,7 @@ class ReplicatedCenterLoop:
         if self.decide is not None:
             save, stop = self.decide()
             control[SAVE], control[STOP] = float(save), float(stop)
-        mean_loss = self._loss_sum / self._loss_count if self._loss_count else 0.0
+        mean_loss = float(self._loss_sum) / self._loss_count if self._loss_count else 0.0
         self._loss_sum, self._loss_count = 0.0, 0
         control[REPORTS + self.rank] = mean_loss
         summed_control = control
