@@ -244,6 +244,27 @@ def plot(rows: list[dict[str, Any]], updates: list[dict[str, Any]], path: str) -
     fig.savefig(path, dpi=110)
 
 
+def report(
+    rows: list[dict[str, Any]], updates: list[dict[str, Any]], memory: list[dict[str, Any]]
+) -> None:
+    """Print the figures (also from a saved JSON: report(d["exchanges"], d["update"], d["memory"]))."""
+    print(
+        f"{'p':>2s} {'params':>9s} {'raw ex/s':>9s} {'ours ex/s':>9s} {'ours MB/s':>9s} {'ratio':>6s}"
+    )
+    for r in rows:
+        print(f"{r['workers']:2d} {r['params'] / 1e6:8.0f}M {r['raw_exchanges_per_s']:9.2f} "
+              f"{r['ours_exchanges_per_s']:9.2f} {r['ours_MB_per_s']:9.0f} {r['ratio']:6.3f}")  # fmt: skip
+    print(f"target {TARGET_EXCHANGE}; update alone vs add_ (target {TARGET_UPDATE}):")
+    for u in updates:
+        print(f"  {u['params'] / 1e6:8.0f}M add_ {u['add_ms']:7.2f} ms ({u['add_GB_per_s']:.1f} GB/s), "
+              f"update {u['update_ms']:7.2f} ms: ratio {u['ratio']:.3f} (allocating form: {u['pure_ratio']:.3f})")  # fmt: skip
+    for m in memory:
+        print(
+            f"server peak memory, p={m['workers']}: {m['bytes_per_param']:.1f} bytes/param "
+            f"(center + p receive buffers = {m['needed']})"
+        )
+
+
 def main() -> None:
     args = parser(__doc__ or "").parse_args()
     quick = args.quick
@@ -260,21 +281,7 @@ def main() -> None:
         {"threads": 1, "exchanges": rows, "update": updates, "memory": memory},
     )
     plot(rows, updates, str(args.out / f"server_capacity{tag}.png"))
-    print(
-        f"{'p':>2s} {'params':>9s} {'raw ex/s':>9s} {'ours ex/s':>9s} {'ours MB/s':>9s} {'ratio':>6s}"
-    )
-    for r in rows:
-        print(f"{r['workers']:2d} {r['params']:9.0e} {r['raw_exchanges_per_s']:9.2f} "
-              f"{r['ours_exchanges_per_s']:9.2f} {r['ours_MB_per_s']:9.0f} {r['ratio']:6.3f}")  # fmt: skip
-    print(f"target {TARGET_EXCHANGE}; update alone vs add_ (target {TARGET_UPDATE}):")
-    for u in updates:
-        print(f"  {u['params']:9.0e} add_ {u['add_ms']:7.2f} ms ({u['add_GB_per_s']:.1f} GB/s), "
-              f"update {u['update_ms']:7.2f} ms: ratio {u['ratio']:.3f} (allocating form: {u['pure_ratio']:.3f})")  # fmt: skip
-    for m in memory:
-        print(
-            f"server peak memory, p={m['workers']}: {m['bytes_per_param']:.1f} bytes/param "
-            f"(center + p receive buffers = {m['needed']})"
-        )
+    report(rows, updates, memory)
 
 
 if __name__ == "__main__":
