@@ -28,6 +28,7 @@ from easgd.algorithms.hyperparams import (
     resolve_moving_rate,
 )
 from easgd.algorithms.local import nesterov_lookahead, nesterov_step, sgd_step
+from easgd.algorithms.replicated import replicated_center_exchange
 
 __all__ = [
     "PAPER_BETA",
@@ -48,6 +49,7 @@ __all__ = [
     "nesterov_lookahead",
     "nesterov_step",
     "polyak_rate",
+    "replicated_center_exchange",
     "resolve_moving_rate",
     "running_average",
     "sgd_step",

@@ -12,6 +12,7 @@ import datetime
 import random
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,21 @@ class Delay:
         """One message's delay in seconds."""
         extra = rng.uniform(0.0, self.jitter_ms) if self.jitter_ms else 0.0
         return (self.latency_ms + extra) / 1000.0
+
+
+class WorkerTransport(Protocol):
+    """What a worker needs from its link to the center: :class:`PairTransport` (one server) or
+    :class:`easgd.comm.sharded.ShardedTransport` (k shard ranks)."""
+
+    numel: int
+
+    def send(self, header: Header, payload: Tensor | None = None) -> None: ...
+
+    def recv(self) -> tuple[Header, Tensor | None]: ...
+
+    def send_control(self, header: Header, payload: Tensor | None = None) -> None: ...
+
+    def recv_control(self) -> tuple[Header, Tensor | None]: ...
 
 
 FRAME_LIMIT = 1 << 17

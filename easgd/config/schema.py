@@ -21,6 +21,7 @@ SAMPLING = ("whole", "shard")
 DEVICES = ("auto", "cpu", "cuda")
 FAILURE_POLICIES = ("fail_fast", "continue")
 MODES = ("distributed", "simulate")
+TOPOLOGIES = ("server", "allreduce")
 
 
 @dataclass
@@ -164,6 +165,19 @@ class CheckpointConfig:
 
 
 @dataclass
+class ServerConfig:
+    """Where the center lives in topology=server (server/ keys)."""
+
+    shards: int = 1
+    """k: server ranks 0..k-1, each holding a contiguous slice of the center and serving every
+    worker's exchange of that slice; a worker talks to the k shards in parallel. 1: one server."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.shards, bool) or int(self.shards) != self.shards or self.shards < 1:
+            raise ValueError(f"server.shards must be an integer >= 1, got {self.shards!r}")
+
+
+@dataclass
 class FaultConfig:
     """Failure injection for chaos tests and drills (fault/ keys; all off by default).
 
@@ -246,6 +260,10 @@ class TrainConfig:
     mode: str = "distributed"
     """distributed: real processes, wall-clock time; simulate: one process on the simulator's
     virtual clock with the cost/ profile's communication costs (the same outputs)."""
+    server: ServerConfig = field(default_factory=ServerConfig)
+    topology: str = "server"
+    """server: parameter-server rank(s) and p workers, asynchronous (the paper's design);
+    allreduce: synchronous EASGD/EAMSGD with a replicated center, no server, p processes."""
     workers: int = 4
     """p: worker processes (torchrun starts workers + 1 processes; rank 0 is the server)."""
     steps_per_worker: int = 1000
@@ -311,6 +329,7 @@ class TrainConfig:
                 f"comm.overlap is for easgd/eamsgd only, not {self.algorithm.name!r} "
                 "(a DOWNPOUR pull would discard the steps taken meanwhile)"
             )
+        _check_topology(self)
         if self.comm.backend == "nccl":
             import torch
 
@@ -326,8 +345,47 @@ class TrainConfig:
 
     @property
     def world_size(self) -> int:
-        """Processes this run needs: workers + 1 server, or 1 for a sequential baseline."""
-        return self.workers + 1 if self.algorithm.uses_server else 1
+        """Processes this run needs: workers + server shards (1 by default), workers alone for
+        topology=allreduce, or 1 for a sequential baseline."""
+        if not self.algorithm.uses_server:
+            return 1
+        if self.topology == "allreduce":
+            return self.workers
+        return self.workers + self.server.shards
+
+
+def _check_topology(cfg: TrainConfig) -> None:
+    """The keys that topology=allreduce and server.shards > 1 cannot honour, with the fix."""
+    if cfg.topology not in TOPOLOGIES:
+        raise ValueError(f"topology={cfg.topology!r}; allowed: {', '.join(TOPOLOGIES)}")
+    if cfg.topology == "allreduce":
+        if cfg.algorithm.name not in ("easgd", "eamsgd"):
+            raise ValueError(
+                f"topology=allreduce runs synchronous easgd/eamsgd, not {cfg.algorithm.name!r}; "
+                "use algorithm=easgd or eamsgd, or topology=server"
+            )
+        if cfg.server.shards != 1:
+            raise ValueError("server.shards applies to topology=server; remove it or set it to 1")
+        for key, value, default in (
+            ("comm.overlap", cfg.comm.overlap, False),
+            ("worker_failure", cfg.worker_failure, "fail_fast"),
+            ("max_update_norm", cfg.max_update_norm, None),
+        ):
+            if value != default:
+                raise ValueError(
+                    f"{key}={value!r} is not supported with topology=allreduce (every rank waits "
+                    f"for every other at each exchange); use {key}={default!r} or topology=server"
+                )
+    if cfg.mode == "simulate" and (cfg.topology != "server" or cfg.server.shards != 1):
+        raise ValueError(
+            "mode=simulate simulates one parameter server; use topology=server server.shards=1 "
+            "(the simulator's synchronous schedule is the all-reduce mode's math)"
+        )
+    if cfg.server.shards > 1 and cfg.max_update_norm is not None:
+        raise ValueError(
+            "max_update_norm bounds the norm of a whole update, which no single shard sees; "
+            "use max_update_norm=null with server.shards > 1 (non-finite updates are still refused)"
+        )
 
 
 def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from easgd.comm.transport import Delay, PairTransport
+from easgd.comm.groups import SERVER_RANK
+from easgd.comm.transport import Delay, PairTransport, WorkerTransport
 from easgd.config.schema import DataConfig, ModelConfig, TrainConfig
 from easgd.data.split import Split
 from easgd.flat import FlatModel
@@ -121,6 +122,27 @@ def transport_for(
         delay=Delay(cfg.comm.latency_ms, cfg.comm.jitter_ms),
         seed=cfg.seed * 7919 + own_rank * 31 + peer,
     )
+
+
+def worker_transport(
+    cfg: TrainConfig, groups: dict[int, Any], numel: int, own_rank: int, *, pin_memory: bool = False
+) -> WorkerTransport:
+    """A worker's link to the center: one server (rank 0, ``groups[own_rank]``), or with
+    ``server.shards`` = k > 1, the k shard ranks 0..k-1 (``groups[shard]``), each with its slice."""
+    shards = cfg.server.shards
+    if shards == 1:
+        return transport_for(
+            cfg, SERVER_RANK, groups[own_rank], numel, own_rank, pin_memory=pin_memory
+        )
+    from easgd.comm.sharded import ShardedTransport
+    from easgd.roles.sharded import shard_bounds
+
+    bounds = shard_bounds(numel, shards)
+    links = [
+        transport_for(cfg, shard, groups[shard], hi - lo, own_rank, pin_memory=pin_memory)
+        for shard, (lo, hi) in enumerate(bounds)
+    ]
+    return ShardedTransport(links, bounds)
 
 
 def evaluator_for(cfg: TrainConfig, split: Split) -> FlatModel:

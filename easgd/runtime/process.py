@@ -40,6 +40,16 @@ def setup_logging(rank: int) -> None:
 
 def run_process(cfg: TrainConfig) -> dict[str, Any] | None:
     """Run this process's part; the server (or sequential process) returns the run summary."""
+    # -- scale: topology=allreduce (no server rank) and server.shards > 1 lay out their ranks --
+    if cfg.topology == "allreduce" and cfg.algorithm.uses_server:
+        from easgd.runtime.allreduce import run_allreduce
+
+        return run_allreduce(cfg)
+    if cfg.server.shards > 1 and cfg.algorithm.uses_server:  # ranks 0..k-1 hold the center
+        from easgd.runtime.sharded_main import run_sharded
+
+        return run_sharded(cfg)
+    # -- end scale --
     env = DistEnv.from_environ()
     check_world(env, expected_world_size=cfg.world_size, workers=cfg.workers)
     torch.set_num_threads(cfg.threads)

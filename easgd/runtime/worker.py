@@ -29,14 +29,14 @@ from easgd.comm.message import (
     ServerFailed,
     ServerRejected,
 )
-from easgd.comm.transport import PairTransport
+from easgd.comm.transport import WorkerTransport
 from easgd.roles import GradientFn, WorkerRole, exchange_if_due, worker_step
 from easgd.runtime.snapshot import WorkerSnapshots
 
 log = logging.getLogger("easgd.worker")
 
 
-def handshake(transport: PairTransport, *, step: int = 0, redone_steps: int = 0) -> Tensor:
+def handshake(transport: WorkerTransport, *, step: int = 0, redone_steps: int = 0) -> Tensor:
     """Tell the server our parameter count (and resumed step) and receive the center."""
     transport.send_control(
         Header(Op.HELLO, step=step, num_params=transport.numel, redone_steps=redone_steps)
@@ -69,7 +69,7 @@ class WorkerLoop:
     def __init__(
         self,
         role: WorkerRole,
-        transport: PairTransport,
+        transport: WorkerTransport,
         gradient: GradientFn,
         *,
         steps: int,

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from easgd.comm.groups import SERVER_RANK, DistEnv, PairGroups
+from easgd.comm.groups import DistEnv, PairGroups
 from easgd.comm.heartbeat import LoopHeartbeat
 from easgd.comm.message import ServerFailed
 from easgd.config.schema import TrainConfig
@@ -17,7 +17,7 @@ from easgd.data.split import Split
 from easgd.flat import FlatModel
 from easgd.roles import WorkerRole, make_worker_role
 from easgd.runtime.checkpoint import Checkpointer
-from easgd.runtime.components import build_model, device_for, transport_for
+from easgd.runtime.components import build_model, device_for, worker_transport
 from easgd.runtime.faults import FaultInjector
 from easgd.runtime.resume import checkpoint_dir, checkpoint_signature, resume_worker
 from easgd.runtime.snapshot import Ledger, StepMarker, WorkerSnapshots
@@ -35,15 +35,11 @@ def run_worker(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
     device = device_for(cfg, env.local_rank)
     model = build_model(cfg.model, split, seed=cfg.seed).to(device)
     flat = FlatModel(model, weight_decay=cfg.algorithm.weight_decay)
-    transport = transport_for(
-        cfg,
-        SERVER_RANK,
-        pairs.groups[env.rank],
-        flat.num_params,
-        env.rank,
-        pin_memory=device.type == "cuda",
+    # with server.shards = k, ranks 0..k-1 hold the center and the transport talks to all of them
+    transport = worker_transport(
+        cfg, pairs.groups, flat.num_params, env.rank, pin_memory=device.type == "cuda"
     )
-    index = env.rank - 1
+    index = env.rank - cfg.server.shards
     heartbeat = LoopHeartbeat(pairs.store, env.rank, timeout_s=cfg.comm.heartbeat_timeout_s)
     heartbeat.start()
     name = f"worker{env.rank}"

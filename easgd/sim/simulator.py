@@ -253,9 +253,10 @@ class Simulator:
                     role.incoming(diff)
                     diffs.append(diff)
                     self.exchanges += 1
-            for diff in diffs:
-                server.apply(diff)
             if diffs:
+                # x~ += sum_i e_i: one addition of the summed differences, the spec's equation and
+                # the replicated-center form's order (easgd.runtime.allreduce), bit for bit
+                server.apply(sum(diffs[1:], diffs[0]))
                 self._record_center()
             for worker, role in enumerate(self.workers):
                 loss_grad = self.objective.gradient(role.gradient_point(), self.generators[worker])

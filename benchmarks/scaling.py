@@ -1,0 +1,277 @@
+"""Scaling out: a sharded center's exchange capacity, and all-reduce EASGD against PyTorch's
+PeriodicModelAverager, measured side by side in one set of processes.
+
+Part A (capacity). p = 2 workers do nothing but exchange (EASGD, tau = 1, zero gradient) as fast
+as they can with the real parameter server(s): k = 1, 2, 4 shard ranks (the unchanged
+ParameterServer on each slice; workers reach the shards in parallel via ShardedTransport), for
+models of 1M, 10M and 25M parameters. Reported: exchanges/s (summed over workers) and bytes/s
+through the center (2 x 4 bytes x parameters per exchange), and the ratio to k = 1.
+
+Part B (all-reduce). The same 2 ranks train an MLP on digits with synchronous EASGD over
+all-reduce (easgd.runtime.allreduce's loop, tau = 10) and, in the same processes, with local SGD
+plus torch's PeriodicModelAverager (period 10): steps/s of each, the ratio, and the same with rank 1
+a 2x straggler (after computing each gradient it sleeps as long again: slow compute, not a
+slow network).
+
+Everything runs on this machine's cores over loopback gloo; read docs/scaling.md for what that
+can and cannot show.
+
+    python benchmarks/scaling.py            # full: 1M/10M/25M x k = 1, 2, 4; about 3 minutes
+    python benchmarks/scaling.py --quick    # 100k/1M x k = 1, 2 and a small MLP (< 30 s)
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from _common import parser, suffix, write_csv, write_json
+from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+
+from easgd.comm.groups import DistEnv
+from easgd.comm.sharded import ShardedTransport, init_shard_groups
+from easgd.comm.transport import PairTransport, WorkerTransport
+from easgd.config.schema import ModelConfig
+from easgd.data.digits import load_digits_split
+from easgd.data.sampling import MinibatchSampler
+from easgd.flat import FlatModel
+from easgd.roles import ElasticServer, ElasticWorker
+from easgd.roles.sharded import shard_bounds
+from easgd.runtime.allreduce import ReplicatedCenterLoop, control_slots
+from easgd.runtime.components import build_model
+from easgd.runtime.launcher import start_processes
+from easgd.runtime.runlog import RunLog
+from easgd.runtime.server import ParameterServer, StopRule
+from easgd.runtime.worker import WorkerLoop, handshake
+
+WARMUP = 2
+WORKERS = 2
+
+
+def rounds_for(size: int, quick: bool) -> int:
+    budget = 3e7 if quick else 3e8
+    return int(max(4, min(30, budget / size)))
+
+
+def capacity(env: DistEnv, groups: Any, sizes: list[int], shard_counts: list[int], quick: bool):
+    """Part A on every rank: shards serve, workers time their exchanges."""
+    most = max(shard_counts)
+    results = []
+    for shards in shard_counts:
+        for size in sizes:
+            rounds = WARMUP + rounds_for(size, quick)
+            bounds = shard_bounds(size, shards)
+            dist.barrier()
+            if env.rank < most:
+                if env.rank < shards:
+                    lo, hi = bounds[env.rank]
+                    transports = {
+                        w: PairTransport(peer=w, group=g, numel=hi - lo)
+                        for w, g in groups.workers.items()
+                    }
+                    with tempfile.TemporaryDirectory() as tmp:
+                        runlog = RunLog(tmp, tensorboard=False)
+                        ParameterServer(
+                            ElasticServer(torch.zeros(hi - lo), moving_rate=0.1), transports,
+                            evaluate=lambda point: {"test_loss": 0.0, "test_error": 0.0},
+                            runlog=runlog, stop_rule=StopRule(), eval_interval_s=3600,
+                            total_steps=0, progress=False,
+                        ).run()  # fmt: skip
+                        runlog.close()
+                continue
+            links = [
+                PairTransport(peer=j, group=groups.shards[j], numel=hi - lo)
+                for j, (lo, hi) in enumerate(bounds)
+            ]
+            transport: WorkerTransport = (
+                links[0] if shards == 1 else ShardedTransport(links, bounds)
+            )
+            role = ElasticWorker(
+                handshake(transport), comm_period=1, learning_rate=0.0, momentum=0.0
+            )
+            zero = torch.zeros(size)
+            loop = WorkerLoop(role, transport, lambda point, zero=zero: (0.0, zero), steps=rounds)
+            loop.run()
+            timed = loop.round_trips_ms[WARMUP:]
+            results.append(
+                {"shards": shards, "params": size, "rounds": len(timed),
+                 "mean_rtt_ms": sum(timed) / len(timed)}
+            )  # fmt: skip
+            del loop, role, transport, links, zero
+    return results
+
+
+def _mlp(hidden: list[int]) -> tuple[torch.nn.Module, Any]:
+    split = load_digits_split(test_fraction=0.2, seed=0)
+    return build_model(ModelConfig(name="mlp", hidden=hidden), split, seed=0), split
+
+
+def _sleep_like(slowdown: float, started: float) -> None:
+    if slowdown > 1.0:
+        time.sleep((slowdown - 1.0) * (time.perf_counter() - started))
+
+
+def easgd_allreduce_rate(
+    index: int, group: Any, hidden: list[int], steps: int, tau: int, slowdown: float
+) -> float:
+    """Steps/s of synchronous EASGD over all-reduce (the runtime's loop)."""
+    model, split = _mlp(hidden)
+    flat = FlatModel(model)
+    sampler = MinibatchSampler(split, batch_size=128, worker_index=index, num_workers=WORKERS)
+    role = ElasticWorker(flat.initial_point(), comm_period=tau, learning_rate=0.01, momentum=0.0)
+
+    class GroupSum:
+        def __init__(self) -> None:
+            self.buffer = torch.zeros(flat.num_params + control_slots(WORKERS))
+
+        def __call__(self, values: torch.Tensor, control: torch.Tensor):
+            self.buffer[: flat.num_params].copy_(values)
+            self.buffer[flat.num_params :].copy_(control)
+            dist.all_reduce(self.buffer, group=group)
+            return self.buffer[: flat.num_params], self.buffer[flat.num_params :].double()
+
+    def gradient(point: torch.Tensor) -> tuple[float, torch.Tensor]:
+        started = time.perf_counter()
+        loss_grad = flat.loss_and_grad(point, *sampler.sample())
+        _sleep_like(slowdown, started)  # a straggler computes slowly; its messages are not slow
+        return loss_grad
+
+    loop = ReplicatedCenterLoop(
+        role, flat.initial_point(), GroupSum(), gradient,
+        rank=index, num_workers=WORKERS, moving_rate=0.9 / WORKERS, steps=steps,
+    )  # fmt: skip
+    dist.barrier(group=group)
+    return loop.run().steps_per_s
+
+
+def periodic_averager_rate(
+    index: int, group: Any, hidden: list[int], steps: int, tau: int, slowdown: float
+) -> float:
+    """Steps/s of local SGD with torch's PeriodicModelAverager (the comparison)."""
+    model, split = _mlp(hidden)
+    sampler = MinibatchSampler(split, batch_size=128, worker_index=index, num_workers=WORKERS)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    averager = PeriodicModelAverager(period=tau, warmup_steps=0, process_group=group)
+    dist.barrier(group=group)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step_started = time.perf_counter()
+        inputs, targets = sampler.sample()
+        optimizer.zero_grad()
+        F.cross_entropy(model(inputs), targets).backward()
+        optimizer.step()
+        _sleep_like(slowdown, step_started)
+        averager.average_parameters(model.parameters())
+    return steps / (time.perf_counter() - started)
+
+
+def bench_process(sizes: list[int], shard_counts: list[int], quick: bool) -> dict[str, Any] | None:
+    torch.set_num_threads(1)
+    env = DistEnv.from_environ()
+    most = max(shard_counts)
+    groups = init_shard_groups(env, shards=most, backend="gloo", timeout_s=300)
+    part_a = capacity(env, groups, sizes, shard_counts, quick)
+    # Part B on the worker ranks only (their own group); shards wait at the final barrier
+    worker_ranks = list(range(most, most + WORKERS))
+    group = dist.new_group(worker_ranks)
+    part_b = []
+    if env.rank >= most:
+        index = env.rank - most
+        hidden, steps, tau = ([256], 60, 10) if quick else ([1024, 1024], 200, 10)
+        for slowdown in (1.0, 2.0):
+            mine = slowdown if index == WORKERS - 1 else 1.0
+            rates: dict[str, list[float]] = {"easgd_allreduce": [], "periodic_averager": []}
+            for _ in range(1 if quick else 2):  # alternate, so drift hits both alike
+                rates["easgd_allreduce"].append(
+                    easgd_allreduce_rate(index, group, hidden, steps, tau, mine)
+                )
+                rates["periodic_averager"].append(
+                    periodic_averager_rate(index, group, hidden, steps, tau, mine)
+                )
+            part_b.append(
+                {"straggler_slowdown": slowdown, "tau": tau, "hidden": hidden, "steps": steps,
+                 **{k: sum(v) / len(v) for k, v in rates.items()}}
+            )  # fmt: skip
+    dist.barrier()
+    dist.destroy_process_group()
+    if env.rank < most:
+        return None
+    return {"capacity": part_a, "allreduce": part_b}
+
+
+def main() -> None:
+    args = parser(__doc__ or "").parse_args()
+    quick = args.quick
+    sizes = [10**5, 10**6] if quick else [10**6, 10**7, 25 * 10**6]
+    shard_counts = [1, 2] if quick else [1, 2, 4]
+    most = max(shard_counts)
+    per_rank = start_processes(bench_process, most + WORKERS, sizes, shard_counts, quick)
+    workers = [per_rank[r] for r in range(most, most + WORKERS)]
+    rows = []
+    for i, cell in enumerate(workers[0]["capacity"]):
+        mean_rtt = [w["capacity"][i]["mean_rtt_ms"] for w in workers]
+        exchanges_per_s = sum(1000 / rtt for rtt in mean_rtt)
+        rows.append({
+            "shards": cell["shards"], "params": cell["params"], "workers": WORKERS,
+            "mean_rtt_ms": sum(mean_rtt) / len(mean_rtt), "exchanges_per_s": exchanges_per_s,
+            "center_MB_per_s": exchanges_per_s * 2 * 4 * cell["params"] / 1e6,
+        })  # fmt: skip
+    for row in rows:
+        base = next(r for r in rows if r["params"] == row["params"] and r["shards"] == 1)
+        row["ratio_to_one_shard"] = row["exchanges_per_s"] / base["exchanges_per_s"]
+    allreduce = []
+    for i, cell in enumerate(workers[0]["allreduce"]):
+        # a synchronous run goes at its slowest rank's pace: report the slowest rank's rate
+        ours = min(w["allreduce"][i]["easgd_allreduce"] for w in workers)
+        theirs = min(w["allreduce"][i]["periodic_averager"] for w in workers)
+        allreduce.append({
+            **{k: cell[k] for k in ("straggler_slowdown", "tau", "steps")},
+            "hidden": "x".join(map(str, cell["hidden"])),
+            "easgd_allreduce_steps_per_s": ours, "periodic_averager_steps_per_s": theirs,
+            "ratio_easgd_over_averager": ours / theirs,
+        })  # fmt: skip
+    tag = suffix(quick)
+    write_csv(args.out / f"scaling{tag}.csv", rows)
+    write_csv(args.out / f"scaling_allreduce{tag}.csv", allreduce)
+    write_json(
+        args.out / f"scaling{tag}.json",
+        {"workers": WORKERS, "capacity": rows, "allreduce_vs_periodic_averager": allreduce},
+    )
+    print(f"{'k':>2s} {'params':>9s} {'rtt ms':>9s} {'exch/s':>8s} {'MB/s':>8s} {'vs k=1':>6s}")
+    for r in rows:
+        print(f"{r['shards']:2d} {r['params']:9.0e} {r['mean_rtt_ms']:9.2f} {r['exchanges_per_s']:8.1f} "
+              f"{r['center_MB_per_s']:8.0f} {r['ratio_to_one_shard']:6.2f}")  # fmt: skip
+    for r in allreduce:
+        print(f"straggler x{r['straggler_slowdown']:.0f}: easgd all-reduce {r['easgd_allreduce_steps_per_s']:.1f} "
+              f"steps/s, PeriodicModelAverager {r['periodic_averager_steps_per_s']:.1f} steps/s, "
+              f"ratio {r['ratio_easgd_over_averager']:.3f}")  # fmt: skip
+    if not quick:
+        plot(rows, args.out / "scaling.png")
+
+
+def plot(rows: list[dict[str, Any]], path: Any) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for params in sorted({r["params"] for r in rows}):
+        mine = [r for r in rows if r["params"] == params]
+        ax.plot([r["shards"] for r in mine], [r["center_MB_per_s"] for r in mine], "o-",
+                label=f"{params / 1e6:g}M parameters")  # fmt: skip
+    ax.set_xlabel("shards k")
+    ax.set_ylabel("MB/s through the center (2 x model per exchange)")
+    ax.set_xticks(sorted({r["shards"] for r in rows}))
+    ax.set_title(f"{WORKERS} workers exchanging back to back, one 2-core machine")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
