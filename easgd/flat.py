@@ -130,3 +130,41 @@ class FlatModel:
             total_loss += float(F.cross_entropy(logits, target, reduction="sum"))
             wrong += int((logits.argmax(1) != target).sum())
         return {"test_loss": total_loss / len(targets), "test_error": wrong / len(targets)}
+
+    # -- buffers (BatchNorm running statistics) ------------------------------------------------
+    @property
+    def norm_layers(self) -> list[nn.modules.batchnorm._BatchNorm]:
+        """The module's normalisation layers that keep running statistics (buffers)."""
+        return [
+            m
+            for m in self.module.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        ]
+
+    @torch.no_grad()
+    def recompute_running_stats(
+        self, point: Tensor, inputs: Tensor, *, max_examples: int = 4096, batch_size: int = 512
+    ) -> None:
+        """Set the running statistics of every BatchNorm layer to those of ``point`` on ``inputs``.
+
+        A flat point carries parameters only; the buffers that belong to it are recomputed here
+        (an exact average over up to ``max_examples`` examples, as
+        ``torch.optim.swa_utils.update_bn`` does), so that evaluating ``point`` in eval mode uses
+        statistics of ``point`` itself rather than those of the initial weights.
+        """
+        layers = self.norm_layers
+        if not layers:
+            return
+        self.load(point)
+        momenta = [m.momentum for m in layers]
+        for m in layers:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average: the exact mean over the batches
+        was_training = self.module.training
+        self.module.train()
+        subset = inputs[:max_examples]
+        for start in range(0, len(subset), batch_size):
+            self.module(subset[start : start + batch_size])
+        for m, momentum in zip(layers, momenta, strict=True):
+            m.momentum = momentum
+        self.module.train(was_training)

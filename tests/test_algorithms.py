@@ -19,6 +19,8 @@ from easgd.roles import (
     MDownpourServer,
     MDownpourWorker,
     SequentialWorker,
+    make_server_role,
+    make_worker_role,
     worker_step,
 )
 from tests.conftest import f64
@@ -82,23 +84,33 @@ def test_eamsgd_elastic_move_acts_on_params_not_velocity() -> None:
     assert worker.params.item() == pytest.approx(1.27, abs=1e-15)
 
 
-def test_eamsgd_with_zero_momentum_equals_easgd() -> None:
+def test_eamsgd_with_zero_momentum_equals_easgd_and_algorithm_1() -> None:
     generator = torch.Generator().manual_seed(3)
     start = torch.randn(5, dtype=torch.float64, generator=generator)
     noise = torch.randn(20, 5, dtype=torch.float64, generator=generator)
-    runs = []
+    eta, alpha, tau = 0.05, 0.3, 3
+    # Algorithm 1 written out: at t % tau == 0 the elastic move; the gradient at the point
+    # before the move (here g(x) = x + noise_t)
+    x, center = start.clone(), torch.zeros(5, dtype=torch.float64)
+    for t in range(20):
+        point = x
+        if t % tau == 0:
+            move = alpha * (x - center)
+            x, center = x - move, center + move
+        x = x - eta * (point + noise[t])
     for name in ("easgd", "eamsgd"):
-        config = AlgorithmConfig(name=name, learning_rate=0.05, momentum=0.0)
-        worker = ElasticWorker(start, comm_period=3, learning_rate=0.05, momentum=config.momentum)
-        server = ElasticServer(torch.zeros(5, dtype=torch.float64), moving_rate=0.3)
+        # each name through the factories the runtime uses, so a wrong dispatch would show
+        config = AlgorithmConfig(name=name, learning_rate=eta, momentum=0.0, moving_rate=alpha)
+        worker = make_worker_role(config, start, comm_period=tau)
+        server = make_server_role(config, torch.zeros(5, dtype=torch.float64), num_workers=1)
         for t in range(20):
             worker_step(
                 worker,
                 lambda p, t=t: (0.0, p + noise[t]),
                 lambda payload, server=server: server.handle(0, payload),
             )
-        runs.append((worker.params, server.center))
-    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+        assert torch.allclose(worker.params, x, rtol=0, atol=1e-14), name
+        assert torch.allclose(server.center, center, rtol=0, atol=1e-14), name
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])

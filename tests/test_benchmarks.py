@@ -51,7 +51,13 @@ def test_compare_quick(tmp_path: Path) -> None:
         "SGD p=1",
     } == methods
     assert {r["tau"] for r in result["tau_sweep"]} == {1, 4, 16, 64}
-    assert all(r["wall_budget_s"] > 0 for r in result["runtime"])
+    # every method gets the same wall-clock budget (like with like), and a time to target
+    # within it, if any
+    assert len({r["wall_budget_s"] for r in result["runtime"]}) == 1
+    budget = result["runtime"][0]["wall_budget_s"]
+    assert all(
+        r["time_to_target_s"] is None or r["time_to_target_s"] <= budget for r in result["runtime"]
+    )
     assert result["machine"]["cores"] >= 1
     assert (tmp_path / "compare_quick.png").stat().st_size > 10_000
 
@@ -65,7 +71,8 @@ def test_overhead_quick(tmp_path: Path) -> None:
         and ("PeriodicModelAverager", 10) in runs
         and ("easgd overlap", 10) in runs
     )
-    assert all(r["mean_steps_per_s"] > 0 for r in result["runs"])
+    # communication can slow workers down, not speed them up beyond noise
+    assert all(0 < r["ratio_to_no_comm"] < 1.5 for r in result["runs"])
     assert set(result["straggler_3x"]) >= {"easgd_others_rate_ratio", "allreduce_others_rate_ratio"}
 
 
@@ -75,4 +82,8 @@ def test_transport_quick(tmp_path: Path) -> None:
     assert {(r["workers"], r["floats"]) for r in result["rows"]} == {
         (p, n) for p in (1, 2) for n in (10**3, 10**5, 10**6)
     }
-    assert all(r["raw_rtt_ms"] > 0 and r["exchange_rtt_ms"] > 0 for r in result["rows"])
+    # 4 MB messages take longer than 4 KB ones: the payload really travels
+    rtt = {(r["workers"], r["floats"]): r for r in result["rows"]}
+    for p in (1, 2):
+        for key in ("raw_rtt_ms", "exchange_rtt_ms"):
+            assert rtt[(p, 10**6)][key] > rtt[(p, 10**3)][key]

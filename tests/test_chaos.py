@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from easgd.runtime.audit import conservation_gap
 from easgd.runtime.checkpoint import Checkpointer
 from tests.test_train_e2e import ROOT, run, torchrun
 
@@ -29,7 +30,7 @@ def test_sigkill_mid_run_resumes_from_checkpoints_after_restart(
 ) -> None:
     args = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "--max-restarts=1",
-        "-m", "easgd.train", "workers=3", "steps_per_worker=600", "eval_interval_s=0.1", "checkpoint.every_s=0.05",
+        "-m", "easgd.train", "workers=3", "steps_per_worker=600", "eval_interval_s=0.1", "checkpoint.every_s=0.05", "checkpoint.ledger=true",
         f"fault.kill_rank={rank}", f"fault.kill_at_step={at_step}", "progress=false", f"hydra.run.dir={tmp_path}",
     ]  # fmt: skip
     result = run(args)
@@ -39,6 +40,14 @@ def test_sigkill_mid_run_resumes_from_checkpoints_after_restart(
     assert done["restarts"] == 1
     assert done["worker_steps"] == 3 * 600  # every worker finished its budget in the end
     assert sum(done["resumed_worker_steps"].values()) > 0  # resumed, not restarted from scratch
+    if rank != 0:  # the killed worker computed exactly up to step at_step before it died
+        assert (
+            done["redone_steps_by_worker"][str(rank)]
+            == at_step - done["resumed_worker_steps"][str(rank)]
+        )
+    assert done["redone_worker_steps"] == sum(done["redone_steps_by_worker"].values())
+    # the final snapshot is consistent: center = initial center + every worker's ledger
+    assert conservation_gap(tmp_path) < 1e-4
     assert done["test_error"] < 0.1
 
 
@@ -104,3 +113,20 @@ def test_bad_files_fail_before_processes_start(
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr
+
+
+def test_chaos_benchmark_quick(tmp_path: Path) -> None:
+    result = run(
+        [sys.executable, "benchmarks/chaos.py", "--quick", "--out", str(tmp_path),
+         "--scratch", str(tmp_path / "scratch")],
+        timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads((tmp_path / "chaos_quick.json").read_text())
+    worker = figures["kills"]["worker"]
+    assert worker["killed"] + worker["not_killed_in_time"] == 1
+    assert worker["survived"] == worker["conservation_held"] == worker["killed"]
+    soak = figures["soak"]
+    assert soak["returncode"] == 0 and soak["samples"] >= 2
+    assert abs(soak["growth_total"]) < 0.5  # a leak of this size would show in seconds
+    assert "worker kills: survived" in (tmp_path / "chaos_quick.log").read_text()

@@ -76,3 +76,17 @@ def test_loading_never_executes_code(tmp_path: Path) -> None:
     torch.save({"format": "easgd-checkpoint-1", "payload": Exploit()}, path)
     with pytest.raises(CheckpointError, match="unreadable"):
         Checkpointer.read(path)
+
+
+def test_numbered_snapshots_prune_to_the_committed_and_keep_newer_ones(tmp_path: Path) -> None:
+    ckpt = Checkpointer(tmp_path, "worker2")
+    for number in range(1, 8):
+        ckpt.save(state(float(number)), number)
+    ckpt.save_final(state(99.0))
+    ckpt.prune([4, 6])  # committed: 4 and 6; 7 may still be committed, 5 never will be
+    assert ckpt.numbers() == [4, 6, 7]
+    loaded = ckpt.load(6)
+    assert loaded is not None and loaded["role"]["updates"] == 6
+    assert ckpt.load(5) is None
+    final = ckpt.load_final()
+    assert final is not None and final["role"]["updates"] == 99

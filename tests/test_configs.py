@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from easgd.config.schema import TrainConfig, validate
@@ -61,7 +62,13 @@ def test_every_option_of_the_other_groups_composes(group: str) -> None:
             else []
         )
         cfg = composed(f"{group}={option}", *extra)
-        assert getattr(cfg, group) is not None
+        # every key the option file sets arrives in the composed, typed config with its value
+        written = OmegaConf.to_container(OmegaConf.load(CONFIGS / group / f"{option}.yaml"))
+        assert isinstance(written, dict) and written
+        for key, value in written.items():
+            if value == "???":  # mandatory: given on the command line (extra)
+                continue
+            assert getattr(getattr(cfg, group), key) == value, (group, option, key)
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))

@@ -39,8 +39,8 @@ class InProcessServer:
     def send_control(self, header: Header, payload: Tensor | None = None) -> None:
         assert header.op == Op.HELLO
         size = self.role.center.numel()
-        if int(header.value) != size:
-            self._reply = (Header(Op.REPLY, error=ERROR_SHAPE_MISMATCH, value=size), None)
+        if header.num_params != size:
+            self._reply = (Header(Op.REPLY, error=ERROR_SHAPE_MISMATCH, num_params=size), None)
         else:
             self._reply = (Header(Op.REPLY), self.role.center.clone())
 

@@ -1,20 +1,28 @@
 """Process-group set-up: checks that fail fast with a clear message, and one group per pair.
 
-Rank 0 is the parameter server; ranks 1..p are workers. Every restart attempt of torchrun gets a
-fresh key prefix in the rendezvous store, so gloo re-initialisation does not trip over the keys
-of the attempt before (measured: "Gloo connectFullMesh failed ... Connection refused" otherwise).
+Rank 0 is the parameter server; ranks 1..p are workers. Every restart of the job gets a fresh key
+prefix in the rendezvous store, so gloo re-initialisation does not trip over the keys of the
+attempt before (measured: "Gloo connectFullMesh failed ... Connection refused" otherwise). The
+prefix is the c10d rendezvous round, which every agent of the job agrees on, including an agent
+on a replacement node that starts from scratch (its own restart count is 0 while the others'
+is not). Outside a c10d rendezvous the agent's restart count is used.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime
+import logging
 import os
+import pickle
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 SERVER_RANK = 0
+
+log = logging.getLogger("easgd")
 
 
 class LaunchError(RuntimeError):
@@ -72,8 +80,27 @@ def choose_backend(requested: str) -> str:
     return "gloo" if requested == "auto" else requested
 
 
-def _store(env: DistEnv, timeout: datetime.timedelta) -> dist.Store:
-    """A TCP store client on torchrun's store, prefixed by the restart attempt."""
+def rendezvous_round(store: dist.Store) -> int | None:
+    """The round of torchrun's c10d rendezvous this process was started in (None: not c10d).
+
+    The c10d rendezvous keeps its state (pickled, base64) under ``torch.rendezvous.<run id>`` in
+    the very TCP store the workers connect to; its round increases at every re-rendezvous.
+    """
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    key = f"torch.rendezvous.{run_id}"
+    try:
+        if not run_id or not store.check([key]):
+            return None
+        raw = store.get(key)
+        state = pickle.loads(base64.b64decode(raw))  # written by torch's own rendezvous
+        return int(state.round)
+    except Exception as err:  # another rendezvous backend, or a format this torch does not use
+        log.debug("no c10d rendezvous round in the store (%s)", err)
+        return None
+
+
+def _store(env: DistEnv, timeout: datetime.timedelta) -> tuple[dist.Store, int]:
+    """A TCP store client on torchrun's store, prefixed by the rendezvous round."""
     host = os.environ.get("MASTER_ADDR", "127.0.0.1")
     port = int(os.environ.get("MASTER_PORT", "29500"))
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
@@ -85,7 +112,10 @@ def _store(env: DistEnv, timeout: datetime.timedelta) -> dist.Store:
         timeout=timeout,
         wait_for_workers=False,
     )
-    return dist.PrefixStore(f"easgd/attempt{env.restart_count}/", store)
+    round_ = rendezvous_round(store) if agent_store else None
+    if round_ is not None:
+        return dist.PrefixStore(f"easgd/round{round_}/", store), round_
+    return dist.PrefixStore(f"easgd/attempt{env.restart_count}/", store), env.restart_count
 
 
 @dataclass
@@ -95,13 +125,15 @@ class PairGroups:
     groups: dict[int, dist.ProcessGroup]
     """``{worker_rank: group}`` on the server, ``{own_rank: group}`` on a worker."""
     store: dist.Store
-    """The (attempt-prefixed) rendezvous store, also used for heartbeats."""
+    """The (generation-prefixed) rendezvous store, also used for heartbeats."""
+    generation: int = 0
+    """Which start of the job this is, as every rank agrees (0: the first; fault.* fires only there)."""
 
 
 def init_pair_groups(env: DistEnv, *, backend: str, timeout_s: float) -> PairGroups:
     """Join the default group and create one group per (server, worker) pair."""
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = _store(env, timeout)
+    store, generation = _store(env, timeout)
     dist.init_process_group(
         backend,
         store=store,
@@ -111,11 +143,15 @@ def init_pair_groups(env: DistEnv, *, backend: str, timeout_s: float) -> PairGro
     )
     groups: dict[int, dist.ProcessGroup] = {}
     for worker in range(1, env.world_size):
-        # every rank takes part in every new_group call, in the same order (the c10d contract)
+        # Every rank calls every new_group, in the same order (the c10d contract), but only the
+        # pair's two ranks touch the store: without TORCH_DIST_INIT_BARRIER=1 a non-member returns
+        # at once, so set-up costs O(p) store operations. (use_local_synchronization would let
+        # non-members skip the call, but its hashed group names count the groups each process
+        # already has, so the server and worker w disagree on the name for w > 1 and hang.)
         group = dist.new_group([SERVER_RANK, worker], timeout=timeout)
         if env.rank in (SERVER_RANK, worker):
             groups[worker] = group
-    return PairGroups(groups, store)
+    return PairGroups(groups, store, generation)
 
 
 def shutdown() -> None:

@@ -1,26 +1,18 @@
 """The messages between a worker and the server: a small float64 header, then an optional payload.
 
-Header slots (float64 holds every integer up to 2**53 exactly):
-
-    0 op            what the message is (see :class:`Op`)
-    1 step          the sender's step counter (worker t_i, or the server clock)
-    2 has_payload   1 if a payload tensor follows
-    3 stop          server -> worker: stop after this step
-    4 value         op-specific number (HELLO: parameter count; EXCHANGE: mean train loss)
-    5 latency_ms    worker -> server: round-trip time of its previous exchange
-    6 staleness     server -> worker: server updates since this worker last read the center
-    7 error         server -> worker: nonzero when the server rejected the message
+The header is one float64 slot per field of :class:`Header`, in field order (float64 holds every
+integer up to 2**53 exactly). Each field has one meaning; a field a message does not use is 0.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
-
-HEADER_SIZE = 8
 
 
 class Op(enum.IntEnum):
@@ -35,57 +27,74 @@ class Op(enum.IntEnum):
     REPLY = 4
     """server -> worker: the answer to one message."""
     FAILED = 5
-    """worker -> server: I raised an exception and am leaving (continue-policy bookkeeping)."""
+    """worker -> server: I raised an exception at ``step`` and am leaving."""
 
 
 class ServerRejected(RuntimeError):
     """The server refused a worker's message (e.g. a parameter-count mismatch)."""
 
 
+class ServerFailed(RuntimeError):
+    """The server raised an exception and ended the run; its log holds the traceback."""
+
+
 ERROR_SHAPE_MISMATCH = 1
+"""HELLO refused: the worker's model has another parameter count (in ``num_params``)."""
 ERROR_NON_FINITE = 2
+"""EXCHANGE refused by the divergence guard: the payload is the center, reset to it."""
+ERROR_SERVER = 3
+"""The server failed (an exception in the server, not the worker's fault); the run is over."""
 
 
 @dataclass
 class Header:
-    """Decoded header fields."""
+    """Decoded header fields (one float64 slot each, in this order)."""
 
     op: Op
     step: int = 0
+    """The sender's step counter (worker t_i; on a reply, the server's exchange count)."""
     has_payload: bool = False
+    """1 if a payload tensor follows."""
     stop: bool = False
-    value: float = 0.0
-    latency_ms: float = 0.0
-    staleness: int = 0
+    """server -> worker: stop after this step."""
     error: int = 0
+    """server -> worker: nonzero (an ``ERROR_*`` code) when the server refused or failed."""
+    train_loss: float = 0.0
+    """EXCHANGE: the worker's mean train loss since its previous exchange."""
+    latency_ms: float = 0.0
+    """EXCHANGE: round-trip time of the worker's previous exchange."""
+    staleness: int = 0
+    """REPLY: server updates since this worker last read the center."""
+    num_params: int = 0
+    """HELLO (and its refusal): the sender's parameter count."""
+    steps_per_s: float = 0.0
+    """DONE: the worker's step rate over its loop."""
+    snapshot: int = 0
+    """REPLY: this exchange is the worker's part of snapshot ``snapshot`` (0: none): save it."""
+    saved_snapshot: int = 0
+    """worker -> server: the newest snapshot this worker has durably saved (0: none)."""
+    redone_steps: int = 0
+    """HELLO: steps this worker computed before the last crash and must now compute again."""
 
     def encode(self) -> Tensor:
         """As the float64 tensor that travels."""
         return torch.tensor(
-            [
-                float(self.op),
-                float(self.step),
-                float(self.has_payload),
-                float(self.stop),
-                float(self.value),
-                float(self.latency_ms),
-                float(self.staleness),
-                float(self.error),
-            ],
-            dtype=torch.float64,
+            [float(getattr(self, f.name)) for f in dataclasses.fields(self)], dtype=torch.float64
         )
 
     @classmethod
     def decode(cls, tensor: Tensor) -> Header:
         """From the received float64 tensor."""
-        v = tensor.tolist()
-        return cls(
-            op=Op(int(v[0])),
-            step=int(v[1]),
-            has_payload=bool(v[2]),
-            stop=bool(v[3]),
-            value=float(v[4]),
-            latency_ms=float(v[5]),
-            staleness=int(v[6]),
-            error=int(v[7]),
-        )
+        values = tensor.tolist()
+        kwargs: dict[str, Any] = {}
+        for f, value in zip(_FIELDS, values, strict=True):
+            kind = _TYPES[f.name]
+            kwargs[f.name] = Op(int(value)) if f.name == "op" else kind(value)
+        return cls(**kwargs)
+
+
+_FIELDS = dataclasses.fields(Header)
+_TYPES = {
+    f.name: {"int": int, "bool": bool, "float": float, "Op": Op}[str(f.type)] for f in _FIELDS
+}
+HEADER_SIZE = len(_FIELDS)

@@ -8,6 +8,7 @@ applied here, before each send, so every algorithm sees the same network.
 
 from __future__ import annotations
 
+import datetime
 import random
 import time
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ class PairTransport:
         dtype: torch.dtype = torch.float32,
         delay: Delay = Delay(),
         seed: int = 0,
+        pin_memory: bool = False,
     ) -> None:
         self.peer = peer
         self.group = group
@@ -62,7 +64,9 @@ class PairTransport:
         self.dtype = dtype
         self.delay = delay
         self._rng = random.Random(seed)
-        pin = torch.cuda.is_available()
+        # pinned staging only for CUDA payloads: pinning creates a CUDA context (the CPU-only
+        # server must not hold memory on GPU 0)
+        pin = pin_memory
         self.framed = numel <= FRAME_LIMIT
         self._header = torch.zeros(HEADER_SIZE, dtype=torch.float64)
         item = torch.empty((), dtype=dtype).element_size()
@@ -71,6 +75,17 @@ class PairTransport:
         self._pin = pin
         self._out_buffer: Tensor | None = None
         self._in = torch.zeros(size, dtype=dtype)
+        self.recv_timeout_s: float | None = None
+        """How long a receive may wait (None: the process group's timeout). The server sets it
+        long: a worker's liveness is judged by its heartbeat, not by a fixed deadline."""
+
+    def _recv_into(self, buffer: Tensor) -> None:
+        if self.recv_timeout_s is None:
+            dist.recv(buffer, self.peer, group=self.group)
+            return
+        work = dist.irecv(buffer, self.peer, group=self.group)
+        assert work is not None
+        work.wait(timeout=datetime.timedelta(seconds=self.recv_timeout_s))
 
     @property
     def _out(self) -> Tensor:
@@ -107,7 +122,7 @@ class PairTransport:
         """Receive one message; the payload (or None) is valid until the next receive."""
         if not self.framed:
             return self.recv_control()
-        dist.recv(self._in, self.peer, group=self.group)
+        self._recv_into(self._in)
         header = Header.decode(self._in[: self._header_slots].view(torch.float64))
         return header, (self._in[self._header_slots :] if header.has_payload else None)
 
@@ -127,10 +142,10 @@ class PairTransport:
 
     def recv_control(self) -> tuple[Header, Tensor | None]:
         """Receive a header alone, then its payload if it announces one."""
-        dist.recv(self._header, self.peer, group=self.group)
+        self._recv_into(self._header)
         header = Header.decode(self._header)
         payload = None
         if header.has_payload:
             payload = self._in[-self.numel :]
-            dist.recv(payload, self.peer, group=self.group)
+            self._recv_into(payload)
         return header, payload

@@ -39,9 +39,12 @@ class CommConfig:
     slowdown: list[float] = field(default_factory=list)
     """Per-worker slowdown factors (a worker with 3.0 takes 3x as long per step); empty: none."""
     timeout_s: float = 120.0
-    """Timeout of process-group set-up and of a worker's wait for the server."""
+    """Timeout of process-group set-up, of a worker's wait for the server's reply, and the
+    liveness allowance of a worker's first (warm-up) step. The server's wait for a worker's next
+    message has no fixed timeout: the worker's liveness decides (heartbeat_timeout_s)."""
     heartbeat_timeout_s: float = 10.0
-    """The server declares a worker hung when its heartbeat has not moved for this long."""
+    """The server declares a worker hung when its training loop has not advanced for this long,
+    or for 10x its own measured time per step if that is longer (a slow worker is not hung)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.period, bool) or int(self.period) != self.period or self.period < 1:
@@ -145,11 +148,14 @@ class CheckpointConfig:
     """When and what to checkpoint."""
 
     every_s: float = 30.0
-    """Seconds between server checkpoints of the center (0 disables periodic checkpoints)."""
+    """Seconds between consistent snapshots of the server and all workers (0: only at the end)."""
     keep: int = 3
-    """How many checkpoints to keep per process."""
+    """How many committed snapshots to keep."""
     resume: bool = True
-    """Resume from the newest good checkpoint in the run directory, if there is one."""
+    """Resume from the newest committed snapshot in the run directory, if there is one."""
+    ledger: bool = False
+    """Workers keep the sum of the center changes their exchanges caused (float64) in their
+    snapshots, so that benchmarks/chaos.py can audit conservation (easgd/eamsgd/downpour)."""
 
     def __post_init__(self) -> None:
         if self.every_s < 0 or self.keep < 1:
@@ -168,17 +174,24 @@ class FaultConfig:
     kill_at_step: int = 0
     """... when its local step counter reaches this value (rank 0: server updates)."""
     raise_rank: int | None = None
-    """This worker raises a RuntimeError ..."""
+    """This rank raises a RuntimeError (0: the server, inside its exchange handling) ..."""
     raise_at_step: int = 0
-    """... at this local step."""
+    """... at this local step (rank 0: once it has made this many updates)."""
     hang_rank: int | None = None
     """This worker stops itself with SIGSTOP (a hung process: its connections stay open) ..."""
     hang_at_step: int = 0
     """... at this local step (detected by the server's heartbeat monitor)."""
+    hang_mode: str = "sigstop"
+    """sigstop: the whole process stops; loop: only its training loop blocks (a stuck step),
+    while its other threads run on."""
     nan_rank: int | None = None
     """This worker's parameters become NaN ..."""
     nan_at_step: int = 0
     """... at this local step (the server must refuse them and reset the worker)."""
+
+    def __post_init__(self) -> None:
+        if self.hang_mode not in ("sigstop", "loop"):
+            raise ValueError(f"fault.hang_mode={self.hang_mode!r}; allowed: sigstop, loop")
 
 
 @dataclass

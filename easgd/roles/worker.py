@@ -258,6 +258,19 @@ class MDownpourWorker(WorkerRole):
     def final_outgoing(self) -> Tensor | None:
         return self.outgoing()
 
+    def state_dict(self) -> State:
+        state = super().state_dict()
+        if self._pending:  # the gradient the next exchange sends: part of a consistent snapshot
+            state["pending_grad"] = self._grad.detach().clone()
+        return state
+
+    def load_state_dict(self, state: State) -> None:
+        pending = state.get("pending_grad")
+        super().load_state_dict({k: v for k, v in state.items() if k != "pending_grad"})
+        if isinstance(pending, Tensor):
+            self._grad.copy_(pending)
+            self._pending = True
+
     def reset(self, center: Tensor) -> None:
         super().reset(center)
         self._pending = False

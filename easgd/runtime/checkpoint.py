@@ -3,8 +3,10 @@
 A checkpoint file holds ``{"format", "sha256", "payload"}`` where ``payload`` is the bytes of a
 ``torch.save`` of the state; the digest is checked before the payload is parsed, and both levels
 are read with ``torch.load(weights_only=True)`` (tensors, numbers, strings, lists and dicts only:
-no code runs). Files are written to a temporary name, flushed, fsynced, then renamed, so a crash
-never leaves a half-written file under a checkpoint's name; the last ``keep`` are kept.
+no code runs), onto the CPU whatever device wrote them (``map_location``). Files are written with
+:func:`easgd.runtime.files.atomic_write`, so a crash never leaves a half-written file under a
+checkpoint's name. Files are numbered (the snapshot id); a worker also keeps one ``-final`` file,
+its state when it said DONE.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ import io
 import logging
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from easgd.runtime.files import atomic_write
 
 log = logging.getLogger("easgd.checkpoint")
 
@@ -47,11 +52,39 @@ class Checkpointer:
                 found.append((int(match.group(1)), path))
         return sorted(found)
 
-    def save(self, state: dict[str, Any]) -> Path:
-        """Write ``state`` as the next checkpoint, atomically; prune old ones."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+    def path(self, number: int) -> Path:
+        """Where checkpoint ``number`` of this process lives."""
+        return self.directory / f"{self.name}-{number:08d}.pt"
+
+    @property
+    def final_path(self) -> Path:
+        """Where this process's final state (written before a worker says DONE) lives."""
+        return self.directory / f"{self.name}-final.pt"
+
+    def numbers(self) -> list[int]:
+        """The numbers of this process's checkpoint files, ascending."""
+        return [number for number, _ in self._existing()]
+
+    def save(self, state: dict[str, Any], number: int | None = None) -> Path:
+        """Write ``state`` as checkpoint ``number`` (default: the next one), atomically.
+
+        Without a number (unnumbered, sequential use) only the newest ``keep`` are kept; numbered
+        snapshots are pruned by :meth:`prune`, since only the run knows which ones are committed.
+        """
         existing = self._existing()
-        number = existing[-1][0] + 1 if existing else 0
+        if number is not None:
+            return self._write(self.path(number), state)
+        path = self._write(self.path(existing[-1][0] + 1 if existing else 0), state)
+        for _, old in existing[: max(0, len(existing) + 1 - self.keep)]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def save_final(self, state: dict[str, Any]) -> Path:
+        """Write this process's final state, atomically."""
+        return self._write(self.final_path, state)
+
+    @staticmethod
+    def _write(path: Path, state: dict[str, Any]) -> Path:
         buffer = io.BytesIO()
         torch.save(state, buffer)
         payload = buffer.getvalue()
@@ -60,22 +93,34 @@ class Checkpointer:
             "sha256": hashlib.sha256(payload).hexdigest(),
             "payload": payload,
         }
-        final = self.directory / f"{self.name}-{number:08d}.pt"
-        tmp = final.with_name(f".{final.name}.tmp")
-        with open(tmp, "wb") as handle:
-            torch.save(wrapper, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, final)
-        for _, old in existing[: max(0, len(existing) + 1 - self.keep)]:
-            old.unlink(missing_ok=True)
-        return final
+        out = io.BytesIO()
+        torch.save(wrapper, out)
+        return atomic_write(path, out.getvalue())
+
+    def load(self, number: int) -> dict[str, Any] | None:
+        """Checkpoint ``number`` (None if there is no such file; CheckpointError if damaged)."""
+        path = self.path(number)
+        return self.read(path) if path.is_file() else None
+
+    def load_final(self) -> dict[str, Any] | None:
+        """The final state (None if this process never finished)."""
+        return self.read(self.final_path) if self.final_path.is_file() else None
+
+    def prune(self, keep: Iterable[int]) -> None:
+        """Delete every numbered checkpoint of this process below the smallest of ``keep``
+        and not in it (newer, uncommitted ones stay: they may still be committed)."""
+        kept = set(keep)
+        if not kept:
+            return
+        for number, path in self._existing():
+            if number < min(kept) or (number < max(kept) and number not in kept):
+                path.unlink(missing_ok=True)
 
     @staticmethod
     def read(path: Path) -> dict[str, Any]:
         """Load and verify one checkpoint file (raises CheckpointError if it is not intact)."""
         try:
-            wrapper = torch.load(path, weights_only=True)
+            wrapper = torch.load(path, weights_only=True, map_location="cpu")
         except Exception as err:
             raise CheckpointError(f"{path} is unreadable ({type(err).__name__}: {err})") from None
         if not isinstance(wrapper, dict) or wrapper.get("format") != FORMAT:
@@ -85,7 +130,7 @@ class Checkpointer:
             "sha256"
         ):
             raise CheckpointError(f"{path} fails its checksum (corrupted)")
-        state = torch.load(io.BytesIO(payload), weights_only=True)
+        state = torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
         if not isinstance(state, dict):
             raise CheckpointError(f"{path} holds no state dictionary")
         return state

@@ -111,9 +111,10 @@ def device_for(cfg: TrainConfig, local_rank: int) -> torch.device:
 
 
 def transport_for(
-    cfg: TrainConfig, peer: int, group: Any, numel: int, own_rank: int
+    cfg: TrainConfig, peer: int, group: Any, numel: int, own_rank: int, *, pin_memory: bool = False
 ) -> PairTransport:
     return PairTransport(
+        pin_memory=pin_memory,
         peer=peer,
         group=group,
         numel=numel,

@@ -1,10 +1,20 @@
-"""Failure injection (the fault.* config): die or hang as abruptly as a machine fault would."""
+"""Failure injection (the fault.* config): die, raise, hang or diverge as a machine fault would.
+
+Kills, exceptions and hangs fire only in the first start of a job (``generation`` 0, as every
+rank agrees), so a restarted job succeeds.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import signal
+import threading
+from typing import Any
+
+import torch
+
+from easgd.config.schema import FaultConfig
 
 log = logging.getLogger("easgd")
 
@@ -16,7 +26,54 @@ def kill_self(who: str, step: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def hang_self(who: str, step: int) -> None:
-    """Stop this process (SIGSTOP): its connections stay open, only heartbeats reveal it."""
+def hang_self(who: str, step: int, *, mode: str = "sigstop") -> None:
+    """Hang: ``sigstop`` stops the whole process (its connections stay open); ``loop`` blocks
+    only the training loop, so its other threads (a heartbeat thread) keep running."""
+    if mode == "loop":
+        log.warning("fault injection: %s's training loop blocks forever at step %d", who, step)
+        threading.Event().wait()
     log.warning("fault injection: %s stops itself (SIGSTOP) at step %d", who, step)
     os.kill(os.getpid(), signal.SIGSTOP)
+
+
+class FaultInjector:
+    """The faults configured for one rank, checked at each of its steps."""
+
+    def __init__(self, fault: FaultConfig, rank: int, *, generation: int) -> None:
+        self.fault = fault
+        self.rank = rank
+        self.first_start = generation == 0
+        self.who = "server" if rank == 0 else f"worker {rank}"
+
+    def worker_step(self, step: int, params: torch.Tensor) -> None:
+        """Fire this worker's faults due at ``step`` (NaN: written into ``params`` in place)."""
+        fault, rank = self.fault, self.rank
+        if self.first_start:
+            if fault.kill_rank == rank and step == fault.kill_at_step:
+                kill_self(self.who, step)
+            if fault.raise_rank == rank and step == fault.raise_at_step:
+                raise RuntimeError(f"fault injection: {self.who} raises at step {step}")
+            if fault.hang_rank == rank and step == fault.hang_at_step:
+                hang_self(self.who, step, mode=fault.hang_mode)
+        if fault.nan_rank == rank and step == fault.nan_at_step:
+            log.warning("fault injection: %s parameters set to NaN at step %d", self.who, step)
+            params.fill_(float("nan"))
+
+    def wrap_server_role(self, role: Any) -> None:
+        """fault.raise_rank=0: the server role raises in its exchange handling (a serve thread)
+        once it has made ``raise_at_step`` updates, as a bug in the server's own code would."""
+        if not (self.first_start and self.fault.raise_rank == 0):
+            return
+        handle, at = role.handle, self.fault.raise_at_step
+
+        def failing_handle(*args: Any, **kwargs: Any) -> torch.Tensor:
+            if role.updates >= at:
+                raise RuntimeError(f"fault injection: the server raises at update {role.updates}")
+            return handle(*args, **kwargs)
+
+        role.handle = failing_handle
+
+    def server_tick(self, updates: int) -> None:
+        """The server's kill fires at a tick once it has made ``kill_at_step`` updates."""
+        if self.first_start and self.fault.kill_rank == 0 and updates >= self.fault.kill_at_step:
+            kill_self(self.who, updates)

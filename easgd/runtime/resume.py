@@ -1,17 +1,21 @@
-"""What a restarted run resumes from: compatible checkpoints, and the progress it had made."""
+"""What a restarted run resumes from: the newest committed snapshot (see :mod:`.snapshot`)."""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from easgd.config.schema import TrainConfig
-from easgd.runtime.checkpoint import Checkpointer, check_compatible
+from easgd.runtime.checkpoint import Checkpointer, CheckpointError, check_compatible
+from easgd.runtime.snapshot import SnapshotLog
 
 log = logging.getLogger("easgd")
+
+
+def checkpoint_dir(cfg: TrainConfig) -> Path:
+    """The run's checkpoint folder."""
+    return Path(cfg.run_dir) / "checkpoints"
 
 
 def checkpoint_signature(cfg: TrainConfig, num_params: int) -> dict[str, Any]:
@@ -24,36 +28,60 @@ def checkpoint_signature(cfg: TrainConfig, num_params: int) -> dict[str, Any]:
     }
 
 
-def resume_state(
-    checkpointer: Checkpointer, cfg: TrainConfig, signature: dict[str, Any]
-) -> dict[str, Any] | None:
-    """The newest intact, compatible checkpoint's state (None: start fresh)."""
+def committed_snapshot(cfg: TrainConfig) -> int | None:
+    """The newest committed snapshot to resume from (None: start fresh)."""
     if not cfg.checkpoint.resume:
         return None
-    found = checkpointer.latest()
-    if found is None:
+    committed = SnapshotLog(checkpoint_dir(cfg)).committed()
+    return committed[-1] if committed else None
+
+
+def resume_server(
+    checkpointer: Checkpointer, cfg: TrainConfig, signature: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The server's part of the newest committed snapshot (None: start fresh)."""
+    number = committed_snapshot(cfg)
+    if number is None:
         return None
-    path, state = found
-    check_compatible(state, path=path, signature=signature)
-    log.info("resuming from %s", path)
+    state = checkpointer.load(number)
+    if state is None:
+        raise CheckpointError(
+            f"snapshot {number} is committed but {checkpointer.path(number)} is missing; "
+            "use a fresh run directory or checkpoint.resume=false"
+        )
+    check_compatible(state, path=checkpointer.path(number), signature=signature)
+    log.info("resuming from snapshot %d (%s)", number, checkpointer.path(number))
     return state
 
 
-def progress_path(cfg: TrainConfig) -> Path:
-    return Path(cfg.run_dir) / "checkpoints" / "progress.json"
+def resume_worker(
+    checkpointer: Checkpointer, cfg: TrainConfig, signature: dict[str, Any]
+) -> dict[str, Any] | None:
+    """This worker's part of the newest committed snapshot: its file for that snapshot, or its
+    final state if it had finished (or said DONE) by then; None: start fresh."""
+    number = committed_snapshot(cfg)
+    state = load_worker_part(checkpointer, number, signature)
+    if state is None or number is None or checkpointer.path(number).is_file():
+        checkpointer.final_path.unlink(missing_ok=True)  # stale: written after this snapshot
+    return state
 
 
-def write_progress(cfg: TrainConfig, steps: dict[int, int]) -> None:
-    """The server's latest view of each worker's steps, to measure progress redone after a crash."""
-    path = progress_path(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({str(r): s for r, s in steps.items()}))
-    os.replace(tmp, path)
-
-
-def read_progress(cfg: TrainConfig) -> dict[int, int]:
-    path = progress_path(cfg)
-    if not path.is_file():
-        return {}
-    return {int(r): int(s) for r, s in json.loads(path.read_text()).items()}
+def load_worker_part(
+    checkpointer: Checkpointer, number: int | None, signature: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """A worker's part of snapshot ``number``: its file for it, or its final state (None: fresh)."""
+    state, path = None, checkpointer.final_path
+    if number is not None:
+        path = checkpointer.path(number)
+        state = checkpointer.load(number)
+        if state is None:
+            path = checkpointer.final_path
+            state = checkpointer.load_final()
+        if state is None:
+            log.warning("no part of snapshot %d for %s; starting fresh", number, checkpointer.name)
+    if state is None:
+        return None
+    if signature is not None:
+        check_compatible(state, path=path, signature=signature)
+    log.info("resuming from %s", path)
+    return state

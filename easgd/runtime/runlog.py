@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from easgd.runtime.files import atomic_write
+
 METRIC_FIELDS = ("wall_s", "exchanges", "server_updates", "worker_steps", "test_loss", "test_error")
 
 
@@ -84,11 +86,8 @@ class RunLog:
 
     def summary(self, summary: dict[str, Any]) -> Path:
         """Write ``summary.json`` atomically and return its path."""
-        path = self.run_dir / "summary.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-        return path
+        text = json.dumps(summary, indent=2, sort_keys=True) + "\n"
+        return atomic_write(self.run_dir / "summary.json", text)
 
     def close(self) -> None:
         """Flush and close every file."""

@@ -10,8 +10,9 @@ from typing import Any
 from easgd.config.schema import TrainConfig
 from easgd.data.sampling import MinibatchSampler
 from easgd.data.split import Split
+from easgd.flat import FlatModel
 from easgd.roles import make_worker_role
-from easgd.runtime.components import evaluator_for
+from easgd.runtime.components import build_model, device_for
 from easgd.runtime.progress import Progress
 from easgd.runtime.runlog import RunLog
 from easgd.runtime.server import StopRule
@@ -22,11 +23,22 @@ log = logging.getLogger("easgd")
 
 def run_sequential(cfg: TrainConfig, split: Split) -> dict[str, Any]:
     """A sequential baseline (p = 1, no server) through the same role, log and summary."""
-    flat = evaluator_for(cfg, split)
+    device = device_for(cfg, 0)
+    flat = FlatModel(
+        build_model(cfg.model, split, seed=cfg.seed).to(device),
+        weight_decay=cfg.algorithm.weight_decay,
+    )
     role = make_worker_role(cfg.algorithm, flat.initial_point(), comm_period=1)
     sampler = MinibatchSampler(
-        split, batch_size=cfg.data.batch_size, worker_index=0, num_workers=1, seed=cfg.seed
+        split,
+        batch_size=cfg.data.batch_size,
+        worker_index=0,
+        num_workers=1,
+        seed=cfg.seed,
+        device=device,
     )
+    test_x, test_y = split.test_x.to(device), split.test_y.to(device)
+    train_x = split.train_x[:4096].to(device)  # for BatchNorm statistics of the evaluated point
     runlog = RunLog(cfg.run_dir, tensorboard=cfg.tensorboard)
     progress = Progress(cfg.steps_per_worker, enabled=cfg.progress)
     started = time.perf_counter()
@@ -34,7 +46,8 @@ def run_sequential(cfg: TrainConfig, split: Split) -> dict[str, Any]:
     stop_reason = "steps"
 
     def evaluate() -> dict[str, float]:
-        metrics = flat.evaluate(role.evaluated(), split.test_x, split.test_y)
+        flat.recompute_running_stats(role.evaluated(), train_x)
+        metrics = flat.evaluate(role.evaluated(), test_x, test_y)
         runlog.evaluation(
             wall_s=time.perf_counter() - started,
             exchanges=0,
@@ -62,6 +75,7 @@ def run_sequential(cfg: TrainConfig, split: Split) -> dict[str, Any]:
             runlog.scalar("worker1/train_loss", loss, role.step)
             progress.advance(1, exchanges=0)
         metrics = evaluate()
+        train = flat.evaluate(role.evaluated(), split.train_x, split.train_y)
         progress.close()
         summary = build_summary(
             cfg,
@@ -73,6 +87,7 @@ def run_sequential(cfg: TrainConfig, split: Split) -> dict[str, Any]:
             test_loss=metrics["test_loss"],
             test_error=metrics["test_error"],
             stop_reason=stop_reason,
+            extra={"train_loss": train["test_loss"], "train_error": train["test_error"]},
         )
         finish_run(runlog, cfg, summary)
     finally:

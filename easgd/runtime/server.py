@@ -4,6 +4,13 @@ Whoever comes first is served first: every worker has a thread blocked on its ow
 and a lock around the server role makes each update atomic (without it the conservation of
 center + sum of workers breaks). The main thread evaluates the center (or z) every
 ``eval_interval_s`` without stopping the workers, applies the stop rules and writes the run log.
+
+Failures are told apart: a worker whose connection breaks, or whose training loop stops
+advancing (:mod:`easgd.comm.heartbeat`), is *lost*; an exception in the server's own code (the
+role, the run log) is a *server error*: every worker gets an error reply and leaves, and
+:meth:`ParameterServer.run` re-raises the exception with its traceback. Serve threads are joined
+at the end; only a thread blocked on a hung (stopped) worker cannot be, since gloo cannot cancel
+a receive, and it is left behind as a daemon (the process still exits at once).
 """
 
 from __future__ import annotations
@@ -14,15 +21,23 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
 from easgd.comm.heartbeat import HeartbeatMonitor
-from easgd.comm.message import ERROR_NON_FINITE, ERROR_SHAPE_MISMATCH, Header, Op
+from easgd.comm.message import (
+    ERROR_NON_FINITE,
+    ERROR_SERVER,
+    ERROR_SHAPE_MISMATCH,
+    Header,
+    Op,
+)
 from easgd.comm.transport import PairTransport
 from easgd.roles import ElasticServer, ServerRole, UpdateRefused
 from easgd.runtime.progress import Progress
 from easgd.runtime.runlog import RunLog
+from easgd.runtime.snapshot import SnapshotCut
 
 log = logging.getLogger("easgd.server")
 
@@ -58,6 +73,14 @@ class WorkerStats:
     failed: str | None = None
     steps_per_s: float = 0.0
     """The worker's own step rate over its loop, reported when it finishes."""
+    redone_steps: int = 0
+    """Steps this worker computed before the last crash and computes again (from its HELLO)."""
+    in_service: bool = False
+    """A message of this worker is being served (its silence is not its own)."""
+
+
+class PeerLost(ConnectionError):
+    """The connection to a worker broke (it died, or its process group failed)."""
 
 
 @dataclass
@@ -95,6 +118,8 @@ class ParameterServer:
         exchanges_before: int = 0,
         heartbeat: HeartbeatMonitor | None = None,
         max_update_norm: float | None = None,
+        snapshots: SnapshotCut | None = None,
+        finished_before: set[int] | frozenset[int] = frozenset(),
     ) -> None:
         self.role = role
         self.transports = transports
@@ -114,75 +139,160 @@ class ParameterServer:
         self.max_update_norm = max_update_norm
         self.resumed_steps: dict[int, int] = {}
         """Each worker's step counter when it said HELLO (non-zero after a resume)."""
+        self.snapshots = snapshots
+        """The consistent-snapshot cut (None: no snapshots)."""
+        self.finished_before = set(finished_before)
+        """Workers that had said DONE in the snapshot this run resumed from (their final
+        payload, if they resend it, is already in the center)."""
         self.lost: set[int] = set()
         self._last_heartbeat_check = 0.0
         self._errors: list[BaseException] = []
+        self.server_error: BaseException | None = None
+        """The first exception raised by the server's own code; it ends the run."""
+        self._wake = threading.Condition()
         self._started = time.perf_counter()
 
     # -- per-worker service ------------------------------------------------------------------
-    def _serve(self, rank: int) -> None:
-        transport, stats = self.transports[rank], self.stats[rank]
+    @staticmethod
+    def _recv(transport: PairTransport, *, control: bool = False) -> tuple[Header, Tensor | None]:
         try:
-            header, _ = transport.recv_control()
-            if header.op != Op.HELLO:
-                raise RuntimeError(
-                    f"worker {rank} spoke before its handshake (op {header.op.name})"
-                )
-            self._hello(rank, transport, header)
-            while True:
-                header, payload = transport.recv()
-                if header.op == Op.HELLO:
-                    raise RuntimeError(f"worker {rank} said HELLO twice")
-                elif header.op == Op.EXCHANGE:
-                    self._exchange(rank, transport, header, payload)
-                elif header.op == Op.DONE:
-                    if payload is not None:  # MDOWNPOUR's last gradient
-                        with self.lock:
-                            if self._refuse(payload) is None:
-                                self.role.handle(rank, payload)
-                    self.progress.advance(header.step - stats.steps, exchanges=self.exchanges)
-                    stats.steps = header.step
-                    stats.steps_per_s = header.value
-                    stats.finished = True
-                    transport.send(Header(Op.REPLY))
-                    return
-                elif header.op == Op.FAILED:
-                    stats.failed = f"worker raised an exception at step {header.step}"
-                    log.warning("worker %d left after an exception at step %d", rank, header.step)
-                    return
-        except Exception as err:  # a closed connection: the worker died or hung up
-            stats.failed = f"{type(err).__name__}: {err}"
-            if self.continue_on_failure:
-                log.warning("worker %d lost (%s); continuing with the others", rank, stats.failed)
+            return transport.recv_control() if control else transport.recv()
+        except Exception as err:
+            raise PeerLost(f"{type(err).__name__}: {err}") from err
+
+    @staticmethod
+    def _send(
+        transport: PairTransport,
+        header: Header,
+        payload: Tensor | None = None,
+        *,
+        control: bool = False,
+    ) -> None:
+        try:
+            if control:
+                transport.send_control(header, payload)
             else:
-                log.error(
-                    "worker %d lost (%s); stopping (worker_failure=fail_fast)", rank, stats.failed
-                )
-                self._errors.append(err)
-                self.stop.set()
-                self.stop_reason = "worker_failure"
+                transport.send(header, payload)
+        except Exception as err:
+            raise PeerLost(f"{type(err).__name__}: {err}") from err
+
+    def _serve(self, rank: int) -> None:
+        try:
+            self._serve_worker(rank)
+        except PeerLost as err:  # a closed connection: the worker died or hung up
+            self._worker_lost(rank, str(err), err)
+        except Exception as err:  # a bug or failure in the server's own code
+            self._fail_server(err)
+            self._tell_server_failed(rank)
+        finally:
+            self.stats[rank].in_service = False
+            if self.heartbeat is not None:
+                self.heartbeat.unwatch(rank)
+            with self._wake:
+                self._wake.notify_all()
+
+    def _serve_worker(self, rank: int) -> None:
+        transport, stats = self.transports[rank], self.stats[rank]
+        header, _ = self._recv(transport, control=True)
+        if header.op != Op.HELLO:
+            raise PeerLost(f"worker {rank} spoke before its handshake (op {header.op.name})")
+        self._hello(rank, transport, header)
+        while True:
+            header, payload = self._recv(transport)
+            stats.in_service = True
+            if self.server_error is not None:
+                self._tell_server_failed(rank)
+                return
+            if header.op == Op.HELLO:
+                raise PeerLost(f"worker {rank} said HELLO twice")
+            elif header.op == Op.EXCHANGE:
+                self._exchange(rank, transport, header, payload)
+            elif header.op == Op.DONE:
+                with self.lock:
+                    if self.snapshots is not None:
+                        self.snapshots.on_message(rank, header)
+                    resent = rank in self.finished_before  # already in the center
+                    if payload is not None and not resent and self._refuse(payload) is None:
+                        self.role.handle(rank, payload)  # MDOWNPOUR's last gradient
+                self.progress.advance(header.step - stats.steps, exchanges=self.exchanges)
+                stats.steps = header.step
+                stats.steps_per_s = header.steps_per_s
+                stats.finished = True
+                self._send(transport, Header(Op.REPLY))
+                return
+            elif header.op == Op.FAILED:
+                stats.failed = f"worker raised an exception at step {header.step}"
+                stats.steps = max(stats.steps, header.step)
+                log.warning("worker %d left after an exception at step %d", rank, header.step)
+                if self.continue_on_failure:
+                    self._drop(rank)
+                else:
+                    self._errors.append(RuntimeError(f"worker {rank}: {stats.failed}"))
+                    self.stop_reason = "worker_failure"
+                    self.stop.set()
+                return
+            stats.in_service = False
+
+    def _drop(self, rank: int) -> None:
+        with self.lock:
+            if self.snapshots is not None:
+                self.snapshots.drop(rank)
+
+    def _worker_lost(self, rank: int, why: str, err: BaseException) -> None:
+        stats = self.stats[rank]
+        if stats.failed or stats.finished:
+            return
+        stats.failed = why
+        if self.continue_on_failure:  # under fail_fast no snapshot may complete without it
+            self._drop(rank)
+        if self.stop.is_set() and self.stop_reason == "worker_failure" and self._errors:
+            log.info("worker %d left after the run stopped (%s)", rank, why)
+        elif self.continue_on_failure:
+            log.warning("worker %d lost (%s); continuing with the others", rank, why)
+        else:
+            log.error("worker %d lost (%s); stopping (worker_failure=fail_fast)", rank, why)
+            self._errors.append(err)
+            self.stop_reason = "worker_failure"
+            self.stop.set()
+
+    def _fail_server(self, err: BaseException) -> None:
+        """The server's own code raised: stop the run; every worker gets an error reply."""
+        if self.server_error is None:
+            self.server_error = err
+            log.error("server error, ending the run", exc_info=err)
+        self.stop_reason = "server_error"
+        self.stop.set()
+
+    def _tell_server_failed(self, rank: int) -> None:
+        try:
+            self.transports[rank].send(Header(Op.REPLY, error=ERROR_SERVER, stop=True))
+        except Exception as err:  # the worker may be gone as well
+            log.debug("could not tell worker %d that the server failed: %s", rank, err)
 
     def _hello(self, rank: int, transport: PairTransport, header: Header) -> None:
-        if int(header.value) != transport.numel:
+        if header.num_params != transport.numel:
             log.error(
                 "worker %d has %d parameters, the server's model has %d",
                 rank,
-                int(header.value),
+                header.num_params,
                 transport.numel,
             )
-            transport.send_control(
-                Header(Op.REPLY, error=ERROR_SHAPE_MISMATCH, value=transport.numel)
+            self._send(
+                transport,
+                Header(Op.REPLY, error=ERROR_SHAPE_MISMATCH, num_params=transport.numel),
+                control=True,
             )
-            raise RuntimeError(
-                f"worker {rank} model has {int(header.value)} parameters, server has {transport.numel}; "
+            raise PeerLost(
+                f"worker {rank} model has {header.num_params} parameters, server has {transport.numel}; "
                 "every rank must build the same model (same model.* config)"
             )
         with self.lock:
             center = self.role.center.clone()
             self.stats[rank].last_read = self.role.updates
         self.stats[rank].steps = self.resumed_steps[rank] = header.step
+        self.stats[rank].redone_steps = header.redone_steps
         self.progress.advance(header.step, exchanges=self.exchanges)
-        transport.send_control(Header(Op.REPLY, step=self.role.updates), center)
+        self._send(transport, Header(Op.REPLY, step=self.role.updates), center, control=True)
 
     def _exchange(
         self, rank: int, transport: PairTransport, header: Header, payload: Tensor | None
@@ -191,6 +301,7 @@ class ParameterServer:
         # checks on this thread's own payload, outside the lock that serialises the workers
         refusal = self._refuse(payload)
         with self.lock:
+            mark = self.snapshots.on_message(rank, header) if self.snapshots is not None else 0
             staleness = self.role.updates - stats.last_read
             if refusal is None:
                 try:
@@ -217,10 +328,22 @@ class ParameterServer:
                 header.step,
                 refusal,
             )
-            transport.send(Header(Op.REPLY, error=ERROR_NON_FINITE, stop=self.stop.is_set()), reply)
+            self._send(
+                transport,
+                Header(Op.REPLY, error=ERROR_NON_FINITE, stop=self.stop.is_set(), snapshot=mark),
+                reply,
+            )
             return
-        transport.send(
-            Header(Op.REPLY, step=exchanges, staleness=staleness, stop=self.stop.is_set()), reply
+        self._send(
+            transport,
+            Header(
+                Op.REPLY,
+                step=exchanges,
+                staleness=staleness,
+                stop=self.stop.is_set(),
+                snapshot=mark,
+            ),
+            reply,
         )
         advanced = header.step - stats.steps
         stats.steps, stats.exchanges = header.step, stats.exchanges + 1
@@ -249,7 +372,7 @@ class ParameterServer:
         if not self.runlog.writes_scalars:
             return
         tag = f"worker{rank}"
-        self.runlog.scalar(f"{tag}/train_loss", header.value, header.step)
+        self.runlog.scalar(f"{tag}/train_loss", header.train_loss, header.step)
         self.runlog.scalar(f"{tag}/exchange_latency_ms", header.latency_ms, header.step)
         self.runlog.scalar(f"{tag}/staleness", staleness, header.step)
         if isinstance(self.role, ElasticServer):
@@ -289,55 +412,98 @@ class ParameterServer:
 
     def _check_heartbeats(self) -> None:
         now = time.perf_counter()
-        if self.heartbeat is None or now - self._last_heartbeat_check < 0.5:
+        if self.heartbeat is None or now - self._last_heartbeat_check < 0.25:
             return
         self._last_heartbeat_check = now
-        done = {r for r, s in self.stats.items() if s.finished or s.failed} | self.lost
-        for rank, silent_s in self.heartbeat.stale(ignore=done).items():
-            reason = f"no heartbeat for {silent_s:.1f} s (hung or stopped)"
-            self.stats[rank].failed = reason
+        busy = {r for r, s in self.stats.items() if s.in_service}
+        stale = self.heartbeat.stale(ignore=busy)  # store reads: not under the server's lock
+        for rank, reason in stale.items():
+            if self.stats[rank].finished or self.stats[rank].failed:
+                continue
+            self.heartbeat.unwatch(rank)
             self.lost.add(rank)
-            if self.continue_on_failure:
-                log.warning("worker %d: %s; continuing with the others", rank, reason)
-            else:
-                log.error("worker %d: %s; stopping (worker_failure=fail_fast)", rank, reason)
-                self._errors.append(RuntimeError(f"worker {rank}: {reason}"))
-                self.stop_reason = "worker_failure"
-                self.stop.set()
+            self._worker_lost(rank, reason, RuntimeError(f"worker {rank}: {reason}"))
+
+    def _running(self, threads: dict[int, threading.Thread]) -> bool:
+        return any(t.is_alive() for r, t in threads.items() if r not in self.lost)
+
+    def begin_snapshot(self) -> tuple[int, dict[str, Any]] | None:
+        """Start a consistent snapshot: (its number, a copy of the server's state), or None if
+        one is still in progress. The workers' parts follow at their next messages."""
+        if self.snapshots is None:
+            return None
+        with self.lock:
+            if self.snapshots.in_progress or self._errors or self.server_error is not None:
+                return None
+            running = [
+                r for r, s in self.stats.items() if not (s.finished or s.failed or r in self.lost)
+            ]
+            number = self.snapshots.begin(running)
+            state = {
+                "role": {
+                    k: v.clone() if isinstance(v, Tensor) else v
+                    for k, v in self.role.state_dict().items()
+                },
+                "exchanges": self.exchanges,
+                "finished": sorted(
+                    {r for r, s in self.stats.items() if s.finished} | self.finished_before
+                ),
+            }
+        return number, state
+
+    def snapshot_complete(self) -> int | None:
+        """The number of the snapshot in progress once every worker's part is saved, else None."""
+        if self.snapshots is None:
+            return None
+        with self.lock:
+            return self.snapshots.complete()
 
     def run(self) -> ServerOutcome:
-        """Serve until every worker has finished (or failed); evaluate meanwhile."""
-        threads = [
-            threading.Thread(
+        """Serve until every worker has finished (or failed); evaluate meanwhile.
+
+        Ends with every serve thread joined (but one blocked on a hung worker); re-raises a
+        server error with its traceback, or raises if a worker failed under fail_fast.
+        """
+        threads = {
+            rank: threading.Thread(
                 target=self._serve, args=(rank,), name=f"serve-worker{rank}", daemon=True
             )
             for rank in self.transports
-        ]
+        }
         self._started = time.perf_counter()
-        for thread in threads:
+        if self.heartbeat is not None:  # from the start: a worker can hang before its HELLO too
+            for rank in self.transports:
+                self.heartbeat.watch(rank)
+        for thread in threads.values():
             thread.start()
-        history = [self._evaluate()]
-        next_eval = time.perf_counter() + self.eval_interval_s
-        while any(
-            t.is_alive()
-            for r, t in zip(self.transports, threads, strict=True)
-            if r not in self.lost
-        ):
-            self._check_stop()
-            self._check_heartbeats()
-            if time.perf_counter() >= next_eval:
-                history.append(self._evaluate())
-                self._check_stop(history[-1]["test_error"])
+        history: list[dict[str, float]] = []
+        try:
+            history.append(self._evaluate())
+            next_eval = time.perf_counter() + self.eval_interval_s
+            while self._running(threads):
+                with self._wake:  # woken when a serve thread ends
+                    self._wake.wait(timeout=min(0.1, max(0.0, next_eval - time.perf_counter())))
+                if self.server_error is not None:
+                    break
+                self._check_stop()
+                self._check_heartbeats()
+                if time.perf_counter() >= next_eval:
+                    history.append(self._evaluate())
+                    self._check_stop(history[-1]["test_error"])
+                    next_eval = time.perf_counter() + self.eval_interval_s
                 if self.on_tick is not None:
                     self.on_tick()
-                next_eval = time.perf_counter() + self.eval_interval_s
-            for thread in threads:
-                thread.join(timeout=0.02)
-        final = self._evaluate()
-        history.append(final)
-        self.progress.close()
+            if self.server_error is None:
+                history.append(self._evaluate())
+        except Exception as err:  # evaluation, the run log, a tick: the server's own code
+            self._fail_server(err)
+        finally:
+            self._shut_down(threads)
+        if self.server_error is not None:
+            raise self.server_error
         if self._errors and not self.continue_on_failure:
             raise RuntimeError(f"a worker failed: {self._errors[0]}") from self._errors[0]
+        final = history[-1]
         return ServerOutcome(
             wall_time_s=final["wall_s"],
             exchanges=self.exchanges,
@@ -350,3 +516,18 @@ class ParameterServer:
             failed_workers={r: s.failed for r, s in self.stats.items() if s.failed},
             history=history,
         )
+
+    def _shut_down(self, threads: dict[int, threading.Thread], *, grace_s: float = 5.0) -> None:
+        """Join the serve threads; after a server error, workers waiting for a reply get one."""
+        self.stop.set()
+        deadline = time.perf_counter() + grace_s
+        for rank, thread in threads.items():
+            if rank in self.lost:
+                continue  # blocked on a hung worker: gloo cannot cancel its receive
+            if self.server_error is not None:
+                thread.join(timeout=max(0.0, deadline - time.perf_counter()))
+            else:
+                thread.join()  # each remaining worker is told to stop at its next exchange
+            if thread.is_alive():
+                log.warning("serve thread of worker %d did not end; leaving it behind", rank)
+        self.progress.close()

@@ -1,43 +1,104 @@
-"""Rank 0's part of a run: build the server role, resume, serve, checkpoint, summarise."""
+"""Rank 0's part of a run: build the server role, resume, serve, snapshot, summarise."""
 
 from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
+
+from torch import Tensor
 
 from easgd.comm.groups import SERVER_RANK, DistEnv, PairGroups
 from easgd.comm.heartbeat import HeartbeatMonitor
 from easgd.config.schema import TrainConfig
 from easgd.data.split import Split
+from easgd.flat import FlatModel
 from easgd.roles import make_server_role
 from easgd.runtime.checkpoint import Checkpointer
 from easgd.runtime.components import evaluator_for, transport_for
-from easgd.runtime.faults import kill_self
-from easgd.runtime.resume import checkpoint_signature, read_progress, resume_state, write_progress
+from easgd.runtime.faults import FaultInjector
+from easgd.runtime.resume import checkpoint_dir, checkpoint_signature, resume_server
 from easgd.runtime.runlog import RunLog
 from easgd.runtime.server import ParameterServer, StopRule
+from easgd.runtime.snapshot import CheckpointPolicy, SnapshotCut, SnapshotLog
 from easgd.runtime.summary import build_summary, finish_run
 
 log = logging.getLogger("easgd")
 
 
+def evaluate_center(flat: FlatModel, split: Split, point: Tensor) -> dict[str, float]:
+    """Test loss and error of ``point``, with BatchNorm statistics recomputed for it first."""
+    flat.recompute_running_stats(point, split.train_x)
+    return flat.evaluate(point, split.test_x, split.test_y)
+
+
+class SnapshotWriter:
+    """Starts snapshots on the policy's schedule, writes the server's part, commits complete ones."""
+
+    def __init__(
+        self,
+        server: ParameterServer,
+        directory: str | os.PathLike[str],
+        *,
+        every_s: float,
+        keep: int = 3,
+        extra: dict[str, Any] | None = None,
+        workers: list[int],
+    ) -> None:
+        self.server = server
+        self.directory = Path(directory)
+        self.checkpointer = Checkpointer(self.directory, "server", keep=keep)
+        self.log = SnapshotLog(self.directory, keep=keep)
+        self.policy = CheckpointPolicy(every_s)
+        self.extra = extra or {}
+        self.workers = workers
+        self.committed: int | None = None
+
+    def tick(self) -> None:
+        """Commit a snapshot whose parts are all saved; start the next one when it is due."""
+        number = self.server.snapshot_complete()
+        if number is not None:
+            self._commit(number)
+        if self.policy.due():
+            self.start()
+
+    def start(self) -> None:
+        """Start a snapshot now (unless one is in progress) and write the server's part."""
+        begun = self.server.begin_snapshot()
+        if begun is None:
+            return
+        number, state = begun
+        self.checkpointer.save({**state, **self.extra}, number)
+        self.policy.started()
+        done = self.server.snapshot_complete()  # at once when no worker is running
+        if done is not None:
+            self._commit(done)
+
+    def finish(self) -> None:
+        """After a complete run: commit what is complete, then the final snapshot."""
+        self.tick()
+        self.start()
+
+    def _commit(self, number: int) -> None:
+        kept = self.log.commit(number)
+        self.committed = number
+        for name in ["server", *(f"worker{r}" for r in self.workers)]:
+            Checkpointer(self.directory, name).prune(kept)
+
+
 def run_server(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) -> dict[str, Any]:
-    """Rank 0: hold the center, serve the workers, evaluate, checkpoint, write the run directory."""
+    """Rank 0: hold the center, serve the workers, evaluate, snapshot, write the run directory."""
     flat = evaluator_for(cfg, split)
     role = make_server_role(cfg.algorithm, flat.initial_point(), num_workers=cfg.workers)
     signature = checkpoint_signature(cfg, flat.num_params)
-    checkpointer = Checkpointer(
-        Path(cfg.run_dir) / "checkpoints", "server", keep=cfg.checkpoint.keep
-    )
-    state = resume_state(checkpointer, cfg, signature)
-    restarts, exchanges_before, steps_before_crash = 0, 0, {}
+    server_files = Checkpointer(checkpoint_dir(cfg), "server", keep=cfg.checkpoint.keep)
+    state = resume_server(server_files, cfg, signature)
+    restarts, exchanges_before, finished_before = 0, 0, set()
     if state is not None:
         role.load_state_dict(state["role"])
         restarts, exchanges_before = int(state["restarts"]) + 1, int(state["exchanges"])
-        steps_before_crash = read_progress(cfg)
+        finished_before = {int(r) for r in state["finished"]}
     transports = {
         rank: transport_for(cfg, rank, group, flat.num_params, SERVER_RANK)
         for rank, group in pairs.groups.items()
@@ -54,7 +115,7 @@ def run_server(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
     server = ParameterServer(
         role,
         transports,
-        evaluate=lambda point: flat.evaluate(point, split.test_x, split.test_y),
+        evaluate=lambda point: evaluate_center(flat, split, point),
         runlog=runlog,
         stop_rule=StopRule(max_wall_s=cfg.max_wall_s, target_test_error=cfg.target_test_error),
         eval_interval_s=cfg.eval_interval_s,
@@ -63,52 +124,35 @@ def run_server(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
         progress=cfg.progress,
         exchanges_before=exchanges_before,
         heartbeat=HeartbeatMonitor(
-            pairs.store, list(pairs.groups), timeout_s=cfg.comm.heartbeat_timeout_s
+            pairs.store, timeout_s=cfg.comm.heartbeat_timeout_s, first_step_s=cfg.comm.timeout_s
         ),
         max_update_norm=cfg.max_update_norm,
+        snapshots=SnapshotCut(
+            next_number=SnapshotLog(checkpoint_dir(cfg)).highest_file_number() + 1
+        ),
+        finished_before=finished_before,
     )
-
-    def record_progress() -> None:
-        write_progress(cfg, {r: s.steps for r, s in server.stats.items()})
-
-    def save() -> None:
-        with server.lock:
-            snapshot = {
-                "role": role.state_dict(),
-                "exchanges": server.exchanges,
-                "restarts": restarts,
-                "signature": signature,
-            }
-        checkpointer.save(snapshot)
-
-    last_save = time.perf_counter()
+    snapshots = SnapshotWriter(
+        server,
+        checkpoint_dir(cfg),
+        every_s=cfg.checkpoint.every_s,
+        keep=cfg.checkpoint.keep,
+        extra={"restarts": restarts, "signature": signature},
+        workers=list(transports),
+    )
+    faults = FaultInjector(cfg.fault, SERVER_RANK, generation=pairs.generation)
+    faults.wrap_server_role(role)
 
     def on_tick() -> None:
-        nonlocal last_save
-        record_progress()
-        if cfg.checkpoint.every_s and time.perf_counter() - last_save >= cfg.checkpoint.every_s:
-            save()
-            last_save = time.perf_counter()
-        # failure injection fires at a tick, after any checkpoint that was due there
-        fault = cfg.fault
-        if (
-            fault.kill_rank == SERVER_RANK
-            and env.restart_count == 0
-            and role.updates >= fault.kill_at_step
-        ):
-            kill_self("server", role.updates)
+        snapshots.tick()
+        faults.server_tick(role.updates)  # after any snapshot that was due at this tick
 
     server.on_tick = on_tick
+    for transport in transports.values():  # liveness is the heartbeat's call, not a deadline's
+        transport.recv_timeout_s = 7 * 24 * 3600.0
     try:
-        try:
-            outcome = server.run()
-        finally:
-            # also when a worker failed: the center is intact, and a restart resumes from here
-            record_progress()
-            save()
-        redone = sum(
-            max(0, steps_before_crash.get(r, 0) - s) for r, s in server.resumed_steps.items()
-        )
+        outcome = server.run()
+        snapshots.finish()
         summary = build_summary(
             cfg,
             num_params=flat.num_params,
@@ -124,8 +168,10 @@ def run_server(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
                 "failed_workers": {str(r): why for r, why in outcome.failed_workers.items()},
                 "restarts": restarts,
                 "resumed_worker_steps": {str(r): s for r, s in server.resumed_steps.items()},
-                "redone_worker_steps": redone,
+                "redone_worker_steps": sum(s.redone_steps for s in server.stats.values()),
+                "redone_steps_by_worker": {str(r): s.redone_steps for r, s in server.stats.items()},
                 "worker_steps_per_s": {str(r): s.steps_per_s for r, s in server.stats.items()},
+                "committed_snapshot": snapshots.committed,
             },
         )
         path = finish_run(runlog, cfg, summary)

@@ -9,6 +9,7 @@ overlap mode (exchanges in a background thread while stepping goes on) and the s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -19,21 +20,32 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from easgd.comm.message import ERROR_NON_FINITE, ERROR_SHAPE_MISMATCH, Header, Op, ServerRejected
+from easgd.comm.message import (
+    ERROR_NON_FINITE,
+    ERROR_SERVER,
+    ERROR_SHAPE_MISMATCH,
+    Header,
+    Op,
+    ServerFailed,
+    ServerRejected,
+)
 from easgd.comm.transport import PairTransport
 from easgd.roles import GradientFn, WorkerRole, exchange_if_due, worker_step
+from easgd.runtime.snapshot import WorkerSnapshots
 
 log = logging.getLogger("easgd.worker")
 
 
-def handshake(transport: PairTransport, *, step: int = 0) -> Tensor:
+def handshake(transport: PairTransport, *, step: int = 0, redone_steps: int = 0) -> Tensor:
     """Tell the server our parameter count (and resumed step) and receive the center."""
-    transport.send_control(Header(Op.HELLO, step=step, value=transport.numel))
+    transport.send_control(
+        Header(Op.HELLO, step=step, num_params=transport.numel, redone_steps=redone_steps)
+    )
     header, center = transport.recv_control()
     if header.error == ERROR_SHAPE_MISMATCH or center is None:
         raise ServerRejected(
             f"this worker's model has {transport.numel} parameters but the server's has "
-            f"{int(header.value)}; every rank must build the same model (same model.* config)"
+            f"{header.num_params}; every rank must build the same model (same model.* config)"
         )
     return center.clone()
 
@@ -65,6 +77,7 @@ class WorkerLoop:
         overlap: bool = False,
         to_device: Callable[[Tensor], Tensor] = lambda t: t,
         after_step: Callable[[WorkerRole], None] | None = None,
+        snapshots: WorkerSnapshots | None = None,
     ) -> None:
         self.role = role
         self.transport = transport
@@ -92,6 +105,10 @@ class WorkerLoop:
         self._max_staleness = 0
         self._comm_thread: threading.Thread | None = None
         self._comm_error: BaseException | None = None
+        self.snapshots = snapshots
+        """Where this worker's part of a marked snapshot is saved (None: no snapshots)."""
+        self._next_capture: dict | None = None  # the state before this step's exchange
+        self._captured: dict | None = None  # the state when the in-flight exchange was sent
         self._started, self._first_step = time.perf_counter(), role.step
 
     # -- one round trip ---------------------------------------------------------------------
@@ -105,8 +122,16 @@ class WorkerLoop:
         self, payload: Tensor | None, step: int, mean_loss: float
     ) -> tuple[Header, Tensor | None]:
         started = time.perf_counter()
+        saved = self.snapshots.saved if self.snapshots is not None else 0
         self.transport.send(
-            Header(Op.EXCHANGE, step=step, value=mean_loss, latency_ms=self._last_rtt_ms), payload
+            Header(
+                Op.EXCHANGE,
+                step=step,
+                train_loss=mean_loss,
+                latency_ms=self._last_rtt_ms,
+                saved_snapshot=saved,
+            ),
+            payload,
         )
         header, reply = self.transport.recv()
         self._last_rtt_ms = 1000 * (time.perf_counter() - started)
@@ -115,6 +140,11 @@ class WorkerLoop:
         return header, reply
 
     def _apply(self, header: Header, reply: Tensor | None) -> None:
+        if header.error == ERROR_SERVER:
+            raise ServerFailed("the server failed and ended the run; its log has the traceback")
+        if header.snapshot and self.snapshots is not None:  # save it as it was when sent
+            assert self._captured is not None
+            self.snapshots.save(header.snapshot, self._captured)
         self.stop_requested = self.stop_requested or header.stop
         assert reply is not None
         reply = self.to_device(reply)
@@ -127,7 +157,8 @@ class WorkerLoop:
 
     def _exchange(self, payload: Tensor | None) -> Tensor | None:
         if self.overlap:
-            self._wait_in_flight()
+            self._wait_in_flight()  # the reply it applies is part of the state sent now
+            self._captured = self.snapshots.capture() if self.snapshots is not None else None
             if payload is not None:  # the role updates it in place while the copy travels
                 if self._sent is None:
                     self._sent = torch.empty_like(payload)
@@ -135,6 +166,7 @@ class WorkerLoop:
             self._outbox.put((payload, self.role.step, self._mean_loss()))
             self._in_flight = True
             return None
+        self._captured = self._next_capture
         header, reply = self._round_trip(payload, self.role.step, self._mean_loss())
         self._apply(header, reply)
         return None  # already applied (or reset); nothing left for worker_step to apply
@@ -165,6 +197,27 @@ class WorkerLoop:
         if self._in_flight:
             self._take_reply(block=True)
 
+    def _stop_comm_thread(self, timeout_s: float = 30.0) -> None:
+        """End the exchange thread (after its in-flight round trip), so no send can race it."""
+        thread = self._comm_thread
+        if thread is None or not thread.is_alive():
+            return
+        if self._in_flight:
+            with contextlib.suppress(queue.Empty):
+                self._inbox.get(timeout=timeout_s)  # an unapplied reply: the run is ending
+            self._in_flight = False
+        with contextlib.suppress(queue.Full):
+            self._outbox.put(None, timeout=timeout_s)
+        thread.join(timeout=timeout_s)
+
+    def send_failed(self) -> bool:
+        """Tell the server this worker failed at its current step (False if it cannot be sent
+        without racing a still-running exchange thread)."""
+        if self._comm_thread is not None and self._comm_thread.is_alive():
+            return False
+        self.transport.send(Header(Op.FAILED, step=self.role.step))
+        return True
+
     # -- the loop, in public pieces that easgd.api's optimizer wrapper drives too --------------
     def start(self) -> None:
         """Start the clock and, in overlap mode, the exchange thread: once, before the first step."""
@@ -180,31 +233,45 @@ class WorkerLoop:
         if self.overlap and self._in_flight:
             self._take_reply(block=False)
 
+    def _capture_if_due(self) -> None:
+        if self.snapshots is not None and self.role.due() and not self.overlap:
+            # the state before this exchange is sent: what a marked reply saves
+            self._next_capture = self.snapshots.capture()
+
     def exchange_if_due(self) -> None:
         """The exchange that starts step t_i when t_i % tau == 0 (what precedes the gradient)."""
         self.take_arrived_reply()
+        self._capture_if_due()
         exchange_if_due(self.role, self._exchange)
 
     def end_step(self, loss: float | Tensor | None, step_started: float) -> None:
-        """After-step bookkeeping: the loss reported at the next exchange, the hook, the slowdown."""
+        """After-step bookkeeping: the loss reported at the next exchange, the slowdown, the hook."""
         if loss is not None:
             self._loss_sum = loss + self._loss_sum  # stays on the device: no sync per step
             self._loss_count += 1
-        if self.after_step is not None:
-            self.after_step(self.role)
         if self.slowdown > 1.0:
             time.sleep((self.slowdown - 1.0) * (time.perf_counter() - step_started))
+        if self.after_step is not None:
+            self.after_step(self.role)
 
     def finish(self) -> WorkerOutcome:
         """Wait for the exchange in flight, say DONE (with the final payload), return the figures."""
-        if self.overlap:
-            self._wait_in_flight()
-            self._outbox.put(None)
+        try:
+            if self.overlap:
+                self._wait_in_flight()
+        finally:
+            self._stop_comm_thread()
         rate = (self.role.step - self._first_step) / max(time.perf_counter() - self._started, 1e-9)
+        if self.snapshots is not None:  # before DONE: DONE is this worker's part of any snapshot
+            self.snapshots.save_final()
+        saved = self.snapshots.saved if self.snapshots is not None else 0
         self.transport.send(
-            Header(Op.DONE, step=self.role.step, value=rate), self.role.final_outgoing()
+            Header(Op.DONE, step=self.role.step, steps_per_s=rate, saved_snapshot=saved),
+            self.role.final_outgoing(),
         )
-        self.transport.recv()
+        header, _ = self.transport.recv()
+        if header.error == ERROR_SERVER:
+            raise ServerFailed("the server failed and ended the run; its log has the traceback")
         return WorkerOutcome(
             steps=self.role.step,
             exchanges=self.exchanges,
@@ -218,9 +285,14 @@ class WorkerLoop:
     def run(self) -> WorkerOutcome:
         """Step until the budget is spent or the server says stop; then say DONE."""
         self.start()
-        while self.role.step < self.steps and not self.stop_requested:
-            self.take_arrived_reply()
-            step_started = time.perf_counter()
-            loss = worker_step(self.role, self.gradient, self._exchange)
-            self.end_step(loss, step_started)
+        try:
+            while self.role.step < self.steps and not self.stop_requested:
+                self.take_arrived_reply()
+                step_started = time.perf_counter()
+                self._capture_if_due()
+                loss = worker_step(self.role, self.gradient, self._exchange)
+                self.end_step(loss, step_started)
+        except BaseException:
+            self._stop_comm_thread()  # no send may race the exchange thread on the way out
+            raise
         return self.finish()

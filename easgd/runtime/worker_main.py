@@ -1,17 +1,16 @@
-"""A worker rank's part of a run: build the model and data stream, resume, step, checkpoint."""
+"""A worker rank's part of a run: build the model and data stream, resume, step, snapshot."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import time
-from pathlib import Path
+from typing import Any
 
 import torch
 
 from easgd.comm.groups import SERVER_RANK, DistEnv, PairGroups
-from easgd.comm.heartbeat import HeartbeatSender
-from easgd.comm.message import Header, Op
+from easgd.comm.heartbeat import LoopHeartbeat
+from easgd.comm.message import ServerFailed
 from easgd.config.schema import TrainConfig
 from easgd.data.sampling import MinibatchSampler
 from easgd.data.split import Split
@@ -19,11 +18,16 @@ from easgd.flat import FlatModel
 from easgd.roles import WorkerRole, make_worker_role
 from easgd.runtime.checkpoint import Checkpointer
 from easgd.runtime.components import build_model, device_for, transport_for
-from easgd.runtime.faults import hang_self, kill_self
-from easgd.runtime.resume import checkpoint_signature, resume_state
+from easgd.runtime.faults import FaultInjector
+from easgd.runtime.resume import checkpoint_dir, checkpoint_signature, resume_worker
+from easgd.runtime.snapshot import Ledger, StepMarker, WorkerSnapshots
 from easgd.runtime.worker import WorkerLoop, handshake
 
 log = logging.getLogger("easgd")
+
+
+def _copy(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
 def run_worker(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) -> None:
@@ -31,13 +35,23 @@ def run_worker(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
     device = device_for(cfg, env.local_rank)
     model = build_model(cfg.model, split, seed=cfg.seed).to(device)
     flat = FlatModel(model, weight_decay=cfg.algorithm.weight_decay)
-    transport = transport_for(cfg, SERVER_RANK, pairs.groups[env.rank], flat.num_params, env.rank)
-    index = env.rank - 1
-    heartbeat = HeartbeatSender(pairs.store, env.rank).start()
-    checkpointer = Checkpointer(
-        Path(cfg.run_dir) / "checkpoints", f"worker{env.rank}", keep=cfg.checkpoint.keep
+    transport = transport_for(
+        cfg,
+        SERVER_RANK,
+        pairs.groups[env.rank],
+        flat.num_params,
+        env.rank,
+        pin_memory=device.type == "cuda",
     )
+    index = env.rank - 1
+    heartbeat = LoopHeartbeat(pairs.store, env.rank, timeout_s=cfg.comm.heartbeat_timeout_s)
+    heartbeat.start()
+    name = f"worker{env.rank}"
+    checkpointer = Checkpointer(checkpoint_dir(cfg), name, keep=cfg.checkpoint.keep)
+    marker = StepMarker(checkpoint_dir(cfg) / f"{name}.step")
+    faults = FaultInjector(cfg.fault, env.rank, generation=pairs.generation)
     signature = checkpoint_signature(cfg, flat.num_params)
+    loop: WorkerLoop | None = None
     try:
         sampler = MinibatchSampler(
             split,
@@ -48,12 +62,14 @@ def run_worker(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
             seed=cfg.seed,
             device=device,
         )
-        state = resume_state(checkpointer, cfg, signature)
+        state = resume_worker(checkpointer, cfg, signature)
         resumed_step = int(state["role"]["step"]) if state is not None else 0
-        center = handshake(transport, step=resumed_step).to(device)
+        redone = marker.start(resumed_step, resumed=state is not None)
+        center = handshake(transport, step=resumed_step, redone_steps=redone).to(device)
         role = make_worker_role(
             cfg.algorithm, center, comm_period=cfg.comm.period, scratch=flat.flat_params
         )
+        ledger = Ledger(role, cfg.algorithm.name) if cfg.checkpoint.ledger else None
         if state is not None:
             role.load_state_dict(
                 {
@@ -62,36 +78,22 @@ def run_worker(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
                 }
             )
             sampler.generator.set_state(state["rng"])
+            if ledger is not None:
+                ledger.total.copy_(state["ledger"])
 
-        def save() -> None:
-            state = {
-                "role": role.state_dict(),
+        def capture() -> dict[str, Any]:
+            return {
+                "role": _copy(role.state_dict()),
                 "rng": sampler.generator.get_state(),
                 "signature": signature,
+                **({"ledger": ledger.total.clone()} if ledger is not None else {}),
             }
-            checkpointer.save(state)
-
-        last_save = time.perf_counter()
-        fault = cfg.fault
-        first_attempt = env.restart_count == 0
 
         def after_step(role: WorkerRole) -> None:
-            nonlocal last_save
-            step = role.step
-            if first_attempt and fault.kill_rank == env.rank and step == fault.kill_at_step:
-                kill_self(f"worker {env.rank}", step)
-            if first_attempt and fault.raise_rank == env.rank and step == fault.raise_at_step:
-                raise RuntimeError(f"fault injection: worker {env.rank} raises at step {step}")
-            if first_attempt and fault.hang_rank == env.rank and step == fault.hang_at_step:
-                hang_self(f"worker {env.rank}", step)
-            if fault.nan_rank == env.rank and step == fault.nan_at_step:
-                log.warning(
-                    "fault injection: worker %d parameters set to NaN at step %d", env.rank, step
-                )
-                role.params = torch.full_like(role.params, float("nan"))
-            if cfg.checkpoint.every_s and time.perf_counter() - last_save >= cfg.checkpoint.every_s:
-                save()
-                last_save = time.perf_counter()
+            marker.mark(role.step)
+            heartbeat.beat()
+            heartbeat.check()
+            faults.worker_step(role.step, role.params)
 
         loop = WorkerLoop(
             role,
@@ -102,18 +104,23 @@ def run_worker(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
             overlap=cfg.comm.overlap,
             to_device=lambda t: t.to(device, non_blocking=True),
             after_step=after_step,
+            snapshots=WorkerSnapshots(checkpointer, capture),
         )
         outcome = loop.run()
-        save()
+    except ServerFailed as err:  # the server's traceback ends the run, not this worker's
+        log.error("%s; leaving", err)
+        return
     except Exception:
         if cfg.worker_failure != "continue":
             raise
         log.exception("worker %d failed; leaving the run (worker_failure=continue)", env.rank)
         with contextlib.suppress(Exception):  # the server may be gone too
-            transport.send(Header(Op.FAILED, step=0))
+            if loop is not None and not loop.send_failed():
+                log.warning("could not tell the server: the exchange thread is still running")
         return
     finally:
         heartbeat.stop()
+        marker.close()
     log.debug(
         "finished %d steps, %d exchanges (%.2f ms each), %d resets",
         outcome.steps,

@@ -1,0 +1,251 @@
+"""Chaos: kill -9 a random worker or the server at a random time under torchrun --max-restarts,
+then check that the run finished, what it redid, and that its final snapshot conserves
+center = initial center + every worker's ledger; plus a soak run whose resident memory is sampled.
+
+    python benchmarks/chaos.py --worker-kills 20 --server-kills 10 --soak-s 0   # kills only
+    python benchmarks/chaos.py --worker-kills 0 --server-kills 0 --soak-s 300   # the soak
+    python benchmarks/chaos.py --quick                                          # CI: ~30 s
+
+Kill runs append to benchmarks/results/chaos_runs.jsonl (so the full set can be run in chunks);
+the summary (chaos.json / chaos.log) is recomputed from every row there. The kill lands a random
+0-1.5 s after the run's first committed snapshot (so it interrupts training, not start-up).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import parser, suffix, write_json  # noqa: E402
+from easgd.runtime.audit import conservation_gap  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKERS = 3
+CONSERVATION_TOL = 1e-4  # float32 center vs float64 ledgers, after thousands of exchanges
+
+
+def rank_pids(agent: int) -> dict[int, int]:
+    """{RANK: pid} of the training processes under a torchrun agent (read from /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid != agent:
+                continue
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        for item in env:
+            if item.startswith(b"RANK="):
+                found[int(item[5:])] = int(entry.name)
+    return found
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of one process, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def torchrun(
+    run_dir: Path, workers: int, overrides: list[str], restarts: int
+) -> subprocess.Popen[str]:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={workers + 1}", f"--max-restarts={restarts}", "-m", "easgd.train",
+        f"workers={workers}", "progress=false", "tensorboard=false", "eval_interval_s=0.25",
+        "checkpoint.every_s=0.2", "checkpoint.ledger=true", *overrides, f"hydra.run.dir={run_dir}",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "EASGD_LOG_LEVEL": "WARNING"}
+    return subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+
+def kill_run(
+    run_dir: Path, victim: str, steps: int, rng: random.Random, *, delay_s: float = 1.5
+) -> dict[str, Any]:
+    """One run with one kill -9 of a random worker (or the server); what came of it."""
+    algorithm = rng.choice(["easgd", "eamsgd", "downpour"])
+    period = 1 if algorithm == "downpour" and rng.random() < 0.5 else 10
+    proc = torchrun(
+        run_dir, WORKERS, [f"algorithm={algorithm}", f"comm.period={period}",
+                           f"steps_per_worker={steps}"], restarts=1,
+    )  # fmt: skip
+    committed = run_dir / "checkpoints" / "committed.json"
+    deadline = time.time() + 120
+    while not committed.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(rng.uniform(0.0, delay_s))
+    rank = 0 if victim == "server" else rng.randint(1, WORKERS)
+    pids = rank_pids(proc.pid)
+    killed = proc.poll() is None and rank in pids
+    if killed:
+        os.kill(pids[rank], signal.SIGKILL)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, stderr = proc.communicate()
+    row: dict[str, Any] = {"victim": victim, "rank": rank, "algorithm": algorithm, "tau": period,
+                           "killed": killed, "returncode": proc.returncode}  # fmt: skip
+    summary_path = run_dir / "summary.json"
+    if proc.returncode == 0 and summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        gap = conservation_gap(run_dir)
+        row.update(
+            survived=summary["worker_steps"] == WORKERS * steps,
+            restarts=summary["restarts"],
+            redone_steps=summary["redone_worker_steps"],
+            resumed_steps=sum(summary["resumed_worker_steps"].values()),
+            conservation_gap=gap,
+            conservation_held=gap < CONSERVATION_TOL,
+            test_error=summary["test_error"],
+        )
+    else:
+        row.update(survived=False, conservation_held=False, error=stderr[-1500:])
+    return row
+
+
+def soak(run_dir: Path, workers: int, seconds: float, every_s: float) -> dict[str, Any]:
+    """A long run (max_wall_s) with resident memory of every rank sampled every ``every_s``."""
+    proc = torchrun(
+        run_dir, workers, ["algorithm=eamsgd", "steps_per_worker=100000000", f"max_wall_s={seconds}",
+                           "checkpoint.every_s=5"], restarts=0,
+    )  # fmt: skip
+    samples: list[dict[str, Any]] = []
+    metrics = run_dir / "metrics.csv"
+    while proc.poll() is None and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.1)  # start-up (imports, rendezvous) is not part of the soak
+    started = time.time()
+    while proc.poll() is None:
+        pids = rank_pids(proc.pid)
+        if len(pids) == workers + 1:
+            with contextlib.suppress(OSError):  # a rank that just exited
+                samples.append(
+                    {"t": time.time() - started, "rss_mb": {r: rss_mb(p) for r, p in pids.items()}}
+                )
+        time.sleep(every_s)
+    _, stderr = proc.communicate()
+    summary = json.loads((run_dir / "summary.json").read_text()) if proc.returncode == 0 else {}
+    # growth from the first sample after warm-up (a fifth of the run, from the first
+    # evaluations on) to the last one
+    steady = [s for s in samples if s["t"] >= seconds / 5] or samples
+    first, last = steady[0], steady[-1]
+    total = lambda s: sum(s["rss_mb"].values())  # noqa: E731
+    per_rank = {
+        r: (last["rss_mb"][r] - first["rss_mb"][r]) / first["rss_mb"][r] for r in first["rss_mb"]
+    }
+    return {
+        "workers": workers, "seconds": seconds, "returncode": proc.returncode,
+        "samples": len(samples), "rss_total_start_mb": total(first), "rss_total_end_mb": total(last),
+        "growth_total": (total(last) - total(first)) / total(first),
+        "growth_max_rank": max(per_rank.values()), "exchanges": summary.get("exchanges"),
+        "worker_steps": summary.get("worker_steps"), "error": stderr[-1500:] if proc.returncode else None,
+        "trace": [{"t": round(s["t"], 1), "total_mb": round(total(s), 1)} for s in samples],
+    }  # fmt: skip
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for victim in ("worker", "server"):
+        mine = [r for r in rows if r["victim"] == victim and r["killed"]]
+        held = [r for r in mine if r.get("conservation_held")]
+        out[victim] = {
+            "killed": len(mine),
+            "survived": sum(bool(r.get("survived")) for r in mine),
+            "conservation_held": len(held),
+            "redone_steps_mean": sum(r.get("redone_steps", 0) for r in mine) / max(1, len(mine)),
+            "redone_steps_max": max((r.get("redone_steps", 0) for r in mine), default=0),
+            "max_conservation_gap": max(
+                (r.get("conservation_gap", 0.0) for r in mine), default=0.0
+            ),
+            "not_killed_in_time": sum(1 for r in rows if r["victim"] == victim and not r["killed"]),
+        }
+    return out
+
+
+def main() -> None:
+    p = parser(__doc__ or "")
+    p.add_argument("--worker-kills", type=int, default=20)
+    p.add_argument("--server-kills", type=int, default=10)
+    p.add_argument("--soak-s", type=float, default=600.0)
+    p.add_argument("--soak-workers", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scratch", type=Path, default=Path("/tmp/easgd-chaos"))
+    args = p.parse_args()
+    if args.quick:
+        args.worker_kills, args.server_kills, args.soak_s, args.soak_workers = 1, 0, 6.0, 2
+    rng = random.Random(args.seed + int(time.time()))
+    steps = 800 if args.quick else 2000
+    tag = suffix(args.quick)
+    runs_file = args.out / f"chaos_runs{tag}.jsonl"
+    if args.quick:
+        runs_file.unlink(missing_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    plan = ["worker"] * args.worker_kills + ["server"] * args.server_kills
+    rng.shuffle(plan)
+    for index, victim in enumerate(plan):
+        run_dir = args.scratch / f"run{time.time_ns()}"
+        row = kill_run(run_dir, victim, steps, rng, delay_s=0.3 if args.quick else 1.5)
+        with open(runs_file, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        print(f"[{index + 1}/{len(plan)}] kill {victim} (rank {row['rank']}, {row['algorithm']}): "
+              f"survived={row.get('survived')} redone={row.get('redone_steps')} "
+              f"gap={row.get('conservation_gap')}", flush=True)  # fmt: skip
+    rows = (
+        [json.loads(line) for line in runs_file.read_text().splitlines()]
+        if runs_file.exists()
+        else []
+    )
+    result_file = args.out / f"chaos{tag}.json"
+    previous = json.loads(result_file.read_text()) if result_file.exists() else {}
+    result: dict[str, Any] = {
+        "kills": summarise(rows),
+        "runs": len(rows),
+        "soak": previous.get("soak"),
+    }
+    if args.soak_s > 0:
+        result["soak"] = soak(
+            args.scratch / f"soak{time.time_ns()}",
+            args.soak_workers,
+            args.soak_s,
+            2.0 if args.quick else 10.0,
+        )
+    write_json(result_file, result)
+    lines = []
+    for victim, figures in result["kills"].items():
+        lines.append(
+            f"{victim} kills: survived {figures['survived']}/{figures['killed']}, conservation held "
+            f"{figures['conservation_held']}/{figures['killed']} (max gap {figures['max_conservation_gap']:.2e}), "
+            f"redone steps mean {figures['redone_steps_mean']:.0f} max {figures['redone_steps_max']}"
+        )
+    if result["soak"]:
+        s = result["soak"]
+        lines.append(
+            f"soak: {s['workers']} workers, {s['seconds']:.0f} s, rc={s['returncode']}, resident memory "
+            f"{s['rss_total_start_mb']:.0f} -> {s['rss_total_end_mb']:.0f} MB "
+            f"({100 * s['growth_total']:+.2f}% total, {100 * s['growth_max_rank']:+.2f}% worst rank)"
+        )
+    text = "\n".join(lines)
+    print(text)
+    (args.out / f"chaos{tag}.log").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Conservation audit of a committed snapshot (runs with ``checkpoint.ledger=true``).
+
+With consistent snapshots, the center of snapshot k is the initial center plus every worker's
+ledger (the sum of the center changes its exchanges caused) as saved in the same snapshot. A cut
+that counted an exchange on one side only, or a push applied twice after a restart, breaks it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from easgd.config.schema import validate
+from easgd.runtime.checkpoint import Checkpointer
+from easgd.runtime.components import build_split, evaluator_for
+from easgd.runtime.resume import load_worker_part
+from easgd.runtime.snapshot import SnapshotLog
+
+
+def conservation_gap(run_dir: str | os.PathLike[str], number: int | None = None) -> float:
+    """max |center - (initial center + sum of ledgers)| over snapshot ``number`` (default: the
+    newest committed one) of the run in ``run_dir`` (its summary.json gives the config)."""
+    run_dir = Path(run_dir)
+    cfg = validate(OmegaConf.create(json.loads((run_dir / "summary.json").read_text())["config"]))
+    directory = run_dir / "checkpoints"
+    if number is None:
+        number = SnapshotLog(directory).committed()[-1]
+    server = Checkpointer(directory, "server").load(number)
+    if server is None:
+        raise ValueError(f"snapshot {number} has no server part in {directory}")
+    initial = evaluator_for(cfg, build_split(cfg.data)).initial_point()
+    expected = initial.to(torch.float64)
+    for rank in range(1, cfg.workers + 1):
+        part = load_worker_part(Checkpointer(directory, f"worker{rank}"), number)
+        if part is None or "ledger" not in part:
+            raise ValueError(f"worker {rank} has no ledger in snapshot {number}")
+        expected = expected + part["ledger"]
+    return float((server["role"]["center"].to(torch.float64) - expected).abs().max())

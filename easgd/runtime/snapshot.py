@@ -1,0 +1,249 @@
+"""Consistent snapshots of a whole run (the server and every worker) by a marker-based cut.
+
+A checkpoint of p + 1 processes is only useful if it is one state the run could have been in:
+the server's center must contain exactly the exchanges that the workers' saved states have
+applied (otherwise EASGD's center + sum of x_i is off by an elastic move, and a DOWNPOUR push is
+applied twice or lost). The cut used here:
+
+1. The server starts snapshot k (under its lock): it copies its own state and notes the workers
+   still running.
+2. Each such worker's first message after that is counted into snapshot k: the server marks its
+   reply with k. The worker saves the state it had when it sent that message (before applying
+   the reply): every exchange it had applied before was served before the server's copy, and
+   this one was served after it, so both sides agree on which exchanges happened.
+3. The worker says so (``saved_snapshot``) in its next message; a worker whose first message
+   after the start is DONE has already written its final state, before sending DONE.
+4. When every worker has saved its part, the server commits k (``committed.json``). A restart
+   resumes every process from the newest committed snapshot; pushes, elastic moves and steps
+   made after it are redone exactly once.
+
+A worker that had finished before the start is represented by its final state. Snapshot numbers
+grow across restarts (a restarted server starts above every file on disk), so a stale file from
+an uncommitted snapshot of a crashed attempt is never mistaken for a committed one.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+import struct
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from easgd.comm.message import Header, Op
+from easgd.runtime.checkpoint import Checkpointer
+from easgd.runtime.files import atomic_write
+
+
+@dataclass
+class _OpenSnapshot:
+    number: int
+    unmarked: set[int] = field(default_factory=set)
+    """Workers whose first message since the start has not arrived yet."""
+    unsaved: set[int] = field(default_factory=set)
+    """Workers that have not yet confirmed that their part is on disk."""
+
+
+class SnapshotCut:
+    """Server side of the cut: which reply to mark, and when a snapshot is complete.
+
+    Every method is called under the server's lock (the cut must see messages in the order the
+    server role applies them).
+    """
+
+    def __init__(self, *, next_number: int = 1) -> None:
+        self.next_number = next_number
+        self._open: _OpenSnapshot | None = None
+
+    @property
+    def in_progress(self) -> bool:
+        """Whether a snapshot has started and is not complete yet."""
+        return self._open is not None
+
+    def begin(self, running: Iterable[int]) -> int:
+        """Start the next snapshot over the ``running`` workers; returns its number."""
+        if self._open is not None:
+            raise RuntimeError(f"snapshot {self._open.number} is still in progress")
+        number, self.next_number = self.next_number, self.next_number + 1
+        ranks = set(running)
+        self._open = _OpenSnapshot(number, set(ranks), set(ranks))
+        return number
+
+    def on_message(self, rank: int, header: Header) -> int:
+        """Note a worker's message; returns the snapshot number to mark its reply with (0: none)."""
+        snap = self._open
+        if snap is None:
+            return 0
+        if header.saved_snapshot >= snap.number:
+            snap.unsaved.discard(rank)
+        if header.op == Op.DONE:  # its final state was written before DONE was sent
+            snap.unmarked.discard(rank)
+            snap.unsaved.discard(rank)
+            return 0
+        if rank in snap.unmarked:
+            snap.unmarked.discard(rank)
+            return snap.number
+        return 0
+
+    def drop(self, rank: int) -> None:
+        """A worker failed or was lost (continue policy): the snapshot goes on without it."""
+        if self._open is not None:
+            self._open.unmarked.discard(rank)
+            self._open.unsaved.discard(rank)
+
+    def complete(self) -> int | None:
+        """The number of the snapshot in progress if every part is saved (it is then closed)."""
+        snap = self._open
+        if snap is None or snap.unmarked or snap.unsaved:
+            return None
+        self._open = None
+        return snap.number
+
+
+class SnapshotLog:
+    """The committed snapshots of a run: ``committed.json`` in the checkpoint folder."""
+
+    def __init__(self, directory: str | os.PathLike[str], *, keep: int = 3) -> None:
+        self.directory = Path(directory)
+        self.keep = keep
+        self.path = self.directory / "committed.json"
+
+    def committed(self) -> list[int]:
+        """Committed snapshot numbers, oldest first (empty: none)."""
+        if not self.path.is_file():
+            return []
+        return [int(n) for n in json.loads(self.path.read_text())["snapshots"]]
+
+    def commit(self, number: int) -> list[int]:
+        """Record snapshot ``number`` as complete; returns the ``keep`` newest committed ones."""
+        kept = (
+            [n for n in self.committed() if n < number][-(self.keep - 1) :] if self.keep > 1 else []
+        )
+        kept.append(number)
+        atomic_write(self.path, json.dumps({"snapshots": kept}) + "\n")
+        return kept
+
+    def highest_file_number(self) -> int:
+        """The highest snapshot number of any checkpoint file in the folder (0: none)."""
+        pattern = re.compile(r"^[a-z0-9]+-(\d+)\.pt$")
+        numbers = [0]
+        if self.directory.is_dir():
+            for path in self.directory.iterdir():
+                match = pattern.match(path.name)
+                if match:
+                    numbers.append(int(match.group(1)))
+        return max(numbers)
+
+
+class WorkerSnapshots:
+    """Worker side: what to save (``capture``) and where; remembers the newest saved number."""
+
+    def __init__(self, checkpointer: Checkpointer, capture: Callable[[], dict[str, Any]]) -> None:
+        self.checkpointer = checkpointer
+        self.capture = capture
+        """A copy of this worker's state now (role, sampler, ...), to save if the reply is marked."""
+        self.saved = 0
+        """The newest snapshot number saved to disk (sent back to the server as an ack)."""
+
+    def save(self, number: int, state: dict[str, Any]) -> None:
+        """Save ``state`` (captured before the marked exchange was sent) as part of ``number``."""
+        self.checkpointer.save(state, number)
+        self.saved = number
+
+    def save_final(self) -> None:
+        """Save the state as it is now, before DONE is sent."""
+        self.checkpointer.save_final(self.capture())
+
+
+class StepMarker:
+    """The newest step a worker has computed, in a memory-mapped file that survives ``kill -9``.
+
+    Writing it is one 8-byte store into the page cache per step (no system call), so it is exact
+    at any kill of the process. On resume the difference to the resumed step is the work redone.
+    """
+
+    _LAYOUT = struct.Struct("<qq")  # newest step, redone steps accumulated over restarts
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if os.fstat(fd).st_size < self._LAYOUT.size:
+                os.ftruncate(fd, self._LAYOUT.size)
+            self._map = mmap.mmap(fd, self._LAYOUT.size)
+        finally:
+            os.close(fd)
+
+    def start(self, step: int, *, resumed: bool) -> int:
+        """Begin at ``step``; returns the steps redone over all restarts (0 on a fresh start)."""
+        previous_step, previous_redone = self._LAYOUT.unpack_from(self._map, 0)
+        redone = previous_redone + max(0, previous_step - step) if resumed else 0
+        self._LAYOUT.pack_into(self._map, 0, step, redone)
+        return int(redone)
+
+    def mark(self, step: int) -> None:
+        """This step has been computed."""
+        struct.pack_into("<q", self._map, 0, step)
+
+    def close(self) -> None:
+        """Release the mapping."""
+        self._map.close()
+
+
+class CheckpointPolicy:
+    """When to start the next snapshot: every ``every_s`` seconds (0: only at the end)."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._last = time.perf_counter()
+
+    def due(self) -> bool:
+        """Whether a periodic snapshot is due now."""
+        return bool(self.every_s) and time.perf_counter() - self._last >= self.every_s
+
+    def started(self) -> None:
+        """A snapshot has just started."""
+        self._last = time.perf_counter()
+
+
+class Ledger:
+    """The sum (float64) of the center changes one worker's exchanges caused, for audits.
+
+    EASGD/EAMSGD: the elastic differences e it received (the center moved by +e); DOWNPOUR and its
+    averaging variants: the accumulations it pushed. With consistent snapshots, a snapshot's
+    center equals the initial center plus the sum of every worker's ledger in that snapshot.
+    """
+
+    KINDS = {"easgd": "reply", "eamsgd": "reply", "downpour": "payload"}
+    KINDS |= {"adownpour": "payload", "mvadownpour": "payload"}
+
+    def __init__(self, role: Any, algorithm: str) -> None:
+        if algorithm not in self.KINDS:
+            raise ValueError(
+                f"checkpoint.ledger is for {', '.join(self.KINDS)}, not {algorithm!r}; "
+                "set checkpoint.ledger=false"
+            )
+        self.total = torch.zeros(role.params.numel(), dtype=torch.float64)
+        uses_reply = self.KINDS[algorithm] == "reply"
+        send, receive = role.outgoing, role.incoming
+        sent: list[Any] = [None]
+
+        def outgoing() -> Any:
+            sent[0] = send()
+            return sent[0]
+
+        def incoming(reply: torch.Tensor) -> None:
+            # read before the role applies the reply: in-place roles reuse these buffers
+            change = reply if uses_reply else sent[0]
+            self.total += change.detach().reshape(-1).to("cpu", torch.float64)
+            receive(reply)
+
+        role.outgoing, role.incoming = outgoing, incoming
