@@ -48,6 +48,16 @@ def test_readme_own_loop_example_runs(tmp_path: Path) -> None:
     script.write_text(match.group(1))
     result = torchrun_script(script, 3, env={"RUN_DIR": str(tmp_path / "run"), "EPOCHS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
+    found = re.search(r"center weight norm: ([0-9.]+)", result.stdout)
+    if found is None:  # the README shows example (a), whose own test checks its figures
+        assert match.group(1) == (EXAMPLES / "mnist1d_cnn.py").read_text()
+        return
+    norm = float(found.group(1))
+    # the older example: the workers fit y = x[:, :2], whose weight [I 0] has norm sqrt(2); the
+    # center must have moved most of the way there from the initial weights
+    torch.manual_seed(0)
+    initial = float(torch.nn.Linear(10, 2).weight.norm())
+    assert abs(norm - 2**0.5) < 0.5 * abs(initial - 2**0.5)
 
 
 def test_example_a_trains_a_cnn_from_a_dataloader_and_records_the_run(tmp_path: Path) -> None:

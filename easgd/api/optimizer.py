@@ -34,7 +34,7 @@ from easgd.api.roles import DownpourOptimizerRole, ElasticOptimizerRole, ModelPa
 from easgd.api.session import Session
 from easgd.comm.groups import SERVER_RANK, LaunchError
 from easgd.comm.heartbeat import LoopHeartbeat
-from easgd.comm.message import Header, Op, ServerRejected
+from easgd.comm.message import ServerRejected
 from easgd.comm.transport import PairTransport
 from easgd.runtime.worker import WorkerLoop, WorkerOutcome, handshake
 
@@ -140,10 +140,10 @@ class ElasticOptimizer(torch.optim.Optimizer):
             to_device=lambda t: t.to(device, non_blocking=True),
         )
         self._heartbeat = (
-            LoopHeartbeat(session.store, session.env.rank).start()
-            if session.store is not None
-            else None
+            LoopHeartbeat(session.store, session.env.rank) if session.store is not None else None
         )
+        if self._heartbeat is not None:
+            self._heartbeat.start()
         self._fresh_gradient = False
         self._hooks = [
             p.register_post_accumulate_grad_hook(self._saw_gradient) for p in model_params.params
@@ -227,7 +227,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
         # on its device until an exchange reports it (no host sync per step)
         reported = loss.detach() if isinstance(loss, Tensor) else loss
         self.loop.end_step(math.nan if reported is None else reported, started)
-        if self._heartbeat is not None:  # liveness from the training loop itself
+        if self._heartbeat is not None:  # liveness comes from the loop's own progress
             self._heartbeat.beat()
             self._heartbeat.check()
         return loss
@@ -283,7 +283,8 @@ class ElasticOptimizer(torch.optim.Optimizer):
             return
         self._closed = True
         with contextlib.suppress(Exception):  # the server may be gone too
-            self.loop.transport.send(Header(Op.FAILED, step=self.role.step))
+            self.loop._stop_comm_thread()  # so that FAILED cannot race an exchange in flight
+            self.loop.send_failed()
         self._release()
 
     def _release(self) -> None:

@@ -136,7 +136,7 @@ def serve(
                 progress=False,
                 exchanges_before=exchanges_before,
                 heartbeat=HeartbeatMonitor(
-                    session.store, timeout_s=heartbeat_timeout_s, first_step_s=heartbeat_timeout_s
+                    session.store, timeout_s=heartbeat_timeout_s, first_step_s=session.timeout_s
                 )
                 if session.store is not None
                 else None,

@@ -233,7 +233,7 @@ class WorkerLoop:
         if self.overlap and self._in_flight:
             self._take_reply(block=False)
 
-    def _capture_before_exchange(self) -> None:
+    def _capture_if_due(self) -> None:
         if self.snapshots is not None and self.role.due() and not self.overlap:
             # the state before this exchange is sent: what a marked reply saves
             self._next_capture = self.snapshots.capture()
@@ -241,7 +241,7 @@ class WorkerLoop:
     def exchange_if_due(self) -> None:
         """The exchange that starts step t_i when t_i % tau == 0 (what precedes the gradient)."""
         self.take_arrived_reply()
-        self._capture_before_exchange()
+        self._capture_if_due()
         exchange_if_due(self.role, self._exchange)
 
     def end_step(self, loss: float | Tensor | None, step_started: float) -> None:
@@ -289,10 +289,10 @@ class WorkerLoop:
             while self.role.step < self.steps and not self.stop_requested:
                 self.take_arrived_reply()
                 step_started = time.perf_counter()
-                self._capture_before_exchange()
+                self._capture_if_due()
                 loss = worker_step(self.role, self.gradient, self._exchange)
                 self.end_step(loss, step_started)
         except BaseException:
-            self._stop_comm_thread()
+            self._stop_comm_thread()  # no send may race the exchange thread on the way out
             raise
         return self.finish()
