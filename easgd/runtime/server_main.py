@@ -22,7 +22,7 @@ from easgd.runtime.resume import checkpoint_dir, checkpoint_signature, resume_se
 from easgd.runtime.runlog import RunLog
 from easgd.runtime.server import ParameterServer, StopRule
 from easgd.runtime.snapshot import CheckpointPolicy, SnapshotCut, SnapshotLog
-from easgd.runtime.summary import build_summary, finish_run
+from easgd.runtime.summary import finish_run, log_done, server_summary
 
 log = logging.getLogger("easgd")
 
@@ -153,36 +153,20 @@ def run_server(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
     try:
         outcome = server.run()
         snapshots.finish()
-        summary = build_summary(
+        summary = server_summary(
             cfg,
+            outcome,
+            server,
             num_params=flat.num_params,
-            wall_time_s=outcome.wall_time_s,
-            exchanges=outcome.exchanges,
-            server_updates=outcome.server_updates,
-            worker_steps=outcome.worker_steps,
-            test_loss=outcome.test_loss,
-            test_error=outcome.test_error,
-            stop_reason=outcome.stop_reason,
+            restarts=restarts,
             extra={
-                "rejected_messages": outcome.rejected,
-                "failed_workers": {str(r): why for r, why in outcome.failed_workers.items()},
-                "restarts": restarts,
-                "resumed_worker_steps": {str(r): s for r, s in server.resumed_steps.items()},
                 "redone_worker_steps": sum(s.redone_steps for s in server.stats.values()),
                 "redone_steps_by_worker": {str(r): s.redone_steps for r, s in server.stats.items()},
-                "worker_steps_per_s": {str(r): s.steps_per_s for r, s in server.stats.items()},
                 "committed_snapshot": snapshots.committed,
             },
         )
         path = finish_run(runlog, cfg, summary)
     finally:
         runlog.close()
-    log.info(
-        "done in %.1f s: center test error %.2f%%, %d exchanges (%.0f/s); summary in %s",
-        summary["wall_time_s"],
-        100 * summary["test_error"],
-        summary["exchanges"],
-        summary["exchanges_per_s"],
-        path,
-    )
+    log_done(summary, path)
     return summary

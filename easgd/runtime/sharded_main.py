@@ -36,7 +36,7 @@ from easgd.runtime.faults import kill_self
 from easgd.runtime.resume import checkpoint_signature
 from easgd.runtime.runlog import RunLog
 from easgd.runtime.server import Evaluate, ParameterServer, StopRule
-from easgd.runtime.summary import build_summary, finish_run
+from easgd.runtime.summary import finish_run, log_done, server_summary
 from easgd.runtime.worker_main import run_worker
 
 log = logging.getLogger("easgd")
@@ -219,35 +219,19 @@ def run_shard(
         if slices_thread is not None:
             slices_thread.join(timeout=cfg.comm.timeout_s)
             return None
-        summary = build_summary(
+        summary = server_summary(
             cfg,
+            outcome,
+            server,
             num_params=flat.num_params,
-            wall_time_s=outcome.wall_time_s,
-            exchanges=outcome.exchanges,
-            server_updates=outcome.server_updates,
-            worker_steps=outcome.worker_steps,
-            test_loss=outcome.test_loss,
-            test_error=outcome.test_error,
-            stop_reason=outcome.stop_reason,
+            restarts=restarts,
             extra={
                 "topology": "server",
                 "shards": cfg.server.shards,
-                "rejected_messages": outcome.rejected,
-                "failed_workers": {str(r): why for r, why in outcome.failed_workers.items()},
-                "restarts": restarts,
-                "resumed_worker_steps": {str(r): s for r, s in server.resumed_steps.items()},
-                "worker_steps_per_s": {str(r): s.steps_per_s for r, s in server.stats.items()},
             },
         )
         path = finish_run(runlog, cfg, summary)
     finally:
         runlog.close()
-    log.info(
-        "done in %.1f s: center test error %.2f%%, %d exchanges (%.0f/s); summary in %s",
-        summary["wall_time_s"],
-        100 * summary["test_error"],
-        summary["exchanges"],
-        summary["exchanges_per_s"],
-        path,
-    )
+    log_done(summary, path)
     return summary

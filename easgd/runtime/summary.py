@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from easgd.config.schema import TrainConfig, to_dict
 from easgd.runtime.runlog import RunLog
+
+if TYPE_CHECKING:
+    from easgd.runtime.server import ParameterServer, ServerOutcome
+
+log = logging.getLogger("easgd")
 
 
 def build_summary(
@@ -71,3 +77,46 @@ def finish_run(runlog: RunLog, cfg: TrainConfig, summary: dict[str, Any]) -> Pat
     final = {"test_error": summary["test_error"], "test_loss": summary["test_loss"]}
     runlog.hparams(build_hparams(cfg), final)
     return runlog.summary(summary)
+
+
+def server_summary(
+    cfg: TrainConfig,
+    outcome: ServerOutcome,
+    server: ParameterServer,
+    *,
+    num_params: int,
+    restarts: int,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The summary of a parameter-server run (one server or shard 0 of a sharded center)."""
+    return build_summary(
+        cfg,
+        num_params=num_params,
+        wall_time_s=outcome.wall_time_s,
+        exchanges=outcome.exchanges,
+        server_updates=outcome.server_updates,
+        worker_steps=outcome.worker_steps,
+        test_loss=outcome.test_loss,
+        test_error=outcome.test_error,
+        stop_reason=outcome.stop_reason,
+        extra={
+            "rejected_messages": outcome.rejected,
+            "failed_workers": {str(r): why for r, why in outcome.failed_workers.items()},
+            "restarts": restarts,
+            "resumed_worker_steps": {str(r): s for r, s in server.resumed_steps.items()},
+            "worker_steps_per_s": {str(r): s.steps_per_s for r, s in server.stats.items()},
+            **(extra or {}),
+        },
+    )
+
+
+def log_done(summary: dict[str, Any], path: Path) -> None:
+    """The run's last log line: time, the evaluated variable's test error, exchanges."""
+    log.info(
+        "done in %.1f s: center test error %.2f%%, %d exchanges (%.0f/s); summary in %s",
+        summary["wall_time_s"],
+        100 * summary["test_error"],
+        summary["exchanges"],
+        summary["exchanges_per_s"],
+        path,
+    )
