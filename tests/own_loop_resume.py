@@ -45,6 +45,7 @@ def main() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, nesterov=True)
     optimizer = api.ElasticOptimizer(model, optimizer, session, comm_period=2)
     checkpoint = run_dir / f"worker{rank}.pt"
+    scratch = run_dir / f"worker{rank}.tmp"  # one per worker: both save at the same steps
     if checkpoint.exists():
         state = torch.load(checkpoint)
         model.load_state_dict(state["model"])
@@ -61,9 +62,9 @@ def main() -> None:
         if optimizer.local_step_count % 10 == 0:
             torch.save(
                 {"model": model.state_dict(), "optimizer": optimizer.state_dict()},
-                run_dir / "tmp.pt",
+                scratch,
             )
-            os.replace(run_dir / "tmp.pt", checkpoint)
+            os.replace(scratch, checkpoint)
         if session.restart_count == 0 and rank == 1 and optimizer.local_step_count == CRASH_AT:
             os._exit(3)  # a crash: no DONE, no cleanup
     optimizer.close()
