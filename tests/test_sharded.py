@@ -16,6 +16,7 @@ from easgd.config.schema import TrainConfig
 from easgd.data.digits import load_digits_split
 from easgd.roles import make_server_role
 from easgd.roles.sharded import ShardedServer, shard_bounds
+from easgd.runtime.audit import conservation_gap
 from easgd.runtime.checkpoint import Checkpointer
 from easgd.runtime.components import build_model
 from easgd.sim import ClassifierObjective, Quadratic, SimConfig, simulate
@@ -116,18 +117,32 @@ def test_gloo_job_with_two_shards_equals_the_unsharded_simulator_bit_for_bit(
 
 
 @pytest.mark.slow
-def test_killed_shard_restarts_and_resumes_its_slice(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("algorithm", "victim"),
+    [("eamsgd", 1), ("downpour", 3)],
+    ids=["eamsgd-shard1", "downpour-worker"],
+)
+def test_a_killed_rank_resumes_every_rank_from_a_consistent_sharded_snapshot(
+    tmp_path: Path, algorithm: str, victim: int
+) -> None:
+    # ranks 0-1 are the shards, 2-3 the workers; a kill -9 of a shard or a worker restarts the
+    # job, which resumes every rank from the newest committed snapshot
+    steps = 400
     result = _torchrun(
-        4, "server.shards=2", "workers=2", "steps_per_worker=400", "comm.period=2",
-        "eval_interval_s=0.05", "checkpoint.every_s=0.01", "fault.kill_rank=1",
-        "fault.kill_at_step=60", f"hydra.run.dir={tmp_path}", restarts=1,
+        4, "server.shards=2", "workers=2", f"algorithm={algorithm}", f"steps_per_worker={steps}",
+        "comm.period=2", "eval_interval_s=0.05", "checkpoint.every_s=0.01", "checkpoint.ledger=true",
+        f"fault.kill_rank={victim}", "fault.kill_at_step=60", f"hydra.run.dir={tmp_path}",
+        restarts=1,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "shard 1 sends itself SIGKILL" in result.stderr
+    who = "shard 1" if victim == 1 else f"worker {victim}"
+    assert f"{who} sends itself SIGKILL" in result.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["restarts"] == 1 and summary["worker_steps"] == 2 * 400
-    # no consistent cut across shards yet: workers of a restarted sharded job start from the center
-    assert summary["resumed_worker_steps"] == {"2": 0, "3": 0}
+    assert summary["restarts"] == 1 and summary["worker_steps"] == 2 * steps
+    # the workers resumed from their parts of the snapshot, not from the center
+    assert all(0 < s < steps for s in summary["resumed_worker_steps"].values())
+    # the center (both slices) is the initial center plus every exchange's change, each once
+    assert conservation_gap(tmp_path) < 1e-5
     split = load_digits_split(test_fraction=0.2, seed=0)
     objective = ClassifierObjective(build_model(TrainConfig().model, split, seed=0), split)
     center = _center_from_shards(tmp_path, 2)

@@ -29,14 +29,20 @@ def conservation_gap(run_dir: str | os.PathLike[str], number: int | None = None)
     directory = run_dir / "checkpoints"
     if number is None:
         number = SnapshotLog(directory).committed()[-1]
-    server = Checkpointer(directory, "server").load(number)
-    if server is None:
-        raise ValueError(f"snapshot {number} has no server part in {directory}")
+    shards = cfg.server.shards
+    names = ["server"] if shards == 1 else [f"shard{j}" for j in range(shards)]
+    slices = []
+    for name in names:  # a sharded center is the concatenation of its slices
+        part = Checkpointer(directory, name).load(number)
+        if part is None:
+            raise ValueError(f"snapshot {number} has no {name} part in {directory}")
+        slices.append(part["role"]["center"].to(torch.float64))
+    center = torch.cat(slices)
     initial = evaluator_for(cfg, build_split(cfg.data)).initial_point()
     expected = initial.to(torch.float64)
-    for rank in range(1, cfg.workers + 1):
+    for rank in range(shards, shards + cfg.workers):
         part = load_worker_part(Checkpointer(directory, f"worker{rank}"), number)
         if part is None or "ledger" not in part:
             raise ValueError(f"worker {rank} has no ledger in snapshot {number}")
         expected = expected + part["ledger"]
-    return float((server["role"]["center"].to(torch.float64) - expected).abs().max())
+    return float((center - expected).abs().max())

@@ -39,11 +39,13 @@ def hang_self(who: str, step: int, *, mode: str = "sigstop") -> None:
 class FaultInjector:
     """The faults configured for one rank, checked at each of its steps."""
 
-    def __init__(self, fault: FaultConfig, rank: int, *, generation: int) -> None:
+    def __init__(
+        self, fault: FaultConfig, rank: int, *, generation: int, who: str | None = None
+    ) -> None:
         self.fault = fault
         self.rank = rank
         self.first_start = generation == 0
-        self.who = "server" if rank == 0 else f"worker {rank}"
+        self.who = who or ("server" if rank == 0 else f"worker {rank}")
 
     def worker_step(self, step: int, params: torch.Tensor) -> None:
         """Fire this worker's faults due at ``step`` (NaN: written into ``params`` in place)."""
@@ -74,6 +76,7 @@ class FaultInjector:
         role.handle = failing_handle
 
     def server_tick(self, updates: int) -> None:
-        """The server's kill fires at a tick once it has made ``kill_at_step`` updates."""
-        if self.first_start and self.fault.kill_rank == 0 and updates >= self.fault.kill_at_step:
+        """A server's (or shard's) kill fires at a tick once it has made ``kill_at_step`` updates."""
+        kill = self.fault.kill_rank == self.rank
+        if self.first_start and kill and updates >= self.fault.kill_at_step:
             kill_self(self.who, updates)

@@ -37,6 +37,7 @@ from easgd.comm.transport import PairTransport
 from easgd.roles import ElasticServer, ServerRole, UpdateRefused
 from easgd.runtime.progress import Progress
 from easgd.runtime.runlog import RunLog
+from easgd.runtime.sharded_snapshot import BarrierCut
 from easgd.runtime.snapshot import SnapshotCut
 
 log = logging.getLogger("easgd.server")
@@ -118,7 +119,7 @@ class ParameterServer:
         exchanges_before: int = 0,
         heartbeat: HeartbeatMonitor | None = None,
         max_update_norm: float | None = None,
-        snapshots: SnapshotCut | None = None,
+        snapshots: SnapshotCut | BarrierCut | None = None,
         finished_before: set[int] | frozenset[int] = frozenset(),
     ) -> None:
         self.role = role
@@ -141,6 +142,8 @@ class ParameterServer:
         """Each worker's step counter when it said HELLO (non-zero after a resume)."""
         self.snapshots = snapshots
         """The consistent-snapshot cut (None: no snapshots)."""
+        if snapshots is not None:
+            snapshots.bind(self)
         self.finished_before = set(finished_before)
         """Workers that had said DONE in the snapshot this run resumed from (their final
         payload, if they resend it, is already in the center)."""
@@ -209,15 +212,16 @@ class ParameterServer:
                 self._exchange(rank, transport, header, payload)
             elif header.op == Op.DONE:
                 with self.lock:
-                    if self.snapshots is not None:
-                        self.snapshots.on_message(rank, header)
                     resent = rank in self.finished_before  # already in the center
                     if payload is not None and not resent and self._refuse(payload) is None:
                         self.role.handle(rank, payload)  # MDOWNPOUR's last gradient
+                    # finished together with its last payload: a snapshot sees both or neither
+                    stats.finished = True
+                    if self.snapshots is not None:
+                        self.snapshots.on_message(rank, header)
                 self.progress.advance(header.step - stats.steps, exchanges=self.exchanges)
                 stats.steps = header.step
                 stats.steps_per_s = header.steps_per_s
-                stats.finished = True
                 self._send(transport, Header(Op.REPLY))
                 return
             elif header.op == Op.FAILED:
@@ -432,24 +436,37 @@ class ParameterServer:
         one is still in progress. The workers' parts follow at their next messages."""
         if self.snapshots is None:
             return None
+        if not isinstance(self.snapshots, SnapshotCut):
+            raise TypeError(
+                "begin_snapshot is the single server's cut; shards use BarrierCut.begin"
+            )
         with self.lock:
-            if self.snapshots.in_progress or self._errors or self.server_error is not None:
+            if self.snapshots.in_progress or self.failed():
                 return None
-            running = [
-                r for r, s in self.stats.items() if not (s.finished or s.failed or r in self.lost)
-            ]
-            number = self.snapshots.begin(running)
-            state = {
-                "role": {
-                    k: v.clone() if isinstance(v, Tensor) else v
-                    for k, v in self.role.state_dict().items()
-                },
-                "exchanges": self.exchanges,
-                "finished": sorted(
-                    {r for r, s in self.stats.items() if s.finished} | self.finished_before
-                ),
-            }
+            number = self.snapshots.begin(self.running_workers())
+            state = self.state_copy()
         return number, state
+
+    def running_workers(self) -> list[int]:
+        """Workers neither finished nor failed nor lost (call under :attr:`lock`)."""
+        return [r for r, s in self.stats.items() if not (s.finished or s.failed or r in self.lost)]
+
+    def state_copy(self) -> dict[str, Any]:
+        """A copy of the server's state, its part of a snapshot (call under :attr:`lock`)."""
+        return {
+            "role": {
+                k: v.clone() if isinstance(v, Tensor) else v
+                for k, v in self.role.state_dict().items()
+            },
+            "exchanges": self.exchanges,
+            "finished": sorted(
+                {r for r, s in self.stats.items() if s.finished} | self.finished_before
+            ),
+        }
+
+    def failed(self) -> bool:
+        """Whether the run is ending on a failure (a worker under fail_fast, or the server)."""
+        return bool(self._errors) or self.server_error is not None
 
     def snapshot_complete(self) -> int | None:
         """The number of the snapshot in progress once every worker's part is saved, else None."""

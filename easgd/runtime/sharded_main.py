@@ -6,9 +6,11 @@
 Shard j runs the unchanged :class:`ParameterServer` with the algorithm's own server role built on
 its contiguous slice of the center (every server rule is elementwise: see
 :mod:`easgd.roles.sharded`), serving every worker's exchange of that slice; workers reach all
-shards in parallel through :class:`easgd.comm.sharded.ShardedTransport`. Each shard checkpoints
-its slice (``shard{j}-*.pt``) and resumes it; shard 0 evaluates the whole center (pulling the
-other slices), applies the stop rules and writes summary.json, metrics.csv and TensorBoard files.
+shards in parallel through :class:`easgd.comm.sharded.ShardedTransport`. Snapshots are consistent
+across shards and workers (:mod:`easgd.runtime.sharded_snapshot`: each shard writes its slice as
+``shard{j}-<n>.pt``, shard 0 commits) and a restarted job resumes every rank from the newest
+committed one; shard 0 evaluates the whole center (pulling the other slices), applies the stop
+rules and writes summary.json, metrics.csv and TensorBoard files.
 """
 
 from __future__ import annotations
@@ -17,8 +19,6 @@ import logging
 import math
 import os
 import threading
-import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,12 +30,14 @@ from easgd.config.schema import TrainConfig
 from easgd.data.split import Split
 from easgd.roles import make_server_role
 from easgd.roles.sharded import shard_bounds
-from easgd.runtime.checkpoint import Checkpointer, check_compatible
+from easgd.runtime.checkpoint import Checkpointer
 from easgd.runtime.components import build_split, evaluator_for, transport_for
-from easgd.runtime.faults import kill_self
-from easgd.runtime.resume import checkpoint_signature
+from easgd.runtime.faults import FaultInjector
+from easgd.runtime.resume import checkpoint_dir, checkpoint_signature, resume_server
 from easgd.runtime.runlog import RunLog
 from easgd.runtime.server import Evaluate, ParameterServer, StopRule
+from easgd.runtime.sharded_snapshot import BarrierCut, ShardSnapshotWriter
+from easgd.runtime.snapshot import SnapshotLog
 from easgd.runtime.summary import finish_run, log_done, server_summary
 from easgd.runtime.worker_main import run_worker
 
@@ -81,30 +83,10 @@ def run_sharded(cfg: TrainConfig) -> dict[str, Any] | None:
     try:
         if env.rank < shards:
             return run_shard(cfg, env, split, groups)
-        run_worker(cfg, env, split, PairGroups(groups.shards, groups.store))
+        run_worker(cfg, env, split, PairGroups(groups.shards, groups.store, groups.generation))
         return None
     finally:
         shutdown()
-
-
-def _resume_slice(
-    checkpointer: Checkpointer, cfg: TrainConfig, signature: dict[str, Any]
-) -> dict[str, Any] | None:
-    """This shard's newest intact, compatible slice checkpoint (None: start fresh).
-
-    Sharded runs have no consistent cut across shards and workers (the marker-based snapshots of
-    :mod:`easgd.runtime.snapshot` serve one server): each shard resumes its own newest slice and
-    the workers of a restarted job start again from the center.
-    """
-    if not cfg.checkpoint.resume:
-        return None
-    found = checkpointer.latest()
-    if found is None:
-        return None
-    path, state = found
-    check_compatible(state, path=path, signature=signature)
-    log.info("resuming this shard's slice from %s", path)
-    return state
 
 
 def run_shard(
@@ -123,14 +105,13 @@ def run_shard(
         "shards": cfg.server.shards,
         "slice": [lo, hi],
     }
-    checkpointer = Checkpointer(
-        Path(cfg.run_dir) / "checkpoints", f"shard{shard}", keep=cfg.checkpoint.keep
-    )
-    state = _resume_slice(checkpointer, cfg, signature)
-    restarts, exchanges_before = 0, 0
+    directory = checkpoint_dir(cfg)
+    state = resume_server(Checkpointer(directory, f"shard{shard}"), cfg, signature)
+    restarts, exchanges_before, finished_before = 0, 0, set()
     if state is not None:
         role.load_state_dict(state["role"])
         restarts, exchanges_before = int(state["restarts"]) + 1, int(state["exchanges"])
+        finished_before = {int(r) for r in state["finished"]}
     transports = {
         worker: transport_for(cfg, worker, group, hi - lo, shard)
         for worker, group in groups.workers.items()
@@ -159,6 +140,7 @@ def run_shard(
     else:
         evaluate = lambda own: {"test_loss": math.nan, "test_error": math.nan}  # noqa: E731
         runlog = _NoRunLog()
+    cut = BarrierCut(lead=lead, next_number=SnapshotLog(directory).highest_file_number() + 1)
     server = ParameterServer(
         role,
         transports,
@@ -174,6 +156,8 @@ def run_shard(
             groups.store, timeout_s=cfg.comm.heartbeat_timeout_s, first_step_s=cfg.comm.timeout_s
         ),
         max_update_norm=None,  # a shard sees part of an update (schema refuses the key)
+        snapshots=cut,
+        finished_before=finished_before,
     )
 
     def snapshot() -> torch.Tensor:
@@ -182,40 +166,37 @@ def run_shard(
 
     slices_thread = None if lead else serve_slices(groups.shards[0], snapshot, server_done)
 
-    def save() -> None:
-        with server.lock:
-            snapshot = {
-                "role": role.state_dict(),
-                "exchanges": server.exchanges,
-                "restarts": restarts,
-                "signature": signature,
-            }
-        checkpointer.save(snapshot)
-
-    last_save = time.perf_counter()
+    snapshots = ShardSnapshotWriter(
+        cut,
+        server,
+        directory,
+        shard=shard,
+        shards=cfg.server.shards,
+        store=groups.store,
+        every_s=cfg.checkpoint.every_s,
+        keep=cfg.checkpoint.keep,
+        extra={"restarts": restarts, "signature": signature},
+        workers=list(transports),
+        timeout_s=cfg.comm.timeout_s,
+    )
+    faults = FaultInjector(cfg.fault, shard, generation=groups.generation, who=f"shard {shard}")
 
     def on_tick() -> None:
-        nonlocal last_save
-        if cfg.checkpoint.every_s and time.perf_counter() - last_save >= cfg.checkpoint.every_s:
-            save()
-            last_save = time.perf_counter()
-        fault = cfg.fault
-        if (
-            fault.kill_rank == shard
-            and env.restart_count == 0
-            and role.updates >= fault.kill_at_step
-        ):
-            kill_self(f"shard {shard}", role.updates)
+        snapshots.tick()
+        faults.server_tick(role.updates)
 
     server.on_tick = on_tick
     try:
         try:
             outcome = server.run()
+        except BaseException:
+            snapshots.fail()
+            raise
         finally:
-            save()
             server_done.set()
             if gather is not None:
                 gather.release(role.center.dtype)
+        snapshots.finish()
         if slices_thread is not None:
             slices_thread.join(timeout=cfg.comm.timeout_s)
             return None
@@ -228,6 +209,9 @@ def run_shard(
             extra={
                 "topology": "server",
                 "shards": cfg.server.shards,
+                "redone_worker_steps": sum(s.redone_steps for s in server.stats.values()),
+                "redone_steps_by_worker": {str(r): s.redone_steps for r, s in server.stats.items()},
+                "committed_snapshot": snapshots.committed,
             },
         )
         path = finish_run(runlog, cfg, summary)

@@ -29,11 +29,12 @@ import mmap
 import os
 import re
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -98,6 +99,9 @@ class SnapshotCut:
             self._open.unmarked.discard(rank)
             self._open.unsaved.discard(rank)
 
+    def bind(self, host: CutHost) -> None:
+        """Nothing to bind: this cut never waits (the server copies its state at the start)."""
+
     def complete(self) -> int | None:
         """The number of the snapshot in progress if every part is saved (it is then closed)."""
         snap = self._open
@@ -105,6 +109,24 @@ class SnapshotCut:
             return None
         self._open = None
         return snap.number
+
+
+class CutHost(Protocol):
+    """What a cut needs from the parameter server it serves (see :meth:`SnapshotCut.bind`)."""
+
+    lock: threading.Lock
+
+    def running_workers(self) -> list[int]:
+        """Workers neither finished nor failed nor lost (call under ``lock``)."""
+        ...
+
+    def state_copy(self) -> dict[str, Any]:
+        """A copy of the server's state as a snapshot part (call under ``lock``)."""
+        ...
+
+    def failed(self) -> bool:
+        """Whether the run is ending on a failure (no snapshot can complete any more)."""
+        ...
 
 
 class SnapshotLog:
@@ -145,15 +167,25 @@ class SnapshotLog:
 class WorkerSnapshots:
     """Worker side: what to save (``capture``) and where; remembers the newest saved number."""
 
-    def __init__(self, checkpointer: Checkpointer, capture: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        checkpointer: Checkpointer,
+        capture: Callable[[], dict[str, Any]],
+        *,
+        after_reply: bool = False,
+    ) -> None:
         self.checkpointer = checkpointer
         self.capture = capture
         """A copy of this worker's state now (role, sampler, ...), to save if the reply is marked."""
+        self.after_reply = after_reply
+        """Which state a marked reply saves: False (one server, :class:`SnapshotCut`): the state
+        when the marked exchange was sent; True (shards, :class:`BarrierCut`): the state with
+        the marked reply applied."""
         self.saved = 0
         """The newest snapshot number saved to disk (sent back to the server as an ack)."""
 
     def save(self, number: int, state: dict[str, Any]) -> None:
-        """Save ``state`` (captured before the marked exchange was sent) as part of ``number``."""
+        """Save ``state`` as this worker's part of snapshot ``number``."""
         self.checkpointer.save(state, number)
         self.saved = number
 

@@ -142,9 +142,10 @@ class WorkerLoop:
     def _apply(self, header: Header, reply: Tensor | None) -> None:
         if header.error == ERROR_SERVER:
             raise ServerFailed("the server failed and ended the run; its log has the traceback")
-        if header.snapshot and self.snapshots is not None:  # save it as it was when sent
-            assert self._captured is not None
-            self.snapshots.save(header.snapshot, self._captured)
+        snapshots, mark = self.snapshots, header.snapshot
+        if mark and snapshots is not None and not snapshots.after_reply:
+            assert self._captured is not None  # save it as it was when sent
+            snapshots.save(mark, self._captured)
         self.stop_requested = self.stop_requested or header.stop
         assert reply is not None
         reply = self.to_device(reply)
@@ -154,11 +155,13 @@ class WorkerLoop:
             self.role.reset(reply)
         else:
             self.role.incoming(reply)
+        if mark and snapshots is not None and snapshots.after_reply:
+            snapshots.save(mark, snapshots.capture())  # sharded cut: with this reply applied
 
     def _exchange(self, payload: Tensor | None) -> Tensor | None:
         if self.overlap:
             self._wait_in_flight()  # the reply it applies is part of the state sent now
-            self._captured = self.snapshots.capture() if self.snapshots is not None else None
+            self._captured = self._capture_before_send()
             if payload is not None:  # the role updates it in place while the copy travels
                 if self._sent is None:
                     self._sent = torch.empty_like(payload)
@@ -233,10 +236,15 @@ class WorkerLoop:
         if self.overlap and self._in_flight:
             self._take_reply(block=False)
 
+    def _capture_before_send(self) -> dict | None:
+        """The state before an exchange is sent: what a marked reply saves (single server)."""
+        if self.snapshots is None or self.snapshots.after_reply:
+            return None
+        return self.snapshots.capture()
+
     def _capture_if_due(self) -> None:
-        if self.snapshots is not None and self.role.due() and not self.overlap:
-            # the state before this exchange is sent: what a marked reply saves
-            self._next_capture = self.snapshots.capture()
+        if self.role.due() and not self.overlap:
+            self._next_capture = self._capture_before_send()
 
     def exchange_if_due(self) -> None:
         """The exchange that starts step t_i when t_i % tau == 0 (what precedes the gradient)."""

@@ -100,7 +100,7 @@ def run_worker(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
             overlap=cfg.comm.overlap,
             to_device=lambda t: t.to(device, non_blocking=True),
             after_step=after_step,
-            snapshots=WorkerSnapshots(checkpointer, capture),
+            snapshots=WorkerSnapshots(checkpointer, capture, after_reply=cfg.server.shards > 1),
         )
         outcome = loop.run()
     except ServerFailed as err:  # the server's traceback ends the run, not this worker's
