@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -58,6 +59,23 @@ class ServerRole(ABC):
     def update_norm(self, payload: Tensor) -> float | None:
         """Norm of the change ``handle(payload)`` would make, from the payload alone (one read
         pass, so it also reveals a non-finite payload); None when it depends on the center."""
+
+    synchronous_round = False
+    """Whether :meth:`handle_round` is this rule's synchronous form (the elastic family's)."""
+
+    def handle_delayed(
+        self, worker: int, payload: Tensor | None, read: Tensor
+    ) -> tuple[Tensor, Callable[[], object]]:
+        """A delayed channel (the simulator's ``read_staleness`` / ``push_delay``): the reply
+        computed from ``read`` (a stale copy of the center) and the update, to be delivered later."""
+        raise ValueError(
+            "communication delay is simulated for the elastic and DOWNPOUR families, "
+            f"not {type(self).__name__}"
+        )
+
+    def handle_round(self, payloads: list[Tensor]) -> list[Tensor]:
+        """A synchronous round: every payload reads the same center, then one update."""
+        raise ValueError(f"{type(self).__name__} has no synchronous round")
 
     def reply_center(self, out: Tensor | None = None) -> Tensor:
         """A copy of the center (into ``out`` when given): the reply to a refused update."""
@@ -120,9 +138,30 @@ class ElasticServer(ServerRole):
         return None  # alpha ||x_i - center||: measured during the update (see handle)
 
     def apply(self, elastic_diff: Tensor) -> None:
-        """center <- center + e (used by the simulator when e arrives late)."""
+        """center <- center + e (an elastic difference computed earlier)."""
         self.center.add_(elastic_diff)
         self.updates += 1
+
+    def handle_delayed(
+        self, worker: int, payload: Tensor | None, read: Tensor
+    ) -> tuple[Tensor, Callable[[], object]]:
+        if payload is None:
+            raise ValueError(f"worker {worker} sent no parameters to an elastic exchange")
+        # e = alpha (x_i - read): the worker moves by it now, the center when it arrives
+        diff = alg.elastic_difference(payload, read, moving_rate=self.moving_rate)
+        return diff, lambda: self.apply(diff)
+
+    synchronous_round = True
+
+    def handle_round(self, payloads: list[Tensor]) -> list[Tensor]:
+        # every worker reads the same center; x~ += sum_i e_i as one addition of the summed
+        # differences: the spec's equation and the replicated-center form's order
+        # (easgd.runtime.allreduce), bit for bit
+        read = self.center.clone()
+        diffs = [alg.elastic_difference(x, read, moving_rate=self.moving_rate) for x in payloads]
+        if diffs:
+            self.apply(sum(diffs[1:], diffs[0]))
+        return diffs
 
 
 class DownpourServer(ServerRole):
@@ -134,6 +173,14 @@ class DownpourServer(ServerRole):
         super().__init__(center)
         self.average: Tensor | None = self.center.clone() if average else None
         self.average_rate = average_rate
+
+    def handle_delayed(
+        self, worker: int, payload: Tensor | None, read: Tensor
+    ) -> tuple[Tensor, Callable[[], object]]:
+        if payload is None:
+            raise ValueError(f"worker {worker} sent no accumulated update to DOWNPOUR")
+        sent = payload.clone()  # the worker zeroes its accumulation in place on the reply
+        return read.clone(), lambda: self.handle(worker, sent)
 
     def handle(
         self,

@@ -34,7 +34,6 @@ from torch import Tensor
 from easgd import algorithms as alg
 from easgd.config.algorithm import AlgorithmConfig
 from easgd.roles import (
-    DownpourServer,
     ElasticServer,
     ServerRole,
     WorkerRole,
@@ -214,20 +213,9 @@ class Simulator:
             self._record_center()
             return reply
         read = self._center_history[0]  # the center k updates ago (or the oldest kept)
-        if isinstance(server, ElasticServer):
-            assert payload is not None
-            diff = alg.elastic_difference(payload, read, moving_rate=server.moving_rate)
-            self._deliver(lambda: server.apply(diff))
-            return diff
-        if isinstance(server, DownpourServer):
-            assert payload is not None
-            sent = payload.clone()  # the worker zeroes its accumulation in place on the reply
-            self._deliver(lambda: server.handle(worker, sent))
-            return read.clone()
-        raise ValueError(
-            f"communication delay is simulated for the elastic and DOWNPOUR families, "
-            f"not {self.algorithm.name!r}"
-        )
+        reply, update = server.handle_delayed(worker, payload, read)
+        self._deliver(update)
+        return reply
 
     # -- schedules ----------------------------------------------------------------------------
     def _step(self, worker: int) -> None:
@@ -241,22 +229,17 @@ class Simulator:
 
     def _synchronous_tick(self) -> None:
         server = self.server
-        if isinstance(server, ElasticServer) and not self._delayed():
-            # every due worker reads the same center; the server then adds all the differences
-            read = server.center.clone()
-            diffs = []
-            for role in self.workers:
-                if role.due():
-                    sent = role.outgoing()
-                    assert sent is not None
-                    diff = alg.elastic_difference(sent, read, moving_rate=server.moving_rate)
-                    role.incoming(diff)
-                    diffs.append(diff)
-                    self.exchanges += 1
-            if diffs:
-                # x~ += sum_i e_i: one addition of the summed differences, the spec's equation and
-                # the replicated-center form's order (easgd.runtime.allreduce), bit for bit
-                server.apply(sum(diffs[1:], diffs[0]))
+        if server is not None and server.synchronous_round and not self._delayed():
+            due = [role for role in self.workers if role.due()]
+            sent = []
+            for role in due:
+                payload = role.outgoing()
+                assert payload is not None
+                sent.append(payload)
+            if due:
+                for role, reply in zip(due, server.handle_round(sent), strict=True):
+                    role.incoming(reply)
+                self.exchanges += len(due)
                 self._record_center()
             for worker, role in enumerate(self.workers):
                 loss_grad = self.objective.gradient(role.gradient_point(), self.generators[worker])
