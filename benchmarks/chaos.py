@@ -63,13 +63,14 @@ def rss_mb(pid: int) -> float:
 
 
 def torchrun(
-    run_dir: Path, workers: int, overrides: list[str], restarts: int
+    run_dir: Path, workers: int, overrides: list[str], restarts: int, shards: int = 1
 ) -> subprocess.Popen[str]:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={workers + 1}", f"--max-restarts={restarts}", "-m", "easgd.train",
-        f"workers={workers}", "progress=false", "tensorboard=false", "eval_interval_s=0.25",
-        "checkpoint.every_s=0.2", "checkpoint.ledger=true", *overrides, f"hydra.run.dir={run_dir}",
+        f"--nproc_per_node={workers + shards}", f"--max-restarts={restarts}", "-m", "easgd.train",
+        f"workers={workers}", f"server.shards={shards}", "progress=false", "tensorboard=false",
+        "eval_interval_s=0.25", "checkpoint.every_s=0.2", "checkpoint.ledger=true", *overrides,
+        f"hydra.run.dir={run_dir}",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "EASGD_LOG_LEVEL": "WARNING"}
     return subprocess.Popen(
@@ -78,21 +79,32 @@ def torchrun(
 
 
 def kill_run(
-    run_dir: Path, victim: str, steps: int, rng: random.Random, *, delay_s: float = 1.5
+    run_dir: Path,
+    victim: str,
+    steps: int,
+    rng: random.Random,
+    *,
+    delay_s: float = 1.5,
+    shards: int = 1,
 ) -> dict[str, Any]:
-    """One run with one kill -9 of a random worker (or the server); what came of it."""
+    """One run with one kill -9 of a random worker (or the server: a random shard if
+    ``shards`` > 1); what came of it."""
     algorithm = rng.choice(["easgd", "eamsgd", "downpour"])
     period = 1 if algorithm == "downpour" and rng.random() < 0.5 else 10
     proc = torchrun(
         run_dir, WORKERS, [f"algorithm={algorithm}", f"comm.period={period}",
-                           f"steps_per_worker={steps}"], restarts=1,
+                           f"steps_per_worker={steps}"], restarts=1, shards=shards,
     )  # fmt: skip
     committed = run_dir / "checkpoints" / "committed.json"
     deadline = time.time() + 120
     while not committed.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(rng.uniform(0.0, delay_s))
-    rank = 0 if victim == "server" else rng.randint(1, WORKERS)
+    rank = (
+        rng.randint(0, shards - 1)
+        if victim == "server"
+        else rng.randint(shards, shards + WORKERS - 1)
+    )
     pids = rank_pids(proc.pid)
     killed = proc.poll() is None and rank in pids
     if killed:
@@ -103,7 +115,7 @@ def kill_run(
         proc.kill()
         _, stderr = proc.communicate()
     row: dict[str, Any] = {"victim": victim, "rank": rank, "algorithm": algorithm, "tau": period,
-                           "killed": killed, "returncode": proc.returncode}  # fmt: skip
+                           "shards": shards, "killed": killed, "returncode": proc.returncode}  # fmt: skip
     summary_path = run_dir / "summary.json"
     if proc.returncode == 0 and summary_path.exists():
         summary = json.loads(summary_path.read_text())
@@ -161,10 +173,18 @@ def soak(run_dir: Path, workers: int, seconds: float, every_s: float) -> dict[st
     }  # fmt: skip
 
 
+def group(row: dict[str, Any]) -> str:
+    """worker / server kills of one-server runs; worker / shard kills of sharded runs."""
+    shards = row.get("shards", 1)
+    if shards == 1:
+        return str(row["victim"])
+    return f"{'shard' if row['victim'] == 'server' else 'worker'} (shards={shards})"
+
+
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for victim in ("worker", "server"):
-        mine = [r for r in rows if r["victim"] == victim and r["killed"]]
+    for victim in sorted({group(r) for r in rows}, key=lambda g: (len(g), g)):
+        mine = [r for r in rows if group(r) == victim and r["killed"]]
         held = [r for r in mine if r.get("conservation_held")]
         out[victim] = {
             "killed": len(mine),
@@ -175,7 +195,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "max_conservation_gap": max(
                 (r.get("conservation_gap", 0.0) for r in mine), default=0.0
             ),
-            "not_killed_in_time": sum(1 for r in rows if r["victim"] == victim and not r["killed"]),
+            "not_killed_in_time": sum(1 for r in rows if group(r) == victim and not r["killed"]),
         }
     return out
 
@@ -187,6 +207,12 @@ def main() -> None:
     p.add_argument("--soak-s", type=float, default=600.0)
     p.add_argument("--soak-workers", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        help="server.shards for the kill runs (server kills hit a random shard)",
+    )
     p.add_argument("--scratch", type=Path, default=Path("/tmp/easgd-chaos"))
     args = p.parse_args()
     if args.quick:
@@ -202,7 +228,9 @@ def main() -> None:
     rng.shuffle(plan)
     for index, victim in enumerate(plan):
         run_dir = args.scratch / f"run{time.time_ns()}"
-        row = kill_run(run_dir, victim, steps, rng, delay_s=0.3 if args.quick else 1.5)
+        row = kill_run(
+            run_dir, victim, steps, rng, delay_s=0.3 if args.quick else 1.5, shards=args.shards
+        )
         with open(runs_file, "a") as handle:
             handle.write(json.dumps(row) + "\n")
         print(f"[{index + 1}/{len(plan)}] kill {victim} (rank {row['rank']}, {row['algorithm']}): "
