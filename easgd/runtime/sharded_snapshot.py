@@ -15,7 +15,6 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +22,9 @@ import torch.distributed as dist
 
 from easgd.comm.message import Header, Op
 from easgd.runtime.checkpoint import Checkpointer
-from easgd.runtime.snapshot import CheckpointPolicy, CutHost, SnapshotLog
+from easgd.runtime.snapshot import CheckpointPolicy, CutHost, OpenSnapshot, SnapshotLog
 
 log = logging.getLogger("easgd")
-
-
-@dataclass
-class _Barrier:
-    number: int
-    unmarked: set[int] = field(default_factory=set)
-    """Lead shard: workers whose reply has not been marked yet."""
-    pending: set[int] = field(default_factory=set)
-    """Workers that have not yet crossed the cut at this shard (tagged message or DONE)."""
 
 
 class BarrierCut:
@@ -67,7 +57,7 @@ class BarrierCut:
         self.poll_s = poll_s
         self._host: CutHost | None = None
         self._changed: threading.Condition | None = None
-        self._open: _Barrier | None = None
+        self._open: OpenSnapshot | None = None
         self._parts: list[tuple[int, dict[str, Any]]] = []
         self.last_captured = 0
         """The newest snapshot whose part this shard has copied."""
@@ -97,7 +87,7 @@ class BarrierCut:
                 return None
             running = host.running_workers()
             number, self.next_number = self.next_number, self.next_number + 1
-            self._open = _Barrier(number, set(running), set(running))
+            self._open = OpenSnapshot(number, set(running), set(running))
             self._capture_if_complete()
             return number
 
@@ -108,34 +98,29 @@ class BarrierCut:
         snap = self._open
         if header.op == Op.DONE:
             if snap is not None:
-                snap.unmarked.discard(rank)
-                snap.pending.discard(rank)
+                snap.forget(rank)
                 self._capture_if_complete()
             return 0
         tag = header.saved_snapshot
         if tag > self.last_captured:  # this message is outside the cut of snapshot ``tag``
             if snap is None:  # the first sign of it at this shard
-                snap = self._open = _Barrier(tag, set(), set(host.running_workers()))
+                snap = self._open = OpenSnapshot(tag, set(), set(host.running_workers()))
             if tag != snap.number:
                 raise RuntimeError(
                     f"worker {rank} tagged snapshot {tag} while {snap.number} is open"
                 )
-            snap.pending.discard(rank)
+            snap.missing.discard(rank)
             while not self._capture_if_complete() and self.last_captured < tag:
                 if host.failed():  # this snapshot can never complete: serve the message
                     break
                 changed.wait(self.poll_s)
             return 0
-        if snap is not None and self.lead and rank in snap.unmarked:
-            snap.unmarked.discard(rank)
-            return snap.number
-        return 0
+        return snap.mark(rank) if snap is not None and self.lead else 0
 
     def drop(self, rank: int) -> None:
         """A worker failed or was lost (continue policy): the snapshot goes on without it."""
         if self._open is not None:
-            self._open.unmarked.discard(rank)
-            self._open.pending.discard(rank)
+            self._open.forget(rank)
             self._capture_if_complete()
 
     def complete(self) -> int | None:
@@ -144,7 +129,7 @@ class BarrierCut:
 
     def _capture_if_complete(self) -> bool:
         snap = self._open
-        if snap is None or snap.pending:
+        if snap is None or snap.missing:
             return False
         host, changed = self._bound()
         self._parts.append((snap.number, host.state_copy()))

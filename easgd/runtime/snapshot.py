@@ -44,12 +44,27 @@ from easgd.runtime.files import atomic_write
 
 
 @dataclass
-class _OpenSnapshot:
+class OpenSnapshot:
+    """A snapshot in progress on one server (or shard): which workers it still waits for."""
+
     number: int
     unmarked: set[int] = field(default_factory=set)
-    """Workers whose first message since the start has not arrived yet."""
-    unsaved: set[int] = field(default_factory=set)
-    """Workers that have not yet confirmed that their part is on disk."""
+    """Workers whose reply is still to be marked (their first message since the start)."""
+    missing: set[int] = field(default_factory=set)
+    """Workers whose part is still missing: one server: not yet confirmed on disk; a shard:
+    not yet across the cut (tagged message or DONE)."""
+
+    def mark(self, rank: int) -> int:
+        """The number to mark this worker's reply with: this snapshot's, the first time (else 0)."""
+        if rank not in self.unmarked:
+            return 0
+        self.unmarked.discard(rank)
+        return self.number
+
+    def forget(self, rank: int) -> None:
+        """The worker's part needs nothing more (it said DONE, failed or was lost)."""
+        self.unmarked.discard(rank)
+        self.missing.discard(rank)
 
 
 class SnapshotCut:
@@ -61,7 +76,7 @@ class SnapshotCut:
 
     def __init__(self, *, next_number: int = 1) -> None:
         self.next_number = next_number
-        self._open: _OpenSnapshot | None = None
+        self._open: OpenSnapshot | None = None
 
     @property
     def in_progress(self) -> bool:
@@ -74,7 +89,7 @@ class SnapshotCut:
             raise RuntimeError(f"snapshot {self._open.number} is still in progress")
         number, self.next_number = self.next_number, self.next_number + 1
         ranks = set(running)
-        self._open = _OpenSnapshot(number, set(ranks), set(ranks))
+        self._open = OpenSnapshot(number, set(ranks), set(ranks))
         return number
 
     def on_message(self, rank: int, header: Header) -> int:
@@ -83,21 +98,16 @@ class SnapshotCut:
         if snap is None:
             return 0
         if header.saved_snapshot >= snap.number:
-            snap.unsaved.discard(rank)
+            snap.missing.discard(rank)
         if header.op == Op.DONE:  # its final state was written before DONE was sent
-            snap.unmarked.discard(rank)
-            snap.unsaved.discard(rank)
+            snap.forget(rank)
             return 0
-        if rank in snap.unmarked:
-            snap.unmarked.discard(rank)
-            return snap.number
-        return 0
+        return snap.mark(rank)
 
     def drop(self, rank: int) -> None:
         """A worker failed or was lost (continue policy): the snapshot goes on without it."""
         if self._open is not None:
-            self._open.unmarked.discard(rank)
-            self._open.unsaved.discard(rank)
+            self._open.forget(rank)
 
     def bind(self, host: CutHost) -> None:
         """Nothing to bind: this cut never waits (the server copies its state at the start)."""
@@ -105,7 +115,7 @@ class SnapshotCut:
     def complete(self) -> int | None:
         """The number of the snapshot in progress if every part is saved (it is then closed)."""
         snap = self._open
-        if snap is None or snap.unmarked or snap.unsaved:
+        if snap is None or snap.unmarked or snap.missing:
             return None
         self._open = None
         return snap.number
