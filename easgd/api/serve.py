@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from easgd.roles import make_server_role
 from easgd.runtime.checkpoint import Checkpointer, check_compatible
 from easgd.runtime.runlog import RunLog
 from easgd.runtime.server import ParameterServer, StopRule
+from easgd.runtime.snapshot import CheckpointPolicy
 
 log = logging.getLogger("easgd")
 
@@ -147,21 +147,15 @@ def serve(
                 if checkpointer is None:
                     return
                 with server.lock:
-                    snapshot = {
-                        "role": role.state_dict(),
-                        "exchanges": server.exchanges,
-                        "restarts": restarts,
-                        "signature": signature,
-                    }
-                checkpointer.save(snapshot)
+                    state = server.state_copy()
+                checkpointer.save({**state, "restarts": restarts, "signature": signature})
+                policy.started()
 
-            last_save = time.perf_counter()
+            policy = CheckpointPolicy(checkpoint_every_s or 0.0)
 
             def on_tick() -> None:
-                nonlocal last_save
-                if checkpoint_every_s and time.perf_counter() - last_save >= checkpoint_every_s:
+                if policy.due():
                     save()
-                    last_save = time.perf_counter()
 
             server.on_tick = on_tick
             try:

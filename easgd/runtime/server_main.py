@@ -159,11 +159,7 @@ def run_server(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
             server,
             num_params=flat.num_params,
             restarts=restarts,
-            extra={
-                "redone_worker_steps": sum(s.redone_steps for s in server.stats.values()),
-                "redone_steps_by_worker": {str(r): s.redone_steps for r, s in server.stats.items()},
-                "committed_snapshot": snapshots.committed,
-            },
+            committed_snapshot=snapshots.committed,
         )
         path = finish_run(runlog, cfg, summary)
     finally:

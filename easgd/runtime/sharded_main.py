@@ -206,13 +206,8 @@ def run_shard(
             server,
             num_params=flat.num_params,
             restarts=restarts,
-            extra={
-                "topology": "server",
-                "shards": cfg.server.shards,
-                "redone_worker_steps": sum(s.redone_steps for s in server.stats.values()),
-                "redone_steps_by_worker": {str(r): s.redone_steps for r, s in server.stats.items()},
-                "committed_snapshot": snapshots.committed,
-            },
+            committed_snapshot=snapshots.committed,
+            extra={"topology": "server", "shards": cfg.server.shards},
         )
         path = finish_run(runlog, cfg, summary)
     finally:

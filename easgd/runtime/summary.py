@@ -86,6 +86,7 @@ def server_summary(
     *,
     num_params: int,
     restarts: int,
+    committed_snapshot: int | None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The summary of a parameter-server run (one server or shard 0 of a sharded center)."""
@@ -105,6 +106,9 @@ def server_summary(
             "restarts": restarts,
             "resumed_worker_steps": {str(r): s for r, s in server.resumed_steps.items()},
             "worker_steps_per_s": {str(r): s.steps_per_s for r, s in server.stats.items()},
+            "redone_worker_steps": sum(s.redone_steps for s in server.stats.values()),
+            "redone_steps_by_worker": {str(r): s.redone_steps for r, s in server.stats.items()},
+            "committed_snapshot": committed_snapshot,
             **(extra or {}),
         },
     )
