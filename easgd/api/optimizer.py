@@ -36,10 +36,12 @@ from easgd.comm.groups import SERVER_RANK, LaunchError
 from easgd.comm.heartbeat import LoopHeartbeat
 from easgd.comm.message import ServerRejected
 from easgd.comm.transport import PairTransport
+from easgd.config.algorithm import ELASTIC
 from easgd.runtime.worker import WorkerLoop, WorkerOutcome, handshake
 
-ELASTIC_ALGORITHMS = ("easgd", "eamsgd")
+ELASTIC_ALGORITHMS = ELASTIC
 DOWNPOUR_ALGORITHMS = ("downpour", "adownpour", "mvadownpour")
+"""The DOWNPOUR family without MDOWNPOUR (its server momentum needs tau = 1 and a final flush)."""
 
 
 def _no_gradient(point: Tensor) -> tuple[float, Tensor]:  # pragma: no cover - never called

@@ -75,6 +75,11 @@ class AlgorithmConfig:
         return self.name not in SEQUENTIAL
 
     @property
+    def elastic(self) -> bool:
+        """True for the elastic family (easgd, eamsgd): a moving rate, overlap, all-reduce."""
+        return self.name in ELASTIC
+
+    @property
     def averages(self) -> bool:
         """True where the evaluated variable is an average z (adownpour, mvadownpour, asgd, mvasgd)."""
         return self.name in ("adownpour", "mvadownpour", "asgd", "mvasgd")

@@ -324,7 +324,7 @@ class TrainConfig:
             self.algorithm.resolved_moving_rate(self.workers)
         if self.algorithm.name == "mdownpour" and self.comm.period != 1:
             raise ValueError(f"mdownpour needs comm.period=1 (spec), got {self.comm.period}")
-        if self.comm.overlap and self.algorithm.name not in ("easgd", "eamsgd"):
+        if self.comm.overlap and not self.algorithm.elastic:
             raise ValueError(
                 f"comm.overlap is for easgd/eamsgd only, not {self.algorithm.name!r} "
                 "(a DOWNPOUR pull would discard the steps taken meanwhile)"
@@ -359,7 +359,7 @@ def _check_topology(cfg: TrainConfig) -> None:
     if cfg.topology not in TOPOLOGIES:
         raise ValueError(f"topology={cfg.topology!r}; allowed: {', '.join(TOPOLOGIES)}")
     if cfg.topology == "allreduce":
-        if cfg.algorithm.name not in ("easgd", "eamsgd"):
+        if not cfg.algorithm.elastic:
             raise ValueError(
                 f"topology=allreduce runs synchronous easgd/eamsgd, not {cfg.algorithm.name!r}; "
                 "use algorithm=easgd or eamsgd, or topology=server"

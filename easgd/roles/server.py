@@ -22,7 +22,7 @@ from torch import Tensor
 
 from easgd import algorithms as alg
 from easgd.algorithms import inplace
-from easgd.config.algorithm import AlgorithmConfig
+from easgd.config.algorithm import ELASTIC, AlgorithmConfig
 from easgd.roles.state import State, load_into, snapshot
 
 
@@ -59,6 +59,10 @@ class ServerRole(ABC):
     def update_norm(self, payload: Tensor) -> float | None:
         """Norm of the change ``handle(payload)`` would make, from the payload alone (one read
         pass, so it also reveals a non-finite payload); None when it depends on the center."""
+
+    def elastic_distance(self, reply: Tensor) -> float | None:
+        """||x_i - center|| at an exchange, from its reply (None: not an elastic rule)."""
+        return None
 
     synchronous_round = False
     """Whether :meth:`handle_round` is this rule's synchronous form (the elastic family's)."""
@@ -136,6 +140,9 @@ class ElasticServer(ServerRole):
 
     def update_norm(self, payload: Tensor) -> float | None:
         return None  # alpha ||x_i - center||: measured during the update (see handle)
+
+    def elastic_distance(self, reply: Tensor) -> float | None:
+        return float(reply.norm()) / self.moving_rate  # e = alpha (x_i - center)
 
     def apply(self, elastic_diff: Tensor) -> None:
         """center <- center + e (an elastic difference computed earlier)."""
@@ -254,7 +261,7 @@ class MDownpourServer(ServerRole):
 def make_server_role(config: AlgorithmConfig, center: Tensor, *, num_workers: int) -> ServerRole:
     """The server role of ``config.name`` holding ``center``."""
     name = config.name
-    if name in ("easgd", "eamsgd"):
+    if name in ELASTIC:
         return ElasticServer(center, moving_rate=config.resolved_moving_rate(num_workers))
     if name in ("downpour", "adownpour", "mvadownpour"):
         return DownpourServer(center, average=name != "downpour", average_rate=config.average_rate)

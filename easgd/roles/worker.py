@@ -22,7 +22,7 @@ from torch import Tensor
 from easgd import algorithms as alg
 from easgd.algorithms import inplace
 from easgd.algorithms.inplace import Grad
-from easgd.config.algorithm import AlgorithmConfig
+from easgd.config.algorithm import ELASTIC, AlgorithmConfig
 from easgd.roles.state import State, load_into, snapshot
 
 GradientFn = Callable[[Tensor], tuple[float | Tensor, Grad]]
@@ -356,7 +356,7 @@ def make_worker_role(
     look-ahead point, typically :attr:`easgd.flat.FlatModel.flat_params`.
     """
     name = config.name
-    if name in ("easgd", "eamsgd"):
+    if name in ELASTIC:
         return ElasticWorker(
             params,
             comm_period=comm_period,

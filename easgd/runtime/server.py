@@ -34,7 +34,7 @@ from easgd.comm.message import (
     Op,
 )
 from easgd.comm.transport import PairTransport
-from easgd.roles import ElasticServer, ServerRole, UpdateRefused
+from easgd.roles import ServerRole, UpdateRefused
 from easgd.runtime.progress import Progress
 from easgd.runtime.runlog import RunLog
 from easgd.runtime.sharded_snapshot import BarrierCut
@@ -379,9 +379,8 @@ class ParameterServer:
         self.runlog.scalar(f"{tag}/train_loss", header.train_loss, header.step)
         self.runlog.scalar(f"{tag}/exchange_latency_ms", header.latency_ms, header.step)
         self.runlog.scalar(f"{tag}/staleness", staleness, header.step)
-        if isinstance(self.role, ElasticServer):
-            # e = alpha (x_i - center), so ||x_i - center|| = ||e|| / alpha
-            distance = float(reply.norm()) / self.role.moving_rate
+        distance = self.role.elastic_distance(reply)
+        if distance is not None:
             self.runlog.scalar(f"{tag}/elastic_distance", distance, header.step)
 
     # -- evaluation and stop rules --------------------------------------------------------------

@@ -97,13 +97,12 @@ def resolve_cost(cfg: TrainConfig, objective: ClassifierObjective) -> CostFigure
     service_s = 0.0 if cost.service_us is None else cost.service_us * 1e-6
     if cost.service_us is None and cfg.algorithm.uses_server:
         server = make_server_role(cfg.algorithm, start, num_workers=cfg.workers)
-        elastic = cfg.algorithm.name in ("easgd", "eamsgd")
-        payload = start + 1e-3 if elastic else torch.zeros_like(start)
+        payload = start + 1e-3 if cfg.algorithm.elastic else torch.zeros_like(start)
 
         def serve() -> None:
             server.handle(0, payload)
 
-        family = "elastic" if elastic else cfg.algorithm.name
+        family = "elastic" if cfg.algorithm.elastic else cfg.algorithm.name
         service_s = cached(
             {"what": "service", "algorithm": family, "num_params": numel},
             lambda: {"s": median_time_s(serve, repeats=30)},

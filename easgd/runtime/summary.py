@@ -45,7 +45,7 @@ def build_summary(
         "learning_rate": cfg.algorithm.learning_rate,
         "momentum": cfg.algorithm.momentum,
         "moving_rate": cfg.algorithm.resolved_moving_rate(workers)
-        if cfg.algorithm.name in ("easgd", "eamsgd")
+        if cfg.algorithm.elastic
         else None,
         "dataset": cfg.data.name,
         "model": cfg.model.name,

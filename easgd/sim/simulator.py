@@ -34,7 +34,6 @@ from torch import Tensor
 from easgd import algorithms as alg
 from easgd.config.algorithm import AlgorithmConfig
 from easgd.roles import (
-    ElasticServer,
     ServerRole,
     WorkerRole,
     make_server_role,
@@ -365,7 +364,7 @@ class Simulator:
         assert self.sim.cost is not None
         queue = ServerQueue(self.sim.cost)
         overlap = self.sim.overlap
-        if overlap and not isinstance(self.server, ElasticServer):
+        if overlap and not self.algorithm.elastic:
             raise ValueError(f"comm.overlap is for easgd/eamsgd only, not {self.algorithm.name!r}")
         step_, serve_, reply_ = 0, 1, 2
         events: list[tuple[float, int, int, int, Tensor | None]] = []
