@@ -12,6 +12,9 @@ WORKERS=${WORKERS:-$((NNODES * NPROC_PER_NODE - 1))}
 RDZV_PORT=${RDZV_PORT:-29400}
 # the run id names the run directory on every node and survives restarts (resume)
 RUN_ID=${RUN_ID:-easgd-$(date +%Y%m%d)}
+# a node restarted from scratch (a replacement) hangs in torch 2.13's shared rendezvous store;
+# opting out of it makes the restarted job re-form (docs/reliability.md, Node replacement)
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 exec torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" \
   --rdzv-backend=c10d --rdzv-endpoint="$RDZV_HOST:$RDZV_PORT" --rdzv-id="$RUN_ID" \
   --max-restarts="${MAX_RESTARTS:-3}" \

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from easgd.comm import heartbeat
-from easgd.comm.heartbeat import HeartbeatError, HeartbeatMonitor
+from easgd.comm.heartbeat import HeartbeatError, HeartbeatMonitor, LoopHeartbeat
 
 
 class FakeStore:
@@ -20,6 +22,9 @@ class FakeStore:
 
     def get(self, key: str) -> bytes:
         return self.values[key]
+
+    def set(self, key: str, value: str) -> None:
+        self.values[key] = value.encode()
 
 
 @pytest.fixture
@@ -68,3 +73,23 @@ def test_store_errors_are_not_silence_but_raise_after_the_timeout(clock: list[fl
     clock[0] += 3.0
     with pytest.raises(HeartbeatError, match="unreachable"):
         monitor.stale()
+
+
+def test_the_first_measured_pace_is_published_at_once_not_at_the_next_tick() -> None:
+    # a worker stopped (SIGSTOP) within its first publishing interval must leave its pace in the
+    # store, or the monitor keeps it in the warm-up allowance (comm.timeout_s) instead of seconds
+    store = FakeStore()
+    beat = LoopHeartbeat(store, 3, interval_s=60.0).start()  # type: ignore[arg-type]
+    try:
+        time.sleep(0.05)  # the thread's own first publish has happened: "0 0.000000"
+        beat.beat()
+        beat.beat()  # the second step measures the first pace
+        deadline = time.monotonic() + 5.0
+        while store.values["heartbeat/3"].startswith(b"0 ") and time.monotonic() < deadline:
+            time.sleep(0.005)
+        progress, pace = store.values["heartbeat/3"].decode().split()
+        assert progress == "2" and float(pace) > 0  # long before the 60 s tick
+        monitor = HeartbeatMonitor(store, timeout_s=1.0, first_step_s=120.0)  # type: ignore[arg-type]
+        assert monitor.allowance_s(store.values["heartbeat/3"].decode()) == 1.0  # not warm-up
+    finally:
+        beat.stop()

@@ -1,11 +1,14 @@
 """Process-group set-up: checks that fail fast with a clear message, and one group per pair.
 
-Rank 0 is the parameter server; ranks 1..p are workers. Every restart of the job gets a fresh key
-prefix in the rendezvous store, so gloo re-initialisation does not trip over the keys of the
-attempt before (measured: "Gloo connectFullMesh failed ... Connection refused" otherwise). The
-prefix is the c10d rendezvous round, which every agent of the job agrees on, including an agent
-on a replacement node that starts from scratch (its own restart count is 0 while the others'
-is not). Outside a c10d rendezvous the agent's restart count is used.
+Rank 0 is the parameter server; ranks 1..p are workers. Under torchrun's shared store (the
+default: the agent's rendezvous store outlives the workers) every restart of the job gets a
+fresh key prefix, so gloo re-initialisation does not trip over the keys of the attempt before
+(measured: "Gloo connectFullMesh failed ... Connection refused" otherwise). The prefix is the
+c10d rendezvous round, which every agent of the job agrees on, including an agent on a
+replacement node that starts from scratch (its own restart count is 0 while the others' is
+not); with another rendezvous backend it is the agent's restart count. Without the shared store
+(``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, which node replacement under torch 2.13 needs: see
+docs/reliability.md) rank 0 hosts a new store at every start, so the prefix is constant.
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ def rendezvous_round(store: dist.Store) -> int | None:
 
 
 def _store(env: DistEnv, timeout: datetime.timedelta) -> tuple[dist.Store, int]:
-    """A TCP store client on torchrun's store, prefixed by the rendezvous round."""
+    """A TCP store client on torchrun's store (or rank 0's own), and the job's generation."""
     host = os.environ.get("MASTER_ADDR", "127.0.0.1")
     port = int(os.environ.get("MASTER_PORT", "29500"))
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
@@ -112,7 +115,12 @@ def _store(env: DistEnv, timeout: datetime.timedelta) -> tuple[dist.Store, int]:
         timeout=timeout,
         wait_for_workers=False,
     )
-    round_ = rendezvous_round(store) if agent_store else None
+    if not agent_store:
+        # rank 0 hosts this store and it is new at every start: no keys of an earlier attempt,
+        # and a prefix that differed between nodes (a replaced node's restart count is 0) would
+        # split the job. The generation (fault.* fires in 0 only) is this process's own count.
+        return dist.PrefixStore("easgd/", store), env.restart_count
+    round_ = rendezvous_round(store)
     if round_ is not None:
         return dist.PrefixStore(f"easgd/round{round_}/", store), round_
     return dist.PrefixStore(f"easgd/attempt{env.restart_count}/", store), env.restart_count

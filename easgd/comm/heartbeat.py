@@ -7,7 +7,10 @@ stopped process (SIGSTOP) stops both. The server (:class:`HeartbeatMonitor`) not
 clock when each counter last moved (no clocks need to agree across nodes) and declares a worker
 hung when it has been silent for longer than its allowance: ``max(timeout_s, pace_factor x its
 own measured step time)``, so a legitimately slow worker is not declared lost; before a worker's
-first step has been measured (warm-up) the allowance is ``first_step_s``.
+first step has been measured (warm-up) the allowance is ``first_step_s``. The thread publishes
+at once when the loop measures its first pace (its second step), not at its next tick: a worker
+stopped in its first ``interval_s`` would otherwise stay in the warm-up allowance
+(``comm.timeout_s``, 120 s by default) instead of ``max(timeout_s, 10 x step time)``.
 
 Store errors are reported as such: the sender retries and, once the store has been unreachable
 for ``timeout_s``, the worker's loop raises :class:`HeartbeatError`; the monitor does not read a
@@ -47,6 +50,7 @@ class LoopHeartbeat:
         """Moving average of the loop's time per step, exchanges and slowdown included."""
         self._last_beat: float | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()  # publish now (set with _stop, and at the first pace)
         self._error: HeartbeatError | None = None
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
@@ -58,6 +62,8 @@ class LoopHeartbeat:
             self.pace_s = took if self.pace_s == 0.0 else 0.9 * self.pace_s + 0.1 * took
         self._last_beat = now
         self.progress += 1
+        if self.progress == 2:  # the first measured pace ends the warm-up allowance: publish it
+            self._wake.set()
 
     def check(self) -> None:
         """Raise :class:`HeartbeatError` if the store has been unreachable for ``timeout_s``."""
@@ -70,6 +76,7 @@ class LoopHeartbeat:
     def _run(self) -> None:
         failing_since: float | None = None
         while not self._stop.is_set():
+            self._wake.clear()  # a wake during the publish below triggers one more
             try:
                 self._publish()
                 failing_since = None
@@ -86,7 +93,7 @@ class LoopHeartbeat:
                         f"({type(err).__name__}: {err}); the server cannot tell this worker is alive"
                     )
                     return
-            self._stop.wait(self._interval)
+            self._wake.wait(self._interval)
 
     def start(self) -> LoopHeartbeat:
         """Publish once (so the key exists before the handshake), then start the thread."""
@@ -97,6 +104,7 @@ class LoopHeartbeat:
     def stop(self) -> None:
         """Stop publishing and join the thread."""
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=self._interval + 5.0)
 
