@@ -1,5 +1,5 @@
 """Shared by the claims benchmarks (momentum, flat_minima, spread): a resumable per-run cache, a
-time-boxed parallel map over runs, and the MNIST-1D objective.
+time-boxed parallel map over runs, the MNIST-1D objective, and the result files they all write.
 
 Every finished run is appended as one JSON line to a cache file next to the results, so a full
 benchmark can be run in chunks (``--max-minutes``) and resumed: runs already in the cache are
@@ -8,6 +8,7 @@ never repeated, and the figures are computed once the cache holds every run.
 
 from __future__ import annotations
 
+import argparse
 import json
 import multiprocessing as mp
 import time
@@ -16,7 +17,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import torch
+from _common import parser, write_csv, write_json
+from matplotlib.figure import Figure
 
 from easgd.config.schema import DataConfig, ModelConfig
 from easgd.data.split import Split
@@ -55,19 +59,18 @@ def run_cached(
     *,
     cache: Path,
     jobs: int = 1,
-    max_seconds: float | None = None,
+    deadline: float | None = None,
 ) -> tuple[dict[str, dict[str, Any]], bool]:
     """Run every task not yet in ``cache`` (``jobs`` processes), appending each result as it ends.
 
-    Stops starting runs after ``max_seconds`` (a run in progress is abandoned, not recorded).
-    Returns (every cached record, whether all ``tasks`` are now done).
+    Stops starting runs once ``time.monotonic()`` passes ``deadline`` (a run in progress is
+    abandoned, not recorded). Returns (every cached record, whether all ``tasks`` are now done).
     """
     cache.parent.mkdir(parents=True, exist_ok=True)
     done = load_cache(cache)
     todo = [(fn, key, kwargs) for key, kwargs in tasks if key not in done]
     if todo:
         print(f"{len(todo)} runs to do ({len(tasks) - len(todo)} cached) with {jobs} process(es)")
-    started = time.monotonic()
 
     def record(result: dict[str, Any]) -> None:
         done[result["key"]] = result
@@ -75,7 +78,7 @@ def run_cached(
             handle.write(json.dumps(result) + "\n")
 
     def out_of_time() -> bool:
-        return max_seconds is not None and time.monotonic() - started > max_seconds
+        return deadline is not None and time.monotonic() > deadline
 
     if jobs <= 1:
         _init_worker()
@@ -112,8 +115,10 @@ def mnist1d_objective(
     return ClassifierObjective(build_model(config, split, seed=seed), split, batch_size=128)
 
 
-def add_chunk_flags(p: Any) -> None:
-    """--jobs and --max-minutes, for running a full benchmark in resumable chunks."""
+def claims_parser(description: str) -> argparse.ArgumentParser:
+    """The benchmarks' --quick and --out, plus --jobs and --max-minutes for running a full
+    benchmark in resumable chunks."""
+    p = parser(description)
     p.add_argument("--jobs", type=int, default=1, help="parallel processes (default 1)")
     p.add_argument(
         "--max-minutes",
@@ -121,3 +126,29 @@ def add_chunk_flags(p: Any) -> None:
         default=None,
         help="stop starting runs after this long; rerun the command to resume from the cache",
     )
+    return p
+
+
+def deadline_of(max_minutes: float | None) -> float | None:
+    """The ``time.monotonic()`` after which ``run_cached`` starts no runs (None: no time box)."""
+    return None if max_minutes is None else time.monotonic() + 60 * max_minutes
+
+
+def write_results(
+    out: Path,
+    tag: str,
+    *,
+    table: str,
+    rows: list[dict[str, Any]],
+    summary: dict[str, Any],
+    figure: Figure,
+) -> None:
+    """Print the markdown ``table`` and write ``<tag>.csv`` (``rows``), ``<tag>.md`` (``table``),
+    ``<tag>.json`` (``summary`` with the machine description) and ``<tag>.png`` (``figure``,
+    closed afterwards)."""
+    print(table)
+    write_csv(out / f"{tag}.csv", rows)
+    (out / f"{tag}.md").write_text(table)
+    write_json(out / f"{tag}.json", summary)
+    figure.savefig(out / f"{tag}.png", dpi=110)
+    plt.close(figure)

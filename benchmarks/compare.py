@@ -207,6 +207,25 @@ class OutOfTime(Exception):
     """The chunk's time is spent; rerun to continue."""
 
 
+_POOL: list[Any] = []
+"""The invocation's 2 worker processes, started at the first job and kept for every stage (each
+one loads torch and the data once, not once per stage)."""
+
+
+def pool() -> Any:
+    if not _POOL:
+        _POOL.append(mp.get_context("spawn").Pool(2))
+    return _POOL[0]
+
+
+def close_pool() -> None:
+    """Stop the worker processes (runs in progress are abandoned, not cached)."""
+    while _POOL:
+        workers = _POOL.pop()
+        workers.terminate()
+        workers.join()
+
+
 def run_all(jobs: list[dict[str, Any]], cache: Cache, deadline: float) -> list[dict[str, Any]]:
     """Every job's result, running the missing ones on 2 processes until ``deadline``."""
     for job in jobs:
@@ -219,16 +238,11 @@ def run_all(jobs: list[dict[str, Any]], cache: Cache, deadline: float) -> list[d
         print(
             f"  running {len(unique)} simulations ({len(jobs) - len(missing)} cached)", flush=True
         )
-        pool = mp.get_context("spawn").Pool(2)
-        try:
-            by_key = {job["key"]: job for job in unique}
-            for run in pool.imap_unordered(run_job, unique):
-                cache.add({**by_key[run["key"]], **run})
-                if time.time() > deadline:
-                    raise OutOfTime
-        finally:
-            pool.terminate()
-            pool.join()
+        by_key = {job["key"]: job for job in unique}
+        for run in pool().imap_unordered(run_job, unique):
+            cache.add({**by_key[run["key"]], **run})
+            if time.time() > deadline:
+                raise OutOfTime
     return [{**job, **cache.runs[job["key"]]} for job in jobs]
 
 
@@ -530,6 +544,13 @@ def charges_of(costs: dict) -> Iterable[dict[str, Any]]:
 
 
 def main() -> None:
+    try:
+        run_protocol()
+    finally:
+        close_pool()
+
+
+def run_protocol() -> None:
     arguments = parser(__doc__ or "")
     arguments.add_argument("--max-minutes", type=float, default=9.0,
                            help="stop after this long (rerun to continue from the cache)")  # fmt: skip

@@ -23,7 +23,6 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -31,8 +30,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from _claims import Task, add_chunk_flags, mnist1d_objective, run_cached  # noqa: E402
-from _common import parser, suffix, write_csv, write_json  # noqa: E402
+from _claims import (  # noqa: E402
+    Task,
+    claims_parser,
+    deadline_of,
+    mnist1d_objective,
+    run_cached,
+    write_results,
+)
+from _common import suffix  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from easgd.analysis import (  # noqa: E402
     ProbedObjective,
@@ -225,7 +232,7 @@ def markdown(plan: Plan, rows: list[dict[str, Any]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def plot(plan: Plan, runs: list[dict[str, Any]], path: Path) -> None:
+def plot(plan: Plan, runs: list[dict[str, Any]]) -> Figure:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     for k, m in enumerate(METHODS):
         mine = [r for r in runs if r["method"] == m.label]
@@ -257,36 +264,28 @@ def plot(plan: Plan, runs: list[dict[str, Any]], path: Path) -> None:
     for ax in axes:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser(__doc__ or "")
-    add_chunk_flags(p)
-    args = p.parse_args(argv)
+    args = claims_parser(__doc__ or "").parse_args(argv)
     plan = QUICK if args.quick else FULL
     tag = "flat_minima" + suffix(args.quick)
-    max_seconds = None if args.max_minutes is None else 60 * args.max_minutes
     todo = tasks(plan)
     done, complete = run_cached(
         measure, todo, cache=args.out / f"{tag}_runs.jsonl", jobs=args.jobs,
-        max_seconds=max_seconds,
+        deadline=deadline_of(args.max_minutes),
     )  # fmt: skip
     if not complete:
         return 3
     runs = [done[key] for key, _ in todo]
     rows = summarize(plan, runs)
-    table = markdown(plan, rows)
-    print(table)
-    write_csv(args.out / f"{tag}.csv", [{k: v for k, v in r.items()} for r in rows])
-    (args.out / f"{tag}.md").write_text(table)
-    write_json(
-        args.out / f"{tag}.json",
-        {"plan": asdict(plan), "methods": [asdict(m) for m in METHODS], "summary": rows,
-         "runs": runs},
+    write_results(
+        args.out, tag, table=markdown(plan, rows), rows=rows,
+        summary={"plan": asdict(plan), "methods": [asdict(m) for m in METHODS], "summary": rows,
+                 "runs": runs},
+        figure=plot(plan, runs),
     )  # fmt: skip
-    plot(plan, runs, args.out / f"{tag}.png")
     return 0 if all(math.isfinite(r["top_eigenvalue"]) for r in runs) else 1
 
 

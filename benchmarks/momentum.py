@@ -26,17 +26,23 @@ from __future__ import annotations
 import math
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from _claims import Task, add_chunk_flags, mnist1d_objective, run_cached  # noqa: E402
-from _common import parser, suffix, write_csv, write_json  # noqa: E402
+from _claims import (  # noqa: E402
+    Task,
+    claims_parser,
+    deadline_of,
+    mnist1d_objective,
+    run_cached,
+    write_results,
+)
+from _common import suffix  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from easgd.analysis import ExchangeProbe, ProbedObjective, StopRun  # noqa: E402
 from easgd.config.algorithm import AlgorithmConfig  # noqa: E402
@@ -355,9 +361,7 @@ def markdown(plan: Plan, rows: list[dict[str, Any]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def plot(
-    plan: Plan, rows: list[dict[str, Any]], runs: dict[str, dict[str, Any]], path: Path
-) -> None:
+def plot(plan: Plan, rows: list[dict[str, Any]], runs: dict[str, dict[str, Any]]) -> Figure:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     miss = plan.duration * 1.05
     for p in plan.workers:
@@ -402,44 +406,32 @@ def plot(
         title="travel between exchanges (solid: tuned, dashed: control)",
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser(__doc__ or "")
-    add_chunk_flags(p)
-    args = p.parse_args(argv)
+    args = claims_parser(__doc__ or "").parse_args(argv)
     plan = QUICK if args.quick else FULL
     tag = "momentum" + suffix(args.quick)
     cache = args.out / f"{tag}_runs.jsonl"
-    deadline = None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
-
-    def max_seconds() -> float | None:
-        return None if deadline is None else deadline - time.monotonic()
-
+    deadline = deadline_of(args.max_minutes)  # one time box for both stages
     runs, complete = run_cached(
-        simulate_cell, tuning_tasks(plan), cache=cache, jobs=args.jobs, max_seconds=max_seconds()
+        simulate_cell, tuning_tasks(plan), cache=cache, jobs=args.jobs, deadline=deadline
     )
     if not complete:
         return 3
     best = tuned(plan, runs)
     runs, complete = run_cached(
-        simulate_cell, confirm_tasks(plan, best), cache=cache, jobs=args.jobs,
-        max_seconds=max_seconds(),
-    )  # fmt: skip
+        simulate_cell, confirm_tasks(plan, best), cache=cache, jobs=args.jobs, deadline=deadline
+    )
     if not complete:
         return 3
     rows = summarize(plan, runs, best)
-    table = markdown(plan, rows)
-    print(table)
-    write_csv(args.out / f"{tag}.csv", rows)
-    (args.out / f"{tag}.md").write_text(table)
-    write_json(
-        args.out / f"{tag}.json",
-        {"plan": asdict(plan), "findings": findings(rows), "rows": rows, "runs": len(runs)},
-    )
-    plot(plan, rows, runs, args.out / f"{tag}.png")
+    write_results(
+        args.out, tag, table=markdown(plan, rows), rows=rows,
+        summary={"plan": asdict(plan), "findings": findings(rows), "rows": rows, "runs": len(runs)},
+        figure=plot(plan, rows, runs),
+    )  # fmt: skip
     return 0
 
 

@@ -26,10 +26,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from _claims import Task, add_chunk_flags, run_cached  # noqa: E402
-from _common import parser, suffix, write_csv, write_json  # noqa: E402
+from _claims import Task, claims_parser, deadline_of, run_cached, write_results  # noqa: E402
+from _common import suffix  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.override_parser.overrides_parser import OverridesParser  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from easgd.config.schema import validate  # noqa: E402
@@ -115,7 +116,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def plot(runs: list[dict[str, Any]], path: Path) -> None:
+def plot(runs: list[dict[str, Any]]) -> Figure:
     widths = sorted({r["width"] for r in runs})
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
     for ax, key in zip(axes, ("train_loss", "test_loss"), strict=True):
@@ -130,13 +131,11 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
         ax.set_title(f"final {key.replace('_', ' ')} over random initialisations")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser(__doc__ or "")
-    add_chunk_flags(p)
+    p = claims_parser(__doc__ or "")
     p.add_argument("--from-sweep", type=Path, default=None, help="a Hydra sweep's root directory")
     args = p.parse_args(argv)
     tag = "spread" + suffix(args.quick)
@@ -151,21 +150,22 @@ def main(argv: list[str] | None = None) -> int:
             for w in widths
             for s in seeds
         ]
-        max_seconds = None if args.max_minutes is None else 60 * args.max_minutes
         done, complete = run_cached(
             run_one, todo, cache=args.out / f"{tag}_runs.jsonl", jobs=args.jobs,
-            max_seconds=max_seconds,
+            deadline=deadline_of(args.max_minutes),
         )  # fmt: skip
         if not complete:
             return 3
         runs = [done[key] for key, _ in todo]
     rows = summarize(runs)
-    table = markdown(rows)
-    print(table)
-    write_csv(args.out / f"{tag}.csv", rows)
-    (args.out / f"{tag}.md").write_text(table)
-    write_json(args.out / f"{tag}.json", {"summary": rows, "runs": runs})
-    plot(runs, args.out / f"{tag}.png")
+    write_results(
+        args.out,
+        tag,
+        table=markdown(rows),
+        rows=rows,
+        summary={"summary": rows, "runs": runs},
+        figure=plot(runs),
+    )
     return 0
 
 

@@ -41,11 +41,17 @@ def _entry(
 
 
 def spawn_world(
-    target: Callable[..., Any], world: int, *args: Any, timeout: float = 60.0
+    target: Callable[..., Any],
+    world: int,
+    *args: Any,
+    timeout: float = 60.0,
+    dead: int | None = None,
 ) -> dict[int, Any]:
     """Run ``target(rank, world, *args)`` in ``world`` spawned processes; return {rank: result}.
 
-    Raises AssertionError with the child's traceback if any rank failed or timed out.
+    ``dead``: a rank expected to exit without a result (it kills itself in a crash test); the
+    others' results are collected. Raises AssertionError with the child's traceback if any rank
+    failed or timed out.
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -58,7 +64,7 @@ def spawn_world(
     results: dict[int, Any] = {}
     errors = []
     try:
-        for _ in range(world):
+        for _ in range(world if dead is None else world - 1):
             rank, status, value = queue.get(timeout=timeout)
             if status == "ok":
                 results[rank] = value

@@ -6,6 +6,7 @@ Failures are injected with the fault.* config (first attempt only), like torchft
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,24 +64,39 @@ def test_worker_that_raises_under_continue_policy_lets_the_others_finish(tmp_pat
     assert done["test_error"] < 0.15
 
 
-def test_nan_worker_is_refused_and_reset_and_the_center_stays_finite(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def nan_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One finished 2-worker run whose worker 1 sends NaNs at step 55 (its folder and result):
+    the NaN test checks the run, the resume test restarts from a copy of its checkpoints."""
+    run_dir = tmp_path_factory.mktemp("nan_run")
     result = torchrun(
         3, "workers=2", "steps_per_worker=200", "fault.nan_rank=1", "fault.nan_at_step=55",
-        f"hydra.run.dir={tmp_path}",
+        f"hydra.run.dir={run_dir}",
     )  # fmt: skip
+    return run_dir, result
+
+
+def test_nan_worker_is_refused_and_reset_and_the_center_stays_finite(
+    nan_run: tuple[Path, subprocess.CompletedProcess],
+) -> None:
+    run_dir, result = nan_run
     assert result.returncode == 0, result.stderr[-3000:]
-    done = summary(tmp_path)
+    done = summary(run_dir)
     assert done["rejected_messages"] >= 1
     assert "refused worker 1's update" in result.stderr
-    path, state = Checkpointer(tmp_path / "checkpoints", "server").latest()  # type: ignore[misc]
+    path, state = Checkpointer(run_dir / "checkpoints", "server").latest()  # type: ignore[misc]
     assert torch.isfinite(state["role"]["center"]).all()
     assert done["test_error"] < 0.2
 
 
-def test_resuming_with_another_model_is_refused_and_keeps_the_checkpoint(tmp_path: Path) -> None:
-    first = torchrun(3, "workers=2", "steps_per_worker=50", f"hydra.run.dir={tmp_path}")
+def test_resuming_with_another_model_is_refused_and_keeps_the_checkpoint(
+    tmp_path: Path, nan_run: tuple[Path, subprocess.CompletedProcess]
+) -> None:
+    first_dir, first = nan_run
     assert first.returncode == 0, first.stderr[-3000:]
+    shutil.copytree(first_dir, tmp_path, dirs_exist_ok=True)  # the finished run's folder
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert before  # the first run left checkpoints to resume from
     second = torchrun(
         3, "workers=2", "steps_per_worker=50", "model=lenet", f"hydra.run.dir={tmp_path}"
     )

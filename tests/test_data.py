@@ -183,9 +183,14 @@ def test_every_model_fits_the_digits_images(name: str) -> None:
     assert model(split.test_x[:5]).shape == (5, 10)
 
 
-def test_mnist1d_is_the_standard_offline_split() -> None:
+def test_mnist1d_is_the_standard_offline_split_and_its_disk_cache_gives_it_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from easgd.data import mnist1d
     from easgd.data.mnist1d import load_mnist1d
 
+    monkeypatch.setenv("EASGD_CACHE_DIR", str(tmp_path))
+    mnist1d._generate.cache_clear()  # generate here, whatever this process or folder holds
     state = np.random.get_state()
     split = load_mnist1d()
     assert np.array_equal(np.random.get_state()[1], state[1])  # the generator left numpy alone
@@ -197,8 +202,18 @@ def test_mnist1d_is_the_standard_offline_split() -> None:
     # the generator standardises the whole set: mean 0, standard deviation 1
     everything = torch.cat([split.train_x, split.test_x]).double()
     assert abs(float(everything.mean())) < 1e-6 and abs(float(everything.std()) - 1) < 1e-3
-    again = load_mnist1d()
-    assert torch.equal(again.train_x, split.train_x) and torch.equal(again.test_y, split.test_y)
+    assert mnist1d.cache_file(5000, mnist1d.STANDARD_SEED).is_file()
+    mnist1d._generate.cache_clear()
+    again = load_mnist1d()  # read back from the file: the very same arrays
+    for name in ("train_x", "train_y", "test_x", "test_y"):
+        assert torch.equal(getattr(again, name), getattr(split, name)), name
+    # a torn file is generated again, not trusted
+    small = load_mnist1d(num_samples=100)
+    path = mnist1d.cache_file(100, mnist1d.STANDARD_SEED)
+    path.write_bytes(path.read_bytes()[:100])
+    mnist1d._generate.cache_clear()
+    assert torch.equal(load_mnist1d(num_samples=100).train_x, small.train_x)
+    assert np.load(path)["x"].shape == (80, 40)
 
 
 def test_train_subset_keeps_the_first_examples_and_the_whole_test_set() -> None:

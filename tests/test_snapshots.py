@@ -3,9 +3,7 @@ committed snapshot, and the run's invariants hold as if nothing had happened."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ import torch
 from easgd.comm.message import Header, Op
 from easgd.runtime.snapshot import SnapshotCut, SnapshotLog, StepMarker
 from tests import snapshot_targets as targets
-from tests.dist_helpers import _entry, free_port
+from tests.dist_helpers import spawn_world
 
 WORKERS = 3
 
@@ -54,40 +52,16 @@ def test_step_marker_counts_redone_steps_across_restarts(tmp_path: Path) -> None
     assert StepMarker(tmp_path / "w.step").start(31, resumed=True) == 7 + 2
 
 
-def _spawn(target: Any, world: int, *args: Any, dead: int, timeout: float = 60.0) -> dict[int, Any]:
-    """Like tests.dist_helpers.spawn_world, but rank ``dead`` (if > 0) exits without a result."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [
-        ctx.Process(target=_entry, args=(target, r, world, port, args, queue)) for r in range(world)
-    ]
-    for proc in procs:
-        proc.start()
-    results: dict[int, Any] = {}
-    try:
-        for _ in range(world - (1 if dead else 0)):
-            rank, status, value = queue.get(timeout=timeout)
-            assert status == "ok", f"rank {rank}: {value}"
-            results[rank] = value
-    finally:
-        for proc in procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-    return results
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
 def test_elastic_center_plus_workers_is_conserved_across_a_kill_and_resume(
     tmp_path: Path, overlap: bool
 ) -> None:
     steps, world = 60, WORKERS + 1
-    first = _spawn(targets.elastic, world, str(tmp_path), steps, 2, 35, overlap, dead=2)
+    first = spawn_world(targets.elastic, world, str(tmp_path), steps, 2, 35, overlap, dead=2)
     _, crashed, committed = first[0]
     assert crashed and committed, "the first run should crash after committing a snapshot"
-    second = _spawn(targets.elastic, world, str(tmp_path), steps, 0, None, overlap, dead=0)
+    second = spawn_world(targets.elastic, world, str(tmp_path), steps, 0, None, overlap)
     center = torch.from_numpy(second[0][0])
     workers = [torch.from_numpy(second[r][0]) for r in range(1, world)]
     resumed = [second[r][1] for r in range(1, world)]
@@ -102,9 +76,9 @@ def test_elastic_center_plus_workers_is_conserved_across_a_kill_and_resume(
 @pytest.mark.slow
 def test_downpour_applies_every_push_exactly_once_across_a_kill_and_resume(tmp_path: Path) -> None:
     steps, period, world = 48, 4, WORKERS + 1
-    first = _spawn(targets.downpour, world, str(tmp_path), steps, 2, 21, period, dead=2)
+    first = spawn_world(targets.downpour, world, str(tmp_path), steps, 2, 21, period, dead=2)
     assert first[0][1] and first[0][2]
-    second = _spawn(targets.downpour, world, str(tmp_path), steps, 0, None, period, dead=0)
+    second = spawn_world(targets.downpour, world, str(tmp_path), steps, 0, None, period)
     assert second[2][1] > 0
     # pushes at t = 0, 4, ..., 44 carry the steps before them: steps - period steps per worker
     expected = -sum(0.125 * r for r in range(1, world)) * (steps - period)

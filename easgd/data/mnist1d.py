@@ -9,11 +9,19 @@ digits where every reasonable run ends near 97%.
 
 ``data.train_subset`` (any dataset) keeps only the first n training sequences: the overfitting
 regime, a network much larger than the data needs, where the paper's exploration argument applies.
+
+Generating the split takes seconds of CPU, paid by every process that loads it (each rank of a
+run, each benchmark worker), so the arrays are kept in ``$EASGD_CACHE_DIR`` (default
+``~/.cache/easgd``), one ``.npz`` per size, seed and version of the generator and its libraries.
 """
 
 from __future__ import annotations
 
+import os
+import zipfile
 from functools import lru_cache
+from importlib.metadata import version
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,8 +32,40 @@ STANDARD_SEED = 42
 """The seed of the published MNIST-1D split."""
 
 
+ARRAYS = ("x", "y", "x_test", "y_test")
+
+
+def cache_file(num_samples: int, seed: int) -> Path:
+    """Where the generated split is kept: ``$EASGD_CACHE_DIR`` or ``~/.cache/easgd``."""
+    root = os.environ.get("EASGD_CACHE_DIR") or Path.home() / ".cache" / "easgd"
+    versions = "-".join(version(package) for package in ("mnist1d", "numpy", "scipy"))
+    return Path(root) / f"mnist1d_n{num_samples}_seed{seed}_{versions}.npz"
+
+
 @lru_cache(maxsize=4)
 def _generate(num_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    path = cache_file(num_samples, seed)
+    try:
+        with np.load(path) as saved:
+            x, y, x_test, y_test = (saved[name] for name in ARRAYS)
+            return x, y, x_test, y_test
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        pass  # not there yet, or unreadable: generate it (again)
+    x, y, x_test, y_test = _make(num_samples, seed)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # a name of this process's own: ranks that generate at once never share a half-written file
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as handle:
+            np.savez(handle, x=x, y=y, x_test=x_test, y_test=y_test)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache folder: every load generates
+    return x, y, x_test, y_test
+
+
+def _make(num_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The ``mnist1d`` package's generator with its default transformations."""
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as err:  # pragma: no cover - a declared dependency
