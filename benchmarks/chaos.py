@@ -200,6 +200,26 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def plot_soak(soak: dict[str, Any], path: Path) -> None:
+    """Resident memory of all ranks together over the soak run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    trace = soak["trace"]
+    ax.plot([s["t"] for s in trace], [s["total_mb"] for s in trace], "o-", markersize=3)
+    ax.axvline(soak["seconds"] / 5, color="gray", linestyle=":", label="growth measured from here")
+    ax.set_xlabel("seconds into the soak")
+    ax.set_ylabel(f"resident memory, {soak['workers']} workers + server (MB)")
+    ax.set_title(f"soak: {100 * soak['growth_total']:+.2f}% from warm-up to end")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     p = parser(__doc__ or "")
     p.add_argument("--worker-kills", type=int, default=20)
@@ -256,6 +276,8 @@ def main() -> None:
             2.0 if args.quick else 10.0,
         )
     write_json(result_file, result)
+    if result["soak"] and result["soak"]["trace"]:
+        plot_soak(result["soak"], args.out / f"chaos_soak{tag}.png")
     lines = []
     for victim, figures in result["kills"].items():
         lines.append(
