@@ -25,6 +25,7 @@ can and cannot show.
 from __future__ import annotations
 
 import json
+import statistics
 import tempfile
 import time
 from typing import Any
@@ -264,8 +265,10 @@ def allreduce_rows(workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "hidden": "x".join(map(str, cell["hidden"])), "rounds": len(ratios),
             "easgd_allreduce_steps_per_s": ours, "periodic_averager_steps_per_s": theirs,
             "ratio_easgd_over_averager": ours / theirs,
+            "ratio_median": statistics.median(ratios),
             "ratio_min": min(ratios), "ratio_max": max(ratios),
             "ratio_per_round": " ".join(f"{r:.3f}" for r in ratios),
+            **{f"{m}_per_round": " ".join(f"{r:.1f}" for r in per_round[m]) for m in per_round},
         })  # fmt: skip
     return rows
 
@@ -318,7 +321,8 @@ def main() -> None:
     for r in allreduce:
         print(f"straggler x{r['straggler_slowdown']:.0f}: easgd all-reduce {r['easgd_allreduce_steps_per_s']:.1f} "
               f"steps/s, PeriodicModelAverager {r['periodic_averager_steps_per_s']:.1f} steps/s, "
-              f"ratio {r['ratio_easgd_over_averager']:.3f} (per round {r['ratio_per_round']})")  # fmt: skip
+              f"ratio {r['ratio_easgd_over_averager']:.3f}; per round {r['ratio_per_round']}, "
+              f"median {r['ratio_median']:.3f}")  # fmt: skip
     if rows and not quick:
         plot(rows, args.out / "scaling.png")
 

@@ -222,6 +222,27 @@ def test_params_in_scratch_is_refused_with_momentum_and_guards_its_deferred_move
         role.state_dict()
     role.local_step(torch.ones(4, dtype=torch.float64))  # x <- (1 - 0.5) + (-0.1 * 1)
     assert torch.equal(role.params, torch.full((4,), 0.5 - 0.1, dtype=torch.float64))
+    assert torch.equal(role.velocity, torch.zeros(4, dtype=torch.float64))  # never written
+
+
+@pytest.mark.parametrize("with_move", [False, True])
+def test_sgd_step_chunk_by_chunk_is_the_pure_move_and_step_bit_for_bit(with_move: bool) -> None:
+    # float32 as in the runtime; pieces that straddle chunk boundaries; the pure reference rounds
+    # eta * g on its own (x - eta * g), which a fused multiply-add would not
+    size = 2 * inplace.CHUNK + 5
+    generator = torch.Generator().manual_seed(8)
+    x, g, e = torch.randn(3, size, generator=generator)
+    want = alg.sgd_step(alg.apply_to_worker(x, e) if with_move else x, g, learning_rate=0.037)
+    got = x.clone()
+    inplace.sgd_step_(
+        got,
+        list(g.split([inplace.CHUNK + 3, inplace.CHUNK + 2])),
+        learning_rate=0.037,
+        buffer=torch.empty(inplace.CHUNK),
+        elastic_diff=e if with_move else None,
+    )
+    assert torch.equal(got, want)
+    assert not torch.equal(got, x.add(g, alpha=-0.037) - (e if with_move else 0))  # not fused
 
 
 def test_elastic_update_is_bit_for_bit_the_pure_exchange() -> None:

@@ -62,6 +62,32 @@ def nesterov_step_(
             x.add_(v)
 
 
+def sgd_step_(
+    params: Tensor,
+    grad: Grad,
+    *,
+    learning_rate: float,
+    buffer: Tensor,
+    elastic_diff: Tensor | None = None,
+) -> None:
+    """x <- (x - e) - eta * g, or x <- x - eta * g without ``elastic_diff``  (writes ``params``).
+
+    Bit for bit the pure :func:`apply_to_worker` then :func:`sgd_step`: the product eta * g is
+    rounded on its own, never fused into the add. Chunk by chunk through ``buffer`` (at least
+    min(CHUNK, params.numel()) values, kept in cache), so memory sees g read once and x read and
+    written once, as in torch.optim.SGD's step; no velocity is written.
+    """
+    params_pieces, grads = pieces(params, grad)
+    diffs = pieces(elastic_diff, grad)[0] if elastic_diff is not None else None
+    for index, (x_piece, g_piece) in enumerate(zip(params_pieces, grads, strict=True)):
+        tensors = (x_piece, g_piece) if diffs is None else (x_piece, g_piece, diffs[index])
+        for x, g, *e in _chunks(*tensors):
+            product = torch.mul(g, -learning_rate, out=buffer[: g.numel()])
+            if e:
+                x.sub_(e[0])
+            x.add_(product)
+
+
 def downpour_local_step_(
     params: Tensor, accumulated: Tensor, grad: Grad, *, learning_rate: float
 ) -> None:

@@ -159,9 +159,11 @@ class ElasticWorker(NesterovWorker):
     model's parameters), which is then also the look-ahead point (x + 0 * v = x), so no step copies
     the point. The elastic move of an exchange must then wait until the gradient at the pre-move
     point is taken: :meth:`incoming` keeps the reply (which must stay unchanged until the step)
-    and :meth:`local_step` applies it first, x <- (x - e) + v, the same operations in the same
-    order as otherwise. Only a driver that calls ``local_step`` right after the exchange and
-    takes no :meth:`state_dict` in between may use it (the all-reduce loop does).
+    and :meth:`local_step` applies it first, x <- (x - e) - eta * g, the same operations in the
+    same order as otherwise (:func:`easgd.algorithms.inplace.sgd_step_`). The step is plain SGD
+    and writes no velocity (with momentum 0 it is never read; it stays 0). Only a driver that calls
+    ``local_step`` right after the exchange and takes no :meth:`state_dict` in between may use it
+    (the all-reduce loop does).
     """
 
     def __init__(
@@ -190,6 +192,9 @@ class ElasticWorker(NesterovWorker):
                 )
             scratch.copy_(self.params)
             self.params = scratch  # x_i is the look-ahead: lookahead_ is a no-op below
+            self._step_buffer = torch.empty(
+                min(inplace.CHUNK, scratch.numel()), dtype=scratch.dtype, device=scratch.device
+            )
         self._point_before_move = False
         self._pending_move: Tensor | None = None
 
@@ -218,10 +223,18 @@ class ElasticWorker(NesterovWorker):
         return self._fill_lookahead()
 
     def local_step(self, grad: Grad) -> None:
-        if self._pending_move is not None:
-            inplace.apply_to_worker_(self.params, self._pending_move)
-            self._pending_move = None
-        super().local_step(grad)
+        if self.lookahead is not self.params:
+            super().local_step(grad)
+            return
+        inplace.sgd_step_(
+            self.params,
+            grad,
+            learning_rate=self.learning_rate,
+            buffer=self._step_buffer,
+            elastic_diff=self._pending_move,
+        )
+        self._pending_move = None
+        self.step += 1
 
     def state_dict(self) -> State:
         if self._pending_move is not None:
