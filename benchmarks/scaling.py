@@ -175,7 +175,7 @@ def periodic_averager_rate(
 
 def allreduce_part(index: int, group: Any, quick: bool, rounds: int) -> list[dict[str, Any]]:
     """Part B on one worker rank: both methods alternately, ``rounds`` times each, per slowdown."""
-    hidden, steps, tau = ([256], 60, 10) if quick else ([1024, 1024], 200, 10)
+    hidden, steps, tau = ([256], 200, 10) if quick else ([1024, 1024], 200, 10)
     part_b = []
     for slowdown in (1.0, 2.0):
         mine = slowdown if index == WORKERS - 1 else 1.0
