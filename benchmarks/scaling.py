@@ -11,15 +11,15 @@ Part B (all-reduce). The same 2 ranks train an MLP on digits with synchronous EA
 all-reduce (easgd.runtime.allreduce's loop, tau = 10) and, in the same processes, with local SGD
 plus torch's PeriodicModelAverager (period 10): steps/s of each, the ratio, and the same with rank 1
 a 2x straggler (after computing each gradient it sleeps as long again: slow compute, not a
-slow network). The two methods alternate, 4 rounds each (--rounds), and the per-round ratios are
+slow network). The two methods alternate, 6 rounds each (--rounds), and the per-round ratios are
 kept to show the noise.
 
 Everything runs on this machine's cores over loopback gloo; read docs/scaling.md for what that
 can and cannot show.
 
-    python benchmarks/scaling.py            # full: 1M/10M/25M x k = 1, 2, 4; about 3 minutes
+    python benchmarks/scaling.py            # full: 1M/10M/25M x k = 1, 2, 4; about 5 minutes
     python benchmarks/scaling.py --quick    # 100k/1M x k = 1, 2 and a small MLP (< 30 s)
-    python benchmarks/scaling.py --part allreduce   # Part B only (2 processes, about 1.5 min)
+    python benchmarks/scaling.py --part allreduce   # Part B only (2 processes, about 4 minutes)
 """
 
 from __future__ import annotations
@@ -279,10 +279,10 @@ def main() -> None:
         "--part", choices=("all", "capacity", "allreduce"), default="all",
         help="all (default); capacity: Part A only; allreduce: Part B only (2 processes)",
     )  # fmt: skip
-    cli.add_argument("--rounds", type=int, default=None, help="Part B rounds (default 4; quick 1)")
+    cli.add_argument("--rounds", type=int, default=None, help="Part B rounds (default 6; quick 1)")
     args = cli.parse_args()
     quick, part = args.quick, args.part
-    rounds = args.rounds or (1 if quick else 4)
+    rounds = args.rounds or (1 if quick else 6)
     if rounds < 1:
         raise ValueError(f"--rounds={rounds}; give at least 1")
     sizes = [10**5, 10**6] if quick else [10**6, 10**7, 25 * 10**6]
