@@ -11,17 +11,21 @@ Part B (all-reduce). The same 2 ranks train an MLP on digits with synchronous EA
 all-reduce (easgd.runtime.allreduce's loop, tau = 10) and, in the same processes, with local SGD
 plus torch's PeriodicModelAverager (period 10): steps/s of each, the ratio, and the same with rank 1
 a 2x straggler (after computing each gradient it sleeps as long again: slow compute, not a
-slow network).
+slow network). The two methods alternate, 6 rounds each (--rounds), and the per-round ratios are
+kept to show the noise.
 
 Everything runs on this machine's cores over loopback gloo; read docs/scaling.md for what that
 can and cannot show.
 
-    python benchmarks/scaling.py            # full: 1M/10M/25M x k = 1, 2, 4; about 3 minutes
+    python benchmarks/scaling.py            # full: 1M/10M/25M x k = 1, 2, 4; about 5 minutes
     python benchmarks/scaling.py --quick    # 100k/1M x k = 1, 2 and a small MLP (< 30 s)
+    python benchmarks/scaling.py --part allreduce   # Part B only (2 processes, about 4 minutes)
 """
 
 from __future__ import annotations
 
+import json
+import statistics
 import tempfile
 import time
 from typing import Any
@@ -32,16 +36,23 @@ import torch.nn.functional as F
 from _common import parser, suffix, write_csv, write_json
 from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 
+from easgd.comm.allreduce import AllReduceSum, init_world
 from easgd.comm.groups import DistEnv
 from easgd.comm.sharded import ShardedTransport, init_shard_groups
 from easgd.comm.transport import PairTransport, WorkerTransport
+from easgd.config.algorithm import AlgorithmConfig
 from easgd.config.schema import ModelConfig
 from easgd.data.digits import load_digits_split
 from easgd.data.sampling import MinibatchSampler
 from easgd.flat import FlatModel
 from easgd.roles import ElasticServer, ElasticWorker
 from easgd.roles.sharded import shard_bounds
-from easgd.runtime.allreduce import ReplicatedCenterLoop, control_slots
+from easgd.runtime.allreduce import (
+    ReplicatedCenterLoop,
+    control_slots,
+    rank_worker,
+    sampled_gradient,
+)
 from easgd.runtime.components import build_model
 from easgd.runtime.launcher import start_processes
 from easgd.runtime.runlog import RunLog
@@ -118,30 +129,23 @@ def _sleep_like(slowdown: float, started: float) -> None:
 def easgd_allreduce_rate(
     index: int, group: Any, hidden: list[int], steps: int, tau: int, slowdown: float
 ) -> float:
-    """Steps/s of synchronous EASGD over all-reduce (the runtime's loop)."""
+    """Steps/s of synchronous EASGD over all-reduce: the runtime's role, gradient, sum and loop."""
     model, split = _mlp(hidden)
     flat = FlatModel(model)
     sampler = MinibatchSampler(split, batch_size=128, worker_index=index, num_workers=WORKERS)
-    role = ElasticWorker(flat.initial_point(), comm_period=tau, learning_rate=0.01, momentum=0.0)
+    config = AlgorithmConfig(name="easgd", learning_rate=0.01, momentum=0.0)
+    role = rank_worker(config, flat, comm_period=tau)
+    sampled = sampled_gradient(flat, sampler)
 
-    class GroupSum:
-        def __init__(self) -> None:
-            self.buffer = torch.zeros(flat.num_params + control_slots(WORKERS))
-
-        def __call__(self, values: torch.Tensor, control: torch.Tensor):
-            self.buffer[: flat.num_params].copy_(values)
-            self.buffer[flat.num_params :].copy_(control)
-            dist.all_reduce(self.buffer, group=group)
-            return self.buffer[: flat.num_params], self.buffer[flat.num_params :].double()
-
-    def gradient(point: torch.Tensor) -> tuple[float, torch.Tensor]:
+    def gradient(point: torch.Tensor) -> Any:
         started = time.perf_counter()
-        loss_grad = flat.loss_and_grad(point, *sampler.sample())
+        loss_grad = sampled(point)
         _sleep_like(slowdown, started)  # a straggler computes slowly; its messages are not slow
         return loss_grad
 
+    reduce = AllReduceSum(numel=flat.num_params, control_slots=control_slots(WORKERS), group=group)
     loop = ReplicatedCenterLoop(
-        role, flat.initial_point(), GroupSum(), gradient,
+        role, flat.initial_point(), reduce, gradient,
         rank=index, num_workers=WORKERS, moving_rate=0.9 / WORKERS, steps=steps,
     )  # fmt: skip
     dist.barrier(group=group)
@@ -163,15 +167,44 @@ def periodic_averager_rate(
         inputs, targets = sampler.sample()
         optimizer.zero_grad()
         F.cross_entropy(model(inputs), targets).backward()
+        _sleep_like(slowdown, step_started)  # after the gradient, as in easgd_allreduce_rate
         optimizer.step()
-        _sleep_like(slowdown, step_started)
         averager.average_parameters(model.parameters())
     return steps / (time.perf_counter() - started)
 
 
-def bench_process(sizes: list[int], shard_counts: list[int], quick: bool) -> dict[str, Any] | None:
+def allreduce_part(index: int, group: Any, quick: bool, rounds: int) -> list[dict[str, Any]]:
+    """Part B on one worker rank: both methods alternately, ``rounds`` times each, per slowdown."""
+    hidden, steps, tau = ([256], 200, 10) if quick else ([1024, 1024], 200, 10)
+    part_b = []
+    for slowdown in (1.0, 2.0):
+        mine = slowdown if index == WORKERS - 1 else 1.0
+        rates: dict[str, list[float]] = {"easgd_allreduce": [], "periodic_averager": []}
+        for _ in range(rounds):  # alternate, so drift hits both alike
+            rates["easgd_allreduce"].append(
+                easgd_allreduce_rate(index, group, hidden, steps, tau, mine)
+            )
+            rates["periodic_averager"].append(
+                periodic_averager_rate(index, group, hidden, steps, tau, mine)
+            )
+        part_b.append(
+            {"straggler_slowdown": slowdown, "tau": tau, "hidden": hidden, "steps": steps,
+             "rounds": rates}
+        )  # fmt: skip
+    return part_b
+
+
+def bench_process(
+    sizes: list[int], shard_counts: list[int], quick: bool, part: str, rounds: int
+) -> dict[str, Any] | None:
     torch.set_num_threads(1)
     env = DistEnv.from_environ()
+    if part == "allreduce":  # the two worker ranks only
+        init_world(env, backend="gloo", timeout_s=300)
+        result = {"capacity": [], "allreduce": allreduce_part(env.rank, None, quick, rounds)}
+        dist.barrier()
+        dist.destroy_process_group()
+        return result
     most = max(shard_counts)
     groups = init_shard_groups(env, shards=most, backend="gloo", timeout_s=300)
     part_a = capacity(env, groups, sizes, shard_counts, quick)
@@ -179,23 +212,8 @@ def bench_process(sizes: list[int], shard_counts: list[int], quick: bool) -> dic
     worker_ranks = list(range(most, most + WORKERS))
     group = dist.new_group(worker_ranks)
     part_b = []
-    if env.rank >= most:
-        index = env.rank - most
-        hidden, steps, tau = ([256], 60, 10) if quick else ([1024, 1024], 200, 10)
-        for slowdown in (1.0, 2.0):
-            mine = slowdown if index == WORKERS - 1 else 1.0
-            rates: dict[str, list[float]] = {"easgd_allreduce": [], "periodic_averager": []}
-            for _ in range(1 if quick else 2):  # alternate, so drift hits both alike
-                rates["easgd_allreduce"].append(
-                    easgd_allreduce_rate(index, group, hidden, steps, tau, mine)
-                )
-                rates["periodic_averager"].append(
-                    periodic_averager_rate(index, group, hidden, steps, tau, mine)
-                )
-            part_b.append(
-                {"straggler_slowdown": slowdown, "tau": tau, "hidden": hidden, "steps": steps,
-                 **{k: sum(v) / len(v) for k, v in rates.items()}}
-            )  # fmt: skip
+    if env.rank >= most and part == "all":
+        part_b = allreduce_part(env.rank - most, group, quick, rounds)
     dist.barrier()
     dist.destroy_process_group()
     if env.rank < most:
@@ -203,14 +221,8 @@ def bench_process(sizes: list[int], shard_counts: list[int], quick: bool) -> dic
     return {"capacity": part_a, "allreduce": part_b}
 
 
-def main() -> None:
-    args = parser(__doc__ or "").parse_args()
-    quick = args.quick
-    sizes = [10**5, 10**6] if quick else [10**6, 10**7, 25 * 10**6]
-    shard_counts = [1, 2] if quick else [1, 2, 4]
-    most = max(shard_counts)
-    per_rank = start_processes(bench_process, most + WORKERS, sizes, shard_counts, quick)
-    workers = [per_rank[r] for r in range(most, most + WORKERS)]
+def capacity_rows(workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Part A's table: exchanges/s and MB/s through the center per (k, model size)."""
     rows = []
     for i, cell in enumerate(workers[0]["capacity"]):
         mean_rtt = [w["capacity"][i]["mean_rtt_ms"] for w in workers]
@@ -223,33 +235,95 @@ def main() -> None:
     for row in rows:
         base = next(r for r in rows if r["params"] == row["params"] and r["shards"] == 1)
         row["ratio_to_one_shard"] = row["exchanges_per_s"] / base["exchanges_per_s"]
-    allreduce = []
+    return rows
+
+
+def allreduce_rows(workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Part B's table: the slowest rank's steps/s of each method, and their ratio (mean, spread).
+
+    A synchronous run goes at its slowest rank's pace, so each round counts its slowest rank;
+    the headline ratio is that of the rates averaged over rounds, and the per-round ratios show
+    the noise (the two methods of one round ran back to back).
+    """
+    rows = []
     for i, cell in enumerate(workers[0]["allreduce"]):
-        # a synchronous run goes at its slowest rank's pace: report the slowest rank's rate
-        ours = min(w["allreduce"][i]["easgd_allreduce"] for w in workers)
-        theirs = min(w["allreduce"][i]["periodic_averager"] for w in workers)
-        allreduce.append({
+        per_round = {
+            method: [min(rates) for rates in zip(*(w["allreduce"][i]["rounds"][method]
+                                                   for w in workers), strict=True)]
+            for method in ("easgd_allreduce", "periodic_averager")
+        }  # fmt: skip
+        ours = sum(per_round["easgd_allreduce"]) / len(per_round["easgd_allreduce"])
+        theirs = sum(per_round["periodic_averager"]) / len(per_round["periodic_averager"])
+        ratios = [
+            a / b
+            for a, b in zip(
+                per_round["easgd_allreduce"], per_round["periodic_averager"], strict=True
+            )
+        ]
+        rows.append({
             **{k: cell[k] for k in ("straggler_slowdown", "tau", "steps")},
-            "hidden": "x".join(map(str, cell["hidden"])),
+            "hidden": "x".join(map(str, cell["hidden"])), "rounds": len(ratios),
             "easgd_allreduce_steps_per_s": ours, "periodic_averager_steps_per_s": theirs,
             "ratio_easgd_over_averager": ours / theirs,
+            "ratio_median": statistics.median(ratios),
+            "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "ratio_per_round": " ".join(f"{r:.3f}" for r in ratios),
+            **{f"{m}_per_round": " ".join(f"{r:.1f}" for r in per_round[m]) for m in per_round},
         })  # fmt: skip
-    tag = suffix(quick)
-    write_csv(args.out / f"scaling{tag}.csv", rows)
-    write_csv(args.out / f"scaling_allreduce{tag}.csv", allreduce)
-    write_json(
-        args.out / f"scaling{tag}.json",
-        {"workers": WORKERS, "capacity": rows, "allreduce_vs_periodic_averager": allreduce},
+    return rows
+
+
+def main() -> None:
+    cli = parser(__doc__ or "")
+    cli.add_argument(
+        "--part", choices=("all", "capacity", "allreduce"), default="all",
+        help="all (default); capacity: Part A only; allreduce: Part B only (2 processes)",
+    )  # fmt: skip
+    cli.add_argument("--rounds", type=int, default=None, help="Part B rounds (default 6; quick 1)")
+    args = cli.parse_args()
+    quick, part = args.quick, args.part
+    rounds = args.rounds or (1 if quick else 6)
+    if rounds < 1:
+        raise ValueError(f"--rounds={rounds}; give at least 1")
+    sizes = [10**5, 10**6] if quick else [10**6, 10**7, 25 * 10**6]
+    shard_counts = [1, 2] if quick else [1, 2, 4]
+    most = 0 if part == "allreduce" else max(shard_counts)
+    per_rank = start_processes(
+        bench_process, most + WORKERS, sizes, shard_counts, quick, part, rounds
     )
-    print(f"{'k':>2s} {'params':>9s} {'rtt ms':>9s} {'exch/s':>8s} {'MB/s':>8s} {'vs k=1':>6s}")
+    workers = [per_rank[r] for r in range(most, most + WORKERS)]
+    tag = suffix(quick)
+    rows = capacity_rows(workers)
+    allreduce = allreduce_rows(workers)
+    if rows:
+        write_csv(args.out / f"scaling{tag}.csv", rows)
+    if allreduce:
+        write_csv(args.out / f"scaling_allreduce{tag}.csv", allreduce)
+    if part == "all":
+        write_json(
+            args.out / f"scaling{tag}.json",
+            {"workers": WORKERS, "capacity": rows, "allreduce_vs_periodic_averager": allreduce},
+        )
+    else:  # one part rerun: replace its figures in the JSON, keep the other part's
+        path = args.out / f"scaling{tag}.json"
+        kept = json.loads(path.read_text()) if path.exists() else {}
+        kept.pop("machine", None)
+        if part == "capacity":
+            kept["capacity"] = rows
+        else:
+            kept["allreduce_vs_periodic_averager"] = allreduce
+        write_json(path, {"workers": WORKERS, **kept})
+    if rows:
+        print(f"{'k':>2s} {'params':>9s} {'rtt ms':>9s} {'exch/s':>8s} {'MB/s':>8s} {'vs k=1':>6s}")
     for r in rows:
         print(f"{r['shards']:2d} {r['params']:9.0e} {r['mean_rtt_ms']:9.2f} {r['exchanges_per_s']:8.1f} "
               f"{r['center_MB_per_s']:8.0f} {r['ratio_to_one_shard']:6.2f}")  # fmt: skip
     for r in allreduce:
         print(f"straggler x{r['straggler_slowdown']:.0f}: easgd all-reduce {r['easgd_allreduce_steps_per_s']:.1f} "
               f"steps/s, PeriodicModelAverager {r['periodic_averager_steps_per_s']:.1f} steps/s, "
-              f"ratio {r['ratio_easgd_over_averager']:.3f}")  # fmt: skip
-    if not quick:
+              f"ratio {r['ratio_easgd_over_averager']:.3f}; per round {r['ratio_per_round']}, "
+              f"median {r['ratio_median']:.3f}")  # fmt: skip
+    if rows and not quick:
         plot(rows, args.out / "scaling.png")
 
 

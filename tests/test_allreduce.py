@@ -16,7 +16,7 @@ from torch import Tensor
 from easgd import algorithms as alg
 from easgd.config.algorithm import AlgorithmConfig
 from easgd.config.schema import TrainConfig
-from easgd.roles import ElasticWorker
+from easgd.roles import ElasticWorker, GradientFn
 from easgd.runtime.allreduce import ReduceFn, ReplicatedCenterLoop
 from easgd.sim import Quadratic, SimConfig, simulate
 from tests.conftest import f64
@@ -55,26 +55,35 @@ def run_threads(
     seed: int = 0,
 ) -> list[ReplicatedCenterLoop]:
     """Every rank's loop, run to the end as threads over a :class:`ThreadSum`."""
-    p = len(starts)
-    reducer = ThreadSum(p)
-    loops = []
+    ranks: list[tuple[ElasticWorker, GradientFn]] = []
     for rank, start in enumerate(starts):
         generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)  # the simulator's
         role = ElasticWorker(
             start, comm_period=comm_period, learning_rate=learning_rate, momentum=momentum
         )
-        loops.append(
-            ReplicatedCenterLoop(
-                role,
-                center,
-                reducer.for_rank(rank),
-                lambda point, g=generator: objective.gradient(point, g),
-                rank=rank,
-                num_workers=p,
-                moving_rate=moving_rate,
-                steps=steps,
-            )
+        ranks.append((role, lambda point, g=generator: objective.gradient(point, g)))
+    return run_loops(ranks, center, moving_rate=moving_rate, steps=steps)
+
+
+def run_loops(
+    ranks: list[tuple[ElasticWorker, GradientFn]], center: Tensor, *, moving_rate: float, steps: int
+) -> list[ReplicatedCenterLoop]:
+    """One :class:`ReplicatedCenterLoop` per (role, gradient), run to the end as threads."""
+    p = len(ranks)
+    reducer = ThreadSum(p)
+    loops = [
+        ReplicatedCenterLoop(
+            role,
+            center,
+            reducer.for_rank(rank),
+            gradient,
+            rank=rank,
+            num_workers=p,
+            moving_rate=moving_rate,
+            steps=steps,
         )
+        for rank, (role, gradient) in enumerate(ranks)
+    ]
     errors: list[BaseException] = []
 
     def target(loop: ReplicatedCenterLoop) -> None:
@@ -166,6 +175,57 @@ def test_threads_match_the_simulators_synchronous_schedule_bit_for_bit(
     for loop, want in zip(loops, result.workers, strict=True):
         assert torch.equal(loop.center, result.evaluated)
         assert torch.equal(loop.role.params, want)
+
+
+@pytest.mark.parametrize(("name", "momentum"), [("easgd", 0.0), ("eamsgd", 0.9)])
+def test_runtime_ranks_on_a_real_model_match_the_simulator_bit_for_bit(
+    name: str, momentum: float
+) -> None:
+    # what run_allreduce builds: the look-ahead written into the model's own parameters
+    # (scratch), gradients as per-parameter pieces, the exchange applied in place; the simulator
+    # takes flat gradients at copies of the point. A gradient taken after the elastic move, or a
+    # look-ahead clobbered by the exchange, would show here.
+    from easgd.data.digits import load_digits_split
+    from easgd.data.sampling import MinibatchSampler
+    from easgd.flat import FlatModel
+    from easgd.runtime.allreduce import rank_worker, sampled_gradient
+    from easgd.runtime.components import build_model
+    from easgd.sim import ClassifierObjective
+
+    split = load_digits_split(test_fraction=0.2, seed=0)
+    model_config = TrainConfig().model
+    config = AlgorithmConfig(name=name, learning_rate=0.05, momentum=momentum, moving_rate=0.2)
+    p, tau, steps = 2, 3, 13
+    ranks: list[tuple[ElasticWorker, GradientFn]] = []
+    for rank in range(p):
+        flat = FlatModel(build_model(model_config, split, seed=0))
+        sampler = MinibatchSampler(split, batch_size=128, worker_index=rank, num_workers=p)
+        role = rank_worker(config, flat, comm_period=tau)
+        assert role.lookahead.data_ptr() == flat.flat_params.data_ptr()
+        assert (role.params.data_ptr() == flat.flat_params.data_ptr()) == (momentum == 0)
+        ranks.append((role, sampled_gradient(flat, sampler)))
+    start = ranks[0][0].params.clone()
+    loops = run_loops(ranks, start, moving_rate=0.2, steps=steps)
+    objective = ClassifierObjective(build_model(model_config, split, seed=0), split)
+    sim = simulate(
+        config,
+        SimConfig(num_workers=p, comm_period=tau, schedule="synchronous", duration=steps),
+        objective,
+    )
+    assert loops[0].rounds == 5  # t = 0, 3, 6, 9, 12
+    assert not torch.equal(loops[0].center, start)
+    for loop, want in zip(loops, sim.workers, strict=True):
+        assert torch.equal(loop.center, sim.evaluated)
+        assert torch.equal(loop.role.params, want)
+
+
+def test_rank_worker_refuses_a_non_elastic_algorithm() -> None:
+    from easgd.flat import FlatModel
+    from easgd.runtime.allreduce import rank_worker
+
+    flat = FlatModel(torch.nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="not algorithm='downpour'"):
+        rank_worker(AlgorithmConfig(name="downpour"), flat, comm_period=2)
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,13 @@ from torch import Tensor
 from easgd import algorithms as alg
 from easgd.algorithms import inplace
 from easgd.config.algorithm import AlgorithmConfig
-from easgd.roles import make_server_role, make_worker_role, worker_step
+from easgd.roles import (
+    ElasticWorker,
+    WorkerRole,
+    make_server_role,
+    make_worker_role,
+    worker_step,
+)
 
 DIM, WORKERS, PERIOD, STEPS = 37, 3, 3, 50
 SIZES = [10, 20, 7]  # the gradient's pieces, as per-parameter gradients would come
@@ -119,16 +125,32 @@ def reference(name: str) -> tuple[Tensor, list[Tensor]]:
     return (average if config.averages else center), xs
 
 
-def fast(name: str) -> tuple[Tensor, list[Tensor]]:
-    """The same run through the in-place roles, as the runtime drives them."""
+def fast(name: str, *, params_in_scratch: bool = False) -> tuple[Tensor, list[Tensor]]:
+    """The same run through the in-place roles, as the runtime drives them.
+
+    ``params_in_scratch`` (EASGD): each worker keeps x_i in its own scratch buffer, as the
+    all-reduce topology's ranks keep it in their model.
+    """
     config, problem = CONFIGS[name], Problem()
     workers = WORKERS if config.uses_server else 1
     period = 1 if name == "mdownpour" else PERIOD
     scratch = torch.empty(DIM, dtype=torch.float64)  # one look-ahead buffer, like FlatModel's
-    roles = [
+    roles: list[WorkerRole] = [
         make_worker_role(config, problem.start, comm_period=period, scratch=scratch)
         for _ in range(workers)
     ]
+    if params_in_scratch:
+        roles = [
+            ElasticWorker(
+                problem.start,
+                comm_period=period,
+                learning_rate=config.learning_rate,
+                momentum=config.momentum,
+                scratch=torch.empty(DIM, dtype=torch.float64),
+                params_in_scratch=True,
+            )
+            for _ in range(workers)
+        ]
     server = make_server_role(config, problem.start, num_workers=workers) if workers > 1 else None
     receive = torch.empty(DIM, dtype=torch.float64)  # the server's receive buffer
 
@@ -170,6 +192,59 @@ def test_fast_path_equals_the_pure_rules(name: str) -> None:
     assert float((expected - Problem().start).abs().max()) > 0.1
 
 
+def test_easgd_worker_keeping_x_in_scratch_is_the_plain_worker_bit_for_bit() -> None:
+    # x_i kept in the scratch buffer, its elastic move deferred to the start of the local step
+    # (after the gradient at the pre-move point): the same values as the plain role, exactly
+    want_center, want_workers = fast("easgd")
+    got_center, got_workers = fast("easgd", params_in_scratch=True)
+    assert torch.equal(got_center, want_center)
+    assert all(torch.equal(a, b) for a, b in zip(got_workers, want_workers, strict=True))
+    expected, _ = reference("easgd")
+    assert float((got_center - expected).abs().max()) <= TOL * max(1.0, float(expected.abs().max()))
+
+
+def test_params_in_scratch_is_refused_with_momentum_and_guards_its_deferred_move() -> None:
+    start = torch.zeros(4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="momentum 0"):
+        ElasticWorker(
+            start, comm_period=1, learning_rate=0.1, momentum=0.9,
+            scratch=torch.empty(4, dtype=torch.float64), params_in_scratch=True,
+        )  # fmt: skip
+    scratch = torch.empty(4, dtype=torch.float64)
+    role = ElasticWorker(
+        start + 1, comm_period=1, learning_rate=0.1, momentum=0.0,
+        scratch=scratch, params_in_scratch=True,
+    )  # fmt: skip
+    assert role.params is scratch and torch.equal(scratch, start + 1)
+    role.incoming(role.outgoing().mul(0.5))  # e = x / 2, held until the step
+    assert torch.equal(role.gradient_point(), start + 1)  # the gradient point is before the move
+    with pytest.raises(RuntimeError, match="misses the move"):
+        role.state_dict()
+    role.local_step(torch.ones(4, dtype=torch.float64))  # x <- (1 - 0.5) + (-0.1 * 1)
+    assert torch.equal(role.params, torch.full((4,), 0.5 - 0.1, dtype=torch.float64))
+    assert torch.equal(role.velocity, torch.zeros(4, dtype=torch.float64))  # never written
+
+
+@pytest.mark.parametrize("with_move", [False, True])
+def test_sgd_step_chunk_by_chunk_is_the_pure_move_and_step_bit_for_bit(with_move: bool) -> None:
+    # float32 as in the runtime; pieces that straddle chunk boundaries; the pure reference rounds
+    # eta * g on its own (x - eta * g), which a fused multiply-add would not
+    size = 2 * inplace.CHUNK + 5
+    generator = torch.Generator().manual_seed(8)
+    x, g, e = torch.randn(3, size, generator=generator)
+    want = alg.sgd_step(alg.apply_to_worker(x, e) if with_move else x, g, learning_rate=0.037)
+    got = x.clone()
+    inplace.sgd_step_(
+        got,
+        list(g.split([inplace.CHUNK + 3, inplace.CHUNK + 2])),
+        learning_rate=0.037,
+        buffer=torch.empty(inplace.CHUNK),
+        elastic_diff=e if with_move else None,
+    )
+    assert torch.equal(got, want)
+    assert not torch.equal(got, x.add(g, alpha=-0.037) - (e if with_move else 0))  # not fused
+
+
 def test_elastic_update_is_bit_for_bit_the_pure_exchange() -> None:
     generator = torch.Generator().manual_seed(5)
     worker, center = torch.randn(
@@ -205,3 +280,45 @@ def test_nesterov_step_on_pieces_equals_the_flat_step() -> None:
     expected_x, expected_v = alg.nesterov_step(x, v, g, learning_rate=0.1, momentum=0.9)
     assert torch.allclose(flat_v, expected_v, rtol=0, atol=1e-15)
     assert torch.allclose(flat_x, expected_x, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_nesterov_step_chunk_by_chunk_is_the_foreach_form_bit_for_bit(momentum: float) -> None:
+    # float32 as in the runtime, over more than two chunks with a ragged tail, in two pieces that
+    # do not start on a chunk boundary; the reference is the unchunked whole-tensor form
+    size = 2 * inplace.CHUNK + 5
+    generator = torch.Generator().manual_seed(5)
+    x, v, g = torch.randn(3, size, generator=generator)
+    got_x, got_v = x.clone(), v.clone()
+    grad = list(g.split([inplace.CHUNK + 3, inplace.CHUNK + 2]))
+    inplace.nesterov_step_(got_x, got_v, grad, learning_rate=0.05, momentum=momentum)
+    want_v = v.clone()
+    torch._foreach_mul_([want_v], momentum)
+    torch._foreach_add_([want_v], [g], alpha=-0.05)
+    assert torch.equal(got_v, want_v)
+    assert torch.equal(got_x, x + want_v)
+    if momentum == 0:  # and then it is the pure rule exactly, not only within rounding
+        pure_x, pure_v = alg.nesterov_step(x, v, g, learning_rate=0.05, momentum=0.0)
+        assert torch.equal(got_v, pure_v) and torch.equal(got_x, pure_x)
+
+
+def test_replicated_center_exchange_in_place_is_the_pure_exchange_bit_for_bit() -> None:
+    size = 2 * inplace.CHUNK + 5
+    generator = torch.Generator().manual_seed(6)
+    worker, center, others = torch.randn(3, size, generator=generator)
+    want_diff, want_center = alg.replicated_center_exchange(
+        worker, center, moving_rate=0.3, reduce_sum=lambda diff: diff + others
+    )
+    sent: list[Tensor] = []
+
+    def reduce_sum(diff: Tensor) -> Tensor:
+        sent.append(diff.clone())
+        return diff + others
+
+    out, got_center, got_worker = torch.empty(size), center.clone(), worker.clone()
+    got = inplace.replicated_center_exchange_(
+        out, got_worker, got_center, moving_rate=0.3, reduce_sum=reduce_sum
+    )
+    assert got is out and torch.equal(out, want_diff) and torch.equal(sent[0], want_diff)
+    assert torch.equal(got_center, want_center)
+    assert torch.equal(got_worker, worker)  # the worker applies e itself, afterwards

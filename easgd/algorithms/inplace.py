@@ -14,7 +14,7 @@ from memory once and every intermediate stays in cache. Never imports ``torch.di
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -44,11 +44,48 @@ def lookahead_(out: Tensor, params: Tensor, velocity: Tensor, *, momentum: float
 def nesterov_step_(
     params: Tensor, velocity: Tensor, grad: Grad, *, learning_rate: float, momentum: float
 ) -> None:
-    """v <- delta * v - eta * g;  x <- x + v   (writes ``params`` and ``velocity``)."""
-    velocities, grads = pieces(velocity, grad)
-    torch._foreach_mul_(velocities, momentum)
-    torch._foreach_add_(velocities, grads, alpha=-learning_rate)
-    params.add_(velocity)
+    """v <- delta * v - eta * g;  x <- x + v   (writes ``params`` and ``velocity``).
+
+    Chunk by chunk, so v, g and x are each read from memory once (this runs every step). With
+    momentum 0 it writes v = (-eta) g directly, bit for bit the pure rule's 0 * v - eta * g (the
+    product is rounded once either way), which is what makes EASGD's step as cheap as plain SGD's
+    apart from the one write of v.
+    """
+    params_pieces, grads = pieces(params, grad)
+    velocities = pieces(velocity, grad)[0]
+    for x_piece, v_piece, g_piece in zip(params_pieces, velocities, grads, strict=True):
+        for x, v, g in _chunks(x_piece, v_piece, g_piece):
+            if momentum == 0:
+                torch.mul(g, -learning_rate, out=v)
+            else:  # the same two operations per value as torch._foreach_mul_ / _foreach_add_
+                v.mul_(momentum).add_(g, alpha=-learning_rate)
+            x.add_(v)
+
+
+def sgd_step_(
+    params: Tensor,
+    grad: Grad,
+    *,
+    learning_rate: float,
+    buffer: Tensor,
+    elastic_diff: Tensor | None = None,
+) -> None:
+    """x <- (x - e) - eta * g, or x <- x - eta * g without ``elastic_diff``  (writes ``params``).
+
+    Bit for bit the pure :func:`apply_to_worker` then :func:`sgd_step`: the product eta * g is
+    rounded on its own, never fused into the add. Chunk by chunk through ``buffer`` (at least
+    min(CHUNK, params.numel()) values, kept in cache), so memory sees g read once and x read and
+    written once, as in torch.optim.SGD's step; no velocity is written.
+    """
+    params_pieces, grads = pieces(params, grad)
+    diffs = pieces(elastic_diff, grad)[0] if elastic_diff is not None else None
+    for index, (x_piece, g_piece) in enumerate(zip(params_pieces, grads, strict=True)):
+        tensors = (x_piece, g_piece) if diffs is None else (x_piece, g_piece, diffs[index])
+        for x, g, *e in _chunks(*tensors):
+            product = torch.mul(g, -learning_rate, out=buffer[: g.numel()])
+            if e:
+                x.sub_(e[0])
+            x.add_(product)
 
 
 def downpour_local_step_(
@@ -111,6 +148,27 @@ def elastic_difference_(
         torch.sub(x, c, out=e).mul_(moving_rate)
         norms.append(torch.linalg.vector_norm(e))
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def replicated_center_exchange_(
+    out: Tensor,
+    worker: Tensor,
+    center: Tensor,
+    *,
+    moving_rate: float,
+    reduce_sum: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """out <- e_i = alpha * (x_i - center);  center <- center + reduce_sum(e_i).  Returns ``out``.
+
+    Synchronous EASGD's replicated-center exchange (the same operations as
+    :func:`easgd.algorithms.replicated_center_exchange`, so bit for bit) writing into buffers the
+    caller keeps, so an exchange allocates nothing. ``reduce_sum`` returns the sum of every worker's e_j and must not modify
+    its argument; ``out`` must not be ``worker`` (the worker applies ``out`` afterwards).
+    """
+    for x, c, e in _chunks(worker, center, out):
+        torch.sub(x, c, out=e).mul_(moving_rate)
+    center.add_(reduce_sum(out))
+    return out
 
 
 def downpour_push_(center: Tensor, accumulated: Tensor, out: Tensor | None = None) -> None:

@@ -154,6 +154,16 @@ class ElasticWorker(NesterovWorker):
 
     The gradient of a step is taken at the value before the elastic move (x + delta * v): the
     look-ahead is written when the payload leaves, and the move acts on x_i only, never on v_i.
+
+    ``params_in_scratch`` (EASGD only, with ``scratch``): x_i itself lives in ``scratch`` (the
+    model's parameters), which is then also the look-ahead point (x + 0 * v = x), so no step copies
+    the point. The elastic move of an exchange must then wait until the gradient at the pre-move
+    point is taken: :meth:`incoming` keeps the reply (which must stay unchanged until the step)
+    and :meth:`local_step` applies it first, x <- (x - e) - eta * g, the same operations in the
+    same order as otherwise (:func:`easgd.algorithms.inplace.sgd_step_`). The step is plain SGD
+    and writes no velocity (with momentum 0 it is never read; it stays 0). Only a driver that calls
+    ``local_step`` right after the exchange and takes no :meth:`state_dict` in between may use it
+    (the all-reduce loop does).
     """
 
     def __init__(
@@ -164,6 +174,7 @@ class ElasticWorker(NesterovWorker):
         learning_rate: float,
         momentum: float,
         scratch: Tensor | None = None,
+        params_in_scratch: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -172,14 +183,37 @@ class ElasticWorker(NesterovWorker):
             momentum=momentum,
             scratch=scratch,
         )
+        if params_in_scratch:
+            if scratch is None or self.momentum != 0:
+                raise ValueError(
+                    "params_in_scratch needs a scratch buffer and momentum 0 (the look-ahead "
+                    f"x + momentum * v is x only then); got momentum={self.momentum}, "
+                    f"scratch={'given' if scratch is not None else None}"
+                )
+            scratch.copy_(self.params)
+            self.params = scratch  # x_i is the look-ahead: lookahead_ is a no-op below
+            self._step_buffer = torch.empty(
+                min(inplace.CHUNK, scratch.numel()), dtype=scratch.dtype, device=scratch.device
+            )
         self._point_before_move = False
+        self._pending_move: Tensor | None = None
+
+    def _fill_lookahead(self) -> Tensor:
+        if self.lookahead is self.params:
+            return self.lookahead
+        return super()._fill_lookahead()
 
     def outgoing(self) -> Tensor:
+        if self._pending_move is not None:
+            raise RuntimeError("an exchange before the previous exchange's local step")
         self._fill_lookahead()
         self._point_before_move = True
         return self.params
 
     def incoming(self, reply: Tensor) -> None:
+        if self.lookahead is self.params:
+            self._pending_move = reply  # x_i is the gradient point: move after the gradient
+            return
         inplace.apply_to_worker_(self.params, reply)
 
     def gradient_point(self) -> Tensor:
@@ -188,12 +222,33 @@ class ElasticWorker(NesterovWorker):
             return self.lookahead
         return self._fill_lookahead()
 
+    def local_step(self, grad: Grad) -> None:
+        if self.lookahead is not self.params:
+            super().local_step(grad)
+            return
+        inplace.sgd_step_(
+            self.params,
+            grad,
+            learning_rate=self.learning_rate,
+            buffer=self._step_buffer,
+            elastic_diff=self._pending_move,
+        )
+        self._pending_move = None
+        self.step += 1
+
+    def state_dict(self) -> State:
+        if self._pending_move is not None:
+            raise RuntimeError("state_dict between an exchange and its local step misses the move")
+        return super().state_dict()
+
     def reset(self, center: Tensor) -> None:
         super().reset(center)
         self._point_before_move = False
+        self._pending_move = None
 
     def _after_load(self) -> None:
         self._point_before_move = False
+        self._pending_move = None
 
 
 class DownpourWorker(WorkerRole):

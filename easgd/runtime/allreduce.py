@@ -6,9 +6,9 @@
 
 Every rank keeps x_i (and v_i for EAMSGD) and its own copy of the center x~. Every tau steps each
 rank computes e_i = alpha (x_i - x~), moves x_i -= e_i and adds all_reduce_sum(e_i) to its copy of
-x~ (:func:`easgd.algorithms.replicated_center_exchange`), so every copy stays identical. The
-worker side is the same :class:`ElasticWorker` and :func:`worker_step` as in the server topology
-and the simulator, so the order of exchange and gradient is the spec's.
+x~ (:func:`easgd.algorithms.replicated_center_exchange`, applied in place), so every copy stays
+identical. The worker side is the same :class:`ElasticWorker` and :func:`worker_step` as in the
+server topology and the simulator, so the order of exchange and gradient is the spec's.
 
 Control values ride in the all-reduce buffer (no extra messages): rank 0 decides when everyone
 checkpoints and when everyone stops, and each rank reports its mean train loss and elastic
@@ -34,15 +34,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from easgd import algorithms as alg
+from easgd.algorithms import inplace
 from easgd.comm.allreduce import AllReduceSum, all_ranks_min, allreduce_backend, init_world
 from easgd.comm.groups import DistEnv, LaunchError, shutdown
 from easgd.comm.transport import Delay
+from easgd.config.algorithm import AlgorithmConfig
 from easgd.config.schema import TrainConfig
 from easgd.data.sampling import MinibatchSampler
 from easgd.data.split import Split
 from easgd.flat import FlatModel
-from easgd.roles import ElasticWorker, GradientFn, make_worker_role, worker_step
+from easgd.roles import ElasticWorker, GradientFn, worker_step
 from easgd.runtime.checkpoint import Checkpointer, CheckpointError, check_compatible
 from easgd.runtime.components import build_model, build_split, device_for, evaluator_for
 from easgd.runtime.faults import kill_self
@@ -121,7 +122,8 @@ class ReplicatedCenterLoop:
         after_step: Callable[[ElasticWorker], None] | None = None,
     ) -> None:
         self.role = role
-        self.center = center.detach().clone()
+        self.center = center.detach().clone()  # this rank's copy of x~, updated in place
+        self._diff = torch.empty_like(self.center)  # e_i of the current exchange
         self.reduce = reduce
         self.gradient = gradient
         self.rank = rank
@@ -169,8 +171,8 @@ class ReplicatedCenterLoop:
                 )
             return summed
 
-        diff, self.center = alg.replicated_center_exchange(
-            sent, self.center, moving_rate=self.moving_rate, reduce_sum=reduce_sum
+        diff = inplace.replicated_center_exchange_(
+            self._diff, sent, self.center, moving_rate=self.moving_rate, reduce_sum=reduce_sum
         )
         self.rounds += 1
         self._save_due = summed_control[SAVE].item() > 0
@@ -210,6 +212,38 @@ class ReplicatedCenterLoop:
             steps_per_s=(self.role.step - first_step) / elapsed,
             mean_allreduce_ms=sum(self._allreduce_ms) / max(1, len(self._allreduce_ms)),
         )
+
+
+# -- one rank's worker ------------------------------------------------------------------------
+def rank_worker(config: AlgorithmConfig, flat: FlatModel, *, comm_period: int) -> ElasticWorker:
+    """This rank's elastic worker, starting at the model's parameters, with no copy per step.
+
+    The gradient point is written straight into the model's parameters (``scratch``, as the
+    server topology's workers do); for EASGD (momentum 0) the gradient point is x_i itself, so x_i
+    lives there (``params_in_scratch``) and a step copies nothing at all. The loop below calls
+    ``local_step`` right after each exchange, as ``params_in_scratch`` requires.
+    """
+    if config.name not in ("easgd", "eamsgd"):
+        raise ValueError(
+            f"topology=allreduce runs synchronous EASGD or EAMSGD, not algorithm={config.name!r}"
+        )
+    return ElasticWorker(
+        flat.initial_point(),
+        comm_period=comm_period,
+        learning_rate=config.learning_rate,
+        momentum=config.momentum,
+        scratch=flat.flat_params,
+        params_in_scratch=config.momentum == 0,
+    )
+
+
+def sampled_gradient(flat: FlatModel, sampler: MinibatchSampler) -> GradientFn:
+    """The gradient function of the loop: :meth:`FlatModel.gradient` on the next minibatch.
+
+    The hot path: the loss stays a tensor until the exchange reads it, and the gradient is the
+    per-parameter pieces autograd produced (no flat buffer to zero and accumulate into).
+    """
+    return lambda point: flat.gradient(point, *sampler.sample())
 
 
 # -- checkpoints ------------------------------------------------------------------------------
@@ -304,8 +338,7 @@ def _run_rank(
         seed=cfg.seed,
         device=device,
     )
-    role = make_worker_role(cfg.algorithm, flat.initial_point(), comm_period=cfg.comm.period)
-    assert isinstance(role, ElasticWorker)
+    role = rank_worker(cfg.algorithm, flat, comm_period=cfg.comm.period)
     center = flat.initial_point()
     signature = {**checkpoint_signature(cfg, flat.num_params), "topology": "allreduce"}
     checkpointer = Checkpointer(
@@ -355,7 +388,7 @@ def _run_rank(
             delay=Delay(cfg.comm.latency_ms, cfg.comm.jitter_ms),
             seed=cfg.seed * 7919 + rank,
         ),
-        lambda point: flat.loss_and_grad(point, *sampler.sample()),
+        sampled_gradient(flat, sampler),
         rank=rank,
         num_workers=p,
         moving_rate=moving_rate,
