@@ -107,7 +107,7 @@ def capacity(env: DistEnv, groups: Any, sizes: list[int], shard_counts: list[int
             zero = torch.zeros(size)
             loop = WorkerLoop(role, transport, lambda point, zero=zero: (0.0, zero), steps=rounds)
             loop.run()
-            timed = loop.round_trips_ms[WARMUP:]
+            timed = list(loop.round_trips_ms)[WARMUP:]
             results.append(
                 {"shards": shards, "params": size, "rounds": len(timed),
                  "mean_rtt_ms": sum(timed) / len(timed)}

@@ -32,17 +32,18 @@ def allreduce_backend(device: torch.device) -> str:
     return "gloo"
 
 
-def init_world(env: DistEnv, *, backend: str, timeout_s: float) -> dist.Store:
-    """Join the default group of all ranks (every rank a worker); return the rendezvous store.
+def init_world(env: DistEnv, *, backend: str, timeout_s: float) -> tuple[dist.Store, int]:
+    """Join the default group of all ranks (every rank a worker); return the rendezvous store
+    and the job's generation (which start this is, as every rank agrees: see ``PairGroups``).
 
-    The store is prefixed by torchrun's restart attempt, like the server topology's groups.
+    The store is prefixed like the server topology's groups.
     """
     timeout = datetime.timedelta(seconds=timeout_s)
-    store, _ = _store(env, timeout)
+    store, generation = _store(env, timeout)
     dist.init_process_group(
         backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout
     )
-    return store
+    return store, generation
 
 
 class AllReduceSum:

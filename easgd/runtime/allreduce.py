@@ -51,7 +51,7 @@ from easgd.runtime.progress import Progress
 from easgd.runtime.resume import checkpoint_signature
 from easgd.runtime.runlog import RunLog
 from easgd.runtime.server import StopRule
-from easgd.runtime.summary import build_summary, finish_run
+from easgd.runtime.summary import build_summary, finish_run, log_done
 
 log = logging.getLogger("easgd")
 
@@ -315,15 +315,15 @@ def run_allreduce(cfg: TrainConfig) -> dict[str, Any] | None:
     _setup_logging(env.rank)
     split = build_split(cfg.data)
     device = device_for(cfg, env.local_rank)
-    init_world(env, backend=allreduce_backend(device), timeout_s=cfg.comm.timeout_s)
+    _, generation = init_world(env, backend=allreduce_backend(device), timeout_s=cfg.comm.timeout_s)
     try:
-        return _run_rank(cfg, env, split, device)
+        return _run_rank(cfg, env, split, device, generation=generation)
     finally:
         shutdown()
 
 
 def _run_rank(
-    cfg: TrainConfig, env: DistEnv, split: Split, device: torch.device
+    cfg: TrainConfig, env: DistEnv, split: Split, device: torch.device, *, generation: int
 ) -> dict[str, Any] | None:
     rank, p = env.rank, cfg.workers
     model = build_model(cfg.model, split, seed=cfg.seed).to(device)
@@ -369,7 +369,7 @@ def _run_rank(
             old.unlink(missing_ok=True)
 
     fault = cfg.fault
-    first_attempt = env.restart_count == 0
+    first_attempt = generation == 0  # fault.* fires only in the job's first start
 
     def after_step(role: ElasticWorker) -> None:
         if first_attempt and fault.kill_rank == rank and role.step == fault.kill_at_step:
@@ -528,12 +528,5 @@ class _Lead:
             path = finish_run(self.runlog, self.cfg, summary)
         finally:
             self.runlog.close()
-        log.info(
-            "done in %.1f s: center test error %.2f%%, %d exchanges (%.0f/s); summary in %s",
-            summary["wall_time_s"],
-            100 * summary["test_error"],
-            summary["exchanges"],
-            summary["exchanges_per_s"],
-            path,
-        )
+        log_done(summary, path)
         return summary

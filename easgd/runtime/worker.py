@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,6 +35,9 @@ from easgd.roles import GradientFn, WorkerRole, exchange_if_due, worker_step
 from easgd.runtime.snapshot import WorkerSnapshots
 
 log = logging.getLogger("easgd.worker")
+
+ROUND_TRIPS_KEPT = 100_000
+"""How many of the newest round-trip times a worker keeps (for benchmarks), about 3 MB."""
 
 
 def handshake(transport: WorkerTransport, *, step: int = 0, redone_steps: int = 0) -> Tensor:
@@ -97,8 +101,10 @@ class WorkerLoop:
         self._sent: Tensor | None = None
         """Overlap mode: the copy of the payload in flight (the role keeps stepping meanwhile)."""
         self._last_rtt_ms = 0.0
-        self.round_trips_ms: list[float] = []
-        """Every exchange's round-trip time, in order."""
+        self.round_trips_ms: deque[float] = deque(maxlen=ROUND_TRIPS_KEPT)
+        """The newest exchanges' round-trip times, in order (bounded: a long run's memory stays
+        flat); their mean over the whole run is kept apart."""
+        self._round_trip_total_ms = 0.0
         self._inbox: queue.Queue[tuple[Header, Tensor | None, int]] = queue.Queue(maxsize=1)
         self._outbox: queue.Queue[tuple[Tensor | None, int, float] | None] = queue.Queue(maxsize=1)
         self._in_flight = False
@@ -136,6 +142,7 @@ class WorkerLoop:
         header, reply = self.transport.recv()
         self._last_rtt_ms = 1000 * (time.perf_counter() - started)
         self.round_trips_ms.append(self._last_rtt_ms)
+        self._round_trip_total_ms += self._last_rtt_ms
         self.exchanges += 1
         return header, reply
 
@@ -285,7 +292,7 @@ class WorkerLoop:
             exchanges=self.exchanges,
             resets=self.resets,
             stopped_by_server=self.stop_requested,
-            mean_exchange_ms=sum(self.round_trips_ms) / max(1, len(self.round_trips_ms)),
+            mean_exchange_ms=self._round_trip_total_ms / max(1, self.exchanges),
             max_overlap_staleness=self._max_staleness,
             steps_per_s=rate,
         )
