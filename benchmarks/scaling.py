@@ -177,6 +177,10 @@ def allreduce_part(index: int, group: Any, quick: bool, rounds: int) -> list[dic
     """Part B on one worker rank: both methods alternately, ``rounds`` times each, per slowdown."""
     hidden, steps, tau = ([256], 200, 10) if quick else ([1024, 1024], 200, 10)
     part_b = []
+    # one untimed run of each first: a fresh process's first run is slower (allocator, page
+    # faults), which would bias the first cell (and in quick mode, with one round, the ratios)
+    easgd_allreduce_rate(index, group, hidden, steps, tau, 1.0)
+    periodic_averager_rate(index, group, hidden, steps, tau, 1.0)
     for slowdown in (1.0, 2.0):
         mine = slowdown if index == WORKERS - 1 else 1.0
         rates: dict[str, list[float]] = {"easgd_allreduce": [], "periodic_averager": []}
