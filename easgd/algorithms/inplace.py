@@ -53,6 +53,11 @@ def nesterov_step_(
     """
     params_pieces, grads = pieces(params, grad)
     velocities = pieces(velocity, grad)[0]
+    if params.numel() <= CHUNK:  # all in cache anyway: three dispatches, not three per piece
+        torch._foreach_mul_(velocities, momentum)
+        torch._foreach_add_(velocities, grads, alpha=-learning_rate)
+        params.add_(velocity)
+        return
     for x_piece, v_piece, g_piece in zip(params_pieces, velocities, grads, strict=True):
         for x, v, g in _chunks(x_piece, v_piece, g_piece):
             if momentum == 0:
@@ -79,6 +84,12 @@ def sgd_step_(
     """
     params_pieces, grads = pieces(params, grad)
     diffs = pieces(elastic_diff, grad)[0] if elastic_diff is not None else None
+    if params.numel() <= CHUNK:  # all in cache anyway: a few dispatches, not a few per piece
+        products = torch._foreach_mul(grads, -learning_rate)
+        if diffs is not None:
+            torch._foreach_sub_(params_pieces, diffs)
+        torch._foreach_add_(params_pieces, products)
+        return
     for index, (x_piece, g_piece) in enumerate(zip(params_pieces, grads, strict=True)):
         tensors = (x_piece, g_piece) if diffs is None else (x_piece, g_piece, diffs[index])
         for x, g, *e in _chunks(*tensors):
