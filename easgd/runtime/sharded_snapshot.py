@@ -30,9 +30,10 @@ log = logging.getLogger("easgd")
 class BarrierCut:
     """One shard's side of a consistent snapshot of a sharded center (``server.shards = k``).
 
-    With k shards the single-server cut above does not work: each shard would copy its slice at
-    its own moment, so "the first message after the start" would be a different exchange of the
-    same worker on different shards. Here the cut is drawn by the workers' own exchanges:
+    With k shards the single server's cut (:class:`easgd.runtime.snapshot.SnapshotCut`) does not
+    work: each shard would copy its slice at its own moment, so "the first message after the
+    start" would be a different exchange of the same worker on different shards. Here the cut is
+    drawn by the workers' own exchanges:
 
     1. The lead shard (0) starts snapshot n and marks its reply to each running worker's first
        exchange after that (an exchange applied normally on every shard).
