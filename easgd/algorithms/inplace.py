@@ -51,13 +51,13 @@ def nesterov_step_(
     product is rounded once either way), which is what makes EASGD's step as cheap as plain SGD's
     apart from the one write of v.
     """
-    params_pieces, grads = pieces(params, grad)
-    velocities = pieces(velocity, grad)[0]
+    velocities, grads = pieces(velocity, grad)
     if params.numel() <= CHUNK:  # all in cache anyway: three dispatches, not three per piece
         torch._foreach_mul_(velocities, momentum)
         torch._foreach_add_(velocities, grads, alpha=-learning_rate)
         params.add_(velocity)
         return
+    params_pieces = pieces(params, grad)[0]
     for x_piece, v_piece, g_piece in zip(params_pieces, velocities, grads, strict=True):
         for x, v, g in _chunks(x_piece, v_piece, g_piece):
             if momentum == 0:
