@@ -30,18 +30,14 @@ import torch
 from torch import Tensor, nn
 
 from easgd.algorithms.hyperparams import check_comm_period
+from easgd.algorithms.registry import spec_of
 from easgd.api.roles import DownpourOptimizerRole, ElasticOptimizerRole, ModelParams, OptimizerRole
 from easgd.api.session import Session
 from easgd.comm.groups import SERVER_RANK, LaunchError
 from easgd.comm.heartbeat import LoopHeartbeat
 from easgd.comm.message import ServerRejected
 from easgd.comm.transport import PairTransport
-from easgd.config.algorithm import ELASTIC
 from easgd.runtime.worker import WorkerLoop, WorkerOutcome, handshake
-
-ELASTIC_ALGORITHMS = ELASTIC
-DOWNPOUR_ALGORITHMS = ("downpour", "adownpour", "mvadownpour")
-"""The DOWNPOUR family without MDOWNPOUR (its server momentum needs tau = 1 and a final flush)."""
 
 
 def _no_gradient(point: Tensor) -> tuple[float, Tensor]:  # pragma: no cover - never called
@@ -99,17 +95,13 @@ class ElasticOptimizer(torch.optim.Optimizer):
         run = session.read_run()
         algorithm = str(run.get("algorithm", "easgd"))
         self._check_same_model(run, model_params)
-        if algorithm not in ELASTIC_ALGORITHMS + DOWNPOUR_ALGORITHMS:
-            raise ValueError(f"the server runs {algorithm!r}, which ElasticOptimizer cannot drive")
+        spec = spec_of(algorithm)
+        spec.check_own_loop("ElasticOptimizer")
         try:
             check_comm_period(comm_period)
         except ValueError as err:
             raise ValueError(f"ElasticOptimizer: {err}") from None
-        if overlap and algorithm not in ELASTIC_ALGORITHMS:
-            raise ValueError(
-                f"overlap=True is for easgd/eamsgd only, and the server runs {algorithm!r}; "
-                "use overlap=False"
-            )
+        spec.check_overlap(overlap, key="overlap=True")
         self.optimizer = optimizer
         self.param_groups = optimizer.param_groups
         self.defaults = optimizer.defaults
@@ -127,7 +119,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{err}; build the same model on every rank") from None
         model_params.assign(center)
         role: OptimizerRole
-        if algorithm in ELASTIC_ALGORITHMS:
+        if spec.elastic:
             role = ElasticOptimizerRole(model_params, optimizer, comm_period=comm_period)
         else:
             role = DownpourOptimizerRole(model_params, optimizer, comm_period=comm_period)

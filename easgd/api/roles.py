@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from easgd.roles import WorkerRole
+from easgd.roles.state import snapshot
 
 
 class ModelParams:
@@ -200,4 +201,5 @@ class DownpourOptimizerRole(OptimizerRole):
         self.accumulated.zero_()
 
     def state_dict(self) -> dict[str, Tensor | int]:
-        return {"step": self.step, "accumulated": self.accumulated}
+        """t_i and a copy of a_i (the role keeps accumulating in place)."""
+        return snapshot({"accumulated": self.accumulated}, {"step": self.step})

@@ -23,7 +23,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from easgd.api.optimizer import DOWNPOUR_ALGORITHMS, ELASTIC_ALGORITHMS, trainable_params
+from easgd.algorithms.registry import spec_of
+from easgd.api.optimizer import trainable_params
 from easgd.api.roles import ModelParams
 from easgd.api.session import Session
 from easgd.comm.groups import LaunchError
@@ -38,20 +39,13 @@ from easgd.runtime.snapshot import CheckpointPolicy
 
 log = logging.getLogger("easgd")
 
-SERVED = ELASTIC_ALGORITHMS + DOWNPOUR_ALGORITHMS
 WORKER_FAILURE = ("fail_fast", "continue")
 
 Evaluate = Callable[[nn.Module], dict[str, float]]
 
 
 def _check(algorithm: str, worker_failure: str, eval_interval_s: float) -> None:
-    if algorithm == "mdownpour":
-        raise ValueError(
-            "api.serve(algorithm='mdownpour'): MDOWNPOUR's momentum step runs on the server from "
-            "gradients, which a wrapped optimizer does not send; use downpour, or easgd.train"
-        )
-    if algorithm not in SERVED:
-        raise ValueError(f"api.serve(algorithm={algorithm!r}); allowed: {', '.join(SERVED)}")
+    spec_of(algorithm, key="api.serve: algorithm").check_own_loop("api.serve")
     if worker_failure not in WORKER_FAILURE:
         raise ValueError(
             f"api.serve(worker_failure={worker_failure!r}); allowed: {', '.join(WORKER_FAILURE)}"

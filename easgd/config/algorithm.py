@@ -16,12 +16,7 @@ from easgd.algorithms.hyperparams import (
     check_moving_rate,
     resolve_moving_rate,
 )
-
-ELASTIC = ("easgd", "eamsgd")
-DOWNPOUR_FAMILY = ("downpour", "adownpour", "mvadownpour", "mdownpour")
-SEQUENTIAL = ("sgd", "msgd", "asgd", "mvasgd")
-ALGORITHMS = ELASTIC + DOWNPOUR_FAMILY + SEQUENTIAL
-MOMENTUM_ALGORITHMS = ("eamsgd", "mdownpour", "msgd")
+from easgd.algorithms.registry import AlgorithmSpec, names, spec_of
 
 
 @dataclass
@@ -45,44 +40,48 @@ class AlgorithmConfig:
     """L2 coefficient added to every gradient (g includes weight decay, as in the spec)."""
 
     def __post_init__(self) -> None:
-        if self.name not in ALGORITHMS:
-            raise ValueError(
-                f"algorithm.name={self.name!r} is not known; allowed: {', '.join(ALGORITHMS)}"
-            )
+        spec = self.spec  # an unknown name is refused here, with the known ones
         _prefixed(check_learning_rate, self.learning_rate)
         _prefixed(check_momentum, self.momentum)
-        if self.momentum > 0 and self.name not in MOMENTUM_ALGORITHMS:
+        if self.momentum > 0 and not spec.momentum:
             raise ValueError(
                 f"algorithm.momentum={self.momentum} has no effect for {self.name!r}; "
-                f"momentum is used by {', '.join(MOMENTUM_ALGORITHMS)} (set it to 0)"
+                f"momentum is used by {', '.join(names(worker_momentum=True) + names(server_momentum=True))} "
+                "(set it to 0)"
             )
         if self.moving_rate is not None:
             _prefixed(check_moving_rate, self.moving_rate)
         if self.weight_decay < 0:
             raise ValueError(f"algorithm.weight_decay must be >= 0, got {self.weight_decay!r}")
+        moving = names(average="moving")
         if self.average_rate is not None:
             _prefixed(check_average_rate, self.average_rate)
-            if self.name not in ("mvadownpour", "mvasgd"):
+            if spec.average != "moving":
                 raise ValueError(
-                    f"algorithm.average_rate is only used by mvadownpour and mvasgd, not {self.name!r}"
+                    f"algorithm.average_rate is only used by {' and '.join(moving)}, not {self.name!r}"
                 )
-        elif self.name in ("mvadownpour", "mvasgd"):
+        elif spec.average == "moving":
             raise ValueError(f"algorithm.average_rate must be set for {self.name} (paper: 0.001)")
+
+    @property
+    def spec(self) -> AlgorithmSpec:
+        """This rule's registry entry: its family and where it may run."""
+        return spec_of(self.name)
 
     @property
     def uses_server(self) -> bool:
         """True for the parameter-server algorithms, False for the sequential (p = 1) baselines."""
-        return self.name not in SEQUENTIAL
+        return self.spec.uses_server
 
     @property
     def elastic(self) -> bool:
         """True for the elastic family (easgd, eamsgd): a moving rate, overlap, all-reduce."""
-        return self.name in ELASTIC
+        return self.spec.elastic
 
     @property
     def averages(self) -> bool:
         """True where the evaluated variable is an average z (adownpour, mvadownpour, asgd, mvasgd)."""
-        return self.name in ("adownpour", "mvadownpour", "asgd", "mvasgd")
+        return self.spec.average != "none"
 
     def resolved_moving_rate(self, num_workers: int) -> float:
         """alpha: moving_rate if given, else beta / num_workers."""

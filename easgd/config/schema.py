@@ -322,13 +322,8 @@ class TrainConfig:
             )
         if self.algorithm.uses_server:
             self.algorithm.resolved_moving_rate(self.workers)
-        if self.algorithm.name == "mdownpour" and self.comm.period != 1:
-            raise ValueError(f"mdownpour needs comm.period=1 (spec), got {self.comm.period}")
-        if self.comm.overlap and not self.algorithm.elastic:
-            raise ValueError(
-                f"comm.overlap is for easgd/eamsgd only, not {self.algorithm.name!r} "
-                "(a DOWNPOUR pull would discard the steps taken meanwhile)"
-            )
+        self.algorithm.spec.check_comm_period(self.comm.period)
+        self.algorithm.spec.check_overlap(self.comm.overlap)
         _check_topology(self)
         if self.comm.backend == "nccl":
             import torch
@@ -359,11 +354,7 @@ def _check_topology(cfg: TrainConfig) -> None:
     if cfg.topology not in TOPOLOGIES:
         raise ValueError(f"topology={cfg.topology!r}; allowed: {', '.join(TOPOLOGIES)}")
     if cfg.topology == "allreduce":
-        if not cfg.algorithm.elastic:
-            raise ValueError(
-                f"topology=allreduce runs synchronous easgd/eamsgd, not {cfg.algorithm.name!r}; "
-                "use algorithm=easgd or eamsgd, or topology=server"
-            )
+        cfg.algorithm.spec.check_allreduce()
         if cfg.server.shards != 1:
             raise ValueError("server.shards applies to topology=server; remove it or set it to 1")
         for key, value, default in (

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from easgd import algorithms as alg
 from easgd.algorithms import inplace
-from easgd.config.algorithm import ELASTIC, AlgorithmConfig
+from easgd.config.algorithm import AlgorithmConfig
 from easgd.roles.state import State, load_into, snapshot
 
 
@@ -260,11 +260,11 @@ class MDownpourServer(ServerRole):
 
 def make_server_role(config: AlgorithmConfig, center: Tensor, *, num_workers: int) -> ServerRole:
     """The server role of ``config.name`` holding ``center``."""
-    name = config.name
-    if name in ELASTIC:
+    spec = config.spec
+    if spec.elastic:
         return ElasticServer(center, moving_rate=config.resolved_moving_rate(num_workers))
-    if name in ("downpour", "adownpour", "mvadownpour"):
-        return DownpourServer(center, average=name != "downpour", average_rate=config.average_rate)
-    if name == "mdownpour":
+    if spec.server_momentum:
         return MDownpourServer(center, learning_rate=config.learning_rate, momentum=config.momentum)
-    raise ValueError(f"{name!r} runs without a server (sequential baseline)")
+    if spec.family == "downpour":
+        return DownpourServer(center, average=config.averages, average_rate=config.average_rate)
+    raise ValueError(f"{config.name!r} runs without a server (sequential baseline)")

@@ -22,7 +22,7 @@ from torch import Tensor
 from easgd import algorithms as alg
 from easgd.algorithms import inplace
 from easgd.algorithms.inplace import Grad
-from easgd.config.algorithm import ELASTIC, AlgorithmConfig
+from easgd.config.algorithm import AlgorithmConfig
 from easgd.roles.state import State, load_into, snapshot
 
 GradientFn = Callable[[Tensor], tuple[float | Tensor, Grad]]
@@ -410,8 +410,9 @@ def make_worker_role(
     ``scratch`` (optional): a buffer shaped like ``params`` where momentum workers write their
     look-ahead point, typically :attr:`easgd.flat.FlatModel.flat_params`.
     """
-    name = config.name
-    if name in ELASTIC:
+    spec = config.spec
+    spec.check_comm_period(comm_period)
+    if spec.elastic:
         return ElasticWorker(
             params,
             comm_period=comm_period,
@@ -419,12 +420,10 @@ def make_worker_role(
             momentum=config.momentum,
             scratch=scratch,
         )
-    if name in ("downpour", "adownpour", "mvadownpour"):
-        return DownpourWorker(params, comm_period=comm_period, learning_rate=config.learning_rate)
-    if name == "mdownpour":
-        if comm_period != 1:
-            raise ValueError(f"mdownpour needs comm.period=1 (spec), got {comm_period}")
+    if spec.server_momentum:  # the server steps from the gradients its workers push
         return MDownpourWorker(params)
+    if spec.family == "downpour":
+        return DownpourWorker(params, comm_period=comm_period, learning_rate=config.learning_rate)
     return SequentialWorker(
         params,
         learning_rate=config.learning_rate,

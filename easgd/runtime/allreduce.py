@@ -223,10 +223,7 @@ def rank_worker(config: AlgorithmConfig, flat: FlatModel, *, comm_period: int) -
     lives there (``params_in_scratch``) and a step copies nothing at all. The loop below calls
     ``local_step`` right after each exchange, as ``params_in_scratch`` requires.
     """
-    if config.name not in ("easgd", "eamsgd"):
-        raise ValueError(
-            f"topology=allreduce runs synchronous EASGD or EAMSGD, not algorithm={config.name!r}"
-        )
+    config.spec.check_allreduce()
     return ElasticWorker(
         flat.initial_point(),
         comm_period=comm_period,

@@ -364,8 +364,7 @@ class Simulator:
         assert self.sim.cost is not None
         queue = ServerQueue(self.sim.cost)
         overlap = self.sim.overlap
-        if overlap and not self.algorithm.elastic:
-            raise ValueError(f"comm.overlap is for easgd/eamsgd only, not {self.algorithm.name!r}")
+        self.algorithm.spec.check_overlap(overlap)
         step_, serve_, reply_ = 0, 1, 2
         events: list[tuple[float, int, int, int, Tensor | None]] = []
         booked: deque[tuple[ExchangeTimes, Tensor | None]] = deque()
