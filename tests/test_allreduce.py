@@ -224,7 +224,7 @@ def test_rank_worker_refuses_a_non_elastic_algorithm() -> None:
     from easgd.runtime.allreduce import rank_worker
 
     flat = FlatModel(torch.nn.Linear(3, 2))
-    with pytest.raises(ValueError, match="not algorithm='downpour'"):
+    with pytest.raises(ValueError, match="runs synchronous easgd/eamsgd, not 'downpour'"):
         rank_worker(AlgorithmConfig(name="downpour"), flat, comm_period=2)
 
 

@@ -83,11 +83,12 @@ def stopped(pids: list[int]) -> list[int]:
 
 
 def torchrun_continuing_stopped(
-    nproc: int, *overrides: str, run_dir: Path
+    nproc: int, *overrides: str, run_dir: Path, failed: str = "RuntimeError: a worker failed"
 ) -> tuple[subprocess.CompletedProcess[str], float]:
-    """torchrun, and once the server has exited on its error, the documented remedy for a
-    stopped worker: SIGCONT, so torchrun's pending SIGTERM ends it (instead of torchrun's fixed
-    30 s wait before SIGKILL, a torch behaviour measured in docs/reliability.md)."""
+    """torchrun, and once the server has exited on its error (``failed`` is in the log), the
+    documented remedy for a stopped worker: SIGCONT, so torchrun's pending SIGTERM ends it
+    (instead of torchrun's fixed 30 s wait before SIGKILL, a torch behaviour measured in
+    docs/reliability.md)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", "-m", "easgd.train", *BASE, *overrides]  # fmt: skip
     log_path = run_dir.parent / f"{run_dir.name}.stderr"
@@ -100,7 +101,7 @@ def torchrun_continuing_stopped(
         try:
             deadline = started + 60
             while proc.poll() is None and time.perf_counter() < deadline:
-                if "RuntimeError: a worker failed" in log_path.read_text():
+                if failed in log_path.read_text():
                     for pid in stopped(processes_of(str(run_dir))):
                         os.kill(pid, signal.SIGCONT)
                 time.sleep(0.2)

@@ -80,7 +80,13 @@ class AllReduceSum:
             time.sleep(pause)
         self._buffer[: self.numel].copy_(values.reshape(-1))
         self._buffer[self.numel :].copy_(control)
-        dist.all_reduce(self._buffer, op=dist.ReduceOp.SUM, group=self.group)
+        try:
+            dist.all_reduce(self._buffer, op=dist.ReduceOp.SUM, group=self.group)
+        except RuntimeError as err:  # gloo: a peer's connection closed, or comm.timeout_s passed
+            raise RuntimeError(
+                "the all-reduce failed: a rank died, or hung for comm.timeout_s (every rank waits "
+                f"for every other at each exchange): {err}"
+            ) from err
         return self._buffer[: self.numel], self._buffer[self.numel :].to("cpu", torch.float64)
 
 

@@ -22,6 +22,7 @@ DEVICES = ("auto", "cpu", "cuda")
 FAILURE_POLICIES = ("fail_fast", "continue")
 MODES = ("distributed", "simulate")
 TOPOLOGIES = ("server", "allreduce")
+FAULT_KINDS = ("kill", "raise", "hang", "nan")
 
 
 @dataclass
@@ -181,28 +182,41 @@ class ServerConfig:
 class FaultConfig:
     """Failure injection for chaos tests and drills (fault/ keys; all off by default).
 
-    Kills and exceptions fire only in the first attempt of a torchrun job, so a restart succeeds.
+    A rank is a process rank of the run: with a server, ranks 0..k-1 are the server (shards) and
+    k..k+p-1 the workers; with topology=allreduce ranks 0..p-1 are all workers; a sequential
+    baseline is rank 0. A worker's fault fires after its local step ``*_at_step`` (1 to
+    steps_per_worker). Kills, exceptions and hangs fire only in the first attempt of a torchrun
+    job, so a restart succeeds. What a topology cannot inject (see :func:`_check_faults`: a hung
+    or NaN server, a raising shard, a hang or NaN with no peer to notice, anything in
+    mode=simulate) is refused before any process starts.
     """
 
     kill_rank: int | None = None
     """This rank sends itself SIGKILL ..."""
     kill_at_step: int = 0
-    """... when its local step counter reaches this value (rank 0: server updates)."""
+    """... when its local step counter reaches this value (a server rank: server updates)."""
     raise_rank: int | None = None
-    """This rank raises a RuntimeError (0: the server, inside its exchange handling) ..."""
+    """This rank raises a RuntimeError (0: the single server, inside its exchange handling) ..."""
     raise_at_step: int = 0
     """... at this local step (rank 0: once it has made this many updates)."""
     hang_rank: int | None = None
-    """This worker stops itself with SIGSTOP (a hung process: its connections stay open) ..."""
+    """This worker hangs (hang_mode) ..."""
     hang_at_step: int = 0
-    """... at this local step (detected by the server's heartbeat monitor)."""
+    """... at this local step (detected by the server's heartbeat monitor; under all-reduce the
+    other ranks' collective fails after comm.timeout_s)."""
     hang_mode: str = "sigstop"
-    """sigstop: the whole process stops; loop: only its training loop blocks (a stuck step),
-    while its other threads run on."""
+    """sigstop: the whole process stops (its connections stay open); loop: only its training loop
+    blocks (a stuck step), while its other threads run on."""
     nan_rank: int | None = None
     """This worker's parameters become NaN ..."""
     nan_at_step: int = 0
-    """... at this local step (the server must refuse them and reset the worker)."""
+    """... at this local step (a server refuses them and resets the worker; under all-reduce the
+    center turns non-finite and every rank stops with an error naming the rank)."""
+
+    def armed(self) -> dict[str, int]:
+        """{kind: rank} of the faults that are set (kind: kill, raise, hang or nan)."""
+        ranks = {kind: getattr(self, f"{kind}_rank") for kind in FAULT_KINDS}
+        return {kind: rank for kind, rank in ranks.items() if rank is not None}
 
     def __post_init__(self) -> None:
         if self.hang_mode not in ("sigstop", "loop"):
@@ -325,6 +339,7 @@ class TrainConfig:
         self.algorithm.spec.check_comm_period(self.comm.period)
         self.algorithm.spec.check_overlap(self.comm.overlap)
         _check_topology(self)
+        _check_faults(self)
         if self.comm.backend == "nccl":
             import torch
 
@@ -377,6 +392,47 @@ def _check_topology(cfg: TrainConfig) -> None:
             "max_update_norm bounds the norm of a whole update, which no single shard sees; "
             "use max_update_norm=null with server.shards > 1 (non-finite updates are still refused)"
         )
+
+
+def _rank_layout(cfg: TrainConfig) -> tuple[int, str]:
+    """(server ranks, the run's ranks in words): the ranks a ``fault.*_rank`` may name."""
+    p, k = cfg.workers, cfg.server.shards
+    if not cfg.algorithm.uses_server:
+        return 0, "a sequential baseline is one process, rank 0"
+    if cfg.topology == "allreduce":
+        return 0, f"topology=allreduce has ranks 0..{p - 1}, every one a worker"
+    if k == 1:
+        return 1, f"rank 0 is the server, ranks 1..{p} the workers"
+    return k, f"ranks 0..{k - 1} are the shards, ranks {k}..{k + p - 1} the workers"
+
+
+def _check_faults(cfg: TrainConfig) -> None:
+    """Refuse a ``fault.*`` that this run could not fire, naming the key and the fix."""
+    for kind, rank in cfg.fault.armed().items():
+        key = f"fault.{kind}_rank={rank}"
+        if cfg.mode == "simulate":
+            raise ValueError(f"{key}: fault injection needs real processes; use mode=distributed")
+        servers, layout = _rank_layout(cfg)
+        if not 0 <= rank < cfg.world_size:
+            raise ValueError(f"{key} is not a rank of this run ({layout}); name one of those")
+        if rank < servers:  # a server rank fires kill (updates) and the single server's raise
+            if kind in ("hang", "nan") or (kind == "raise" and servers > 1):
+                raise ValueError(
+                    f"{key} is a server rank ({layout}); a server fires only fault.kill_rank (and "
+                    "a single server fault.raise_rank): name a worker rank"
+                )
+            continue
+        if kind in ("hang", "nan") and not cfg.algorithm.uses_server:
+            raise ValueError(
+                f"{key}: a sequential baseline has no server or peer to notice a {kind}; "
+                "use it with a distributed algorithm (e.g. algorithm=easgd)"
+            )
+        at_step = getattr(cfg.fault, f"{kind}_at_step")
+        if not 1 <= at_step <= cfg.steps_per_worker:
+            raise ValueError(
+                f"fault.{kind}_at_step={at_step} is not a local step of worker rank {rank}, so "
+                f"the fault would never fire; use 1..steps_per_worker={cfg.steps_per_worker}"
+            )
 
 
 def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:

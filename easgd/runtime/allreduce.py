@@ -46,7 +46,7 @@ from easgd.flat import FlatModel
 from easgd.roles import ElasticWorker, GradientFn, worker_step
 from easgd.runtime.checkpoint import Checkpointer, CheckpointError, check_compatible
 from easgd.runtime.components import build_model, build_split, device_for, evaluator_for
-from easgd.runtime.faults import kill_self
+from easgd.runtime.faults import FaultInjector
 from easgd.runtime.progress import Progress
 from easgd.runtime.resume import checkpoint_signature
 from easgd.runtime.runlog import RunLog
@@ -165,10 +165,7 @@ class ReplicatedCenterLoop:
             self._allreduce_ms.append(1000 * (time.perf_counter() - started))
             # one read-only pass: the same verdict on every rank, since every rank has the same sum
             if not math.isfinite(float(summed.sum())):
-                raise FloatingPointError(
-                    f"the center became non-finite at exchange {self.rounds + 1} (step "
-                    f"{self.role.step}): a worker diverged; lower algorithm.learning_rate"
-                )
+                self._non_finite(diff)
             return summed
 
         diff = inplace.replicated_center_exchange_(
@@ -189,6 +186,16 @@ class ReplicatedCenterLoop:
                 )
             )
         return diff
+
+    def _non_finite(self, diff: Tensor) -> None:
+        """Stop on a non-finite sum (every rank sees the same one), saying whether this rank's
+        own elastic difference was the non-finite one (there is no server guard to reset it)."""
+        whose = "this rank's" if not math.isfinite(float(diff.sum())) else "another rank's"
+        raise FloatingPointError(
+            f"the center became non-finite at exchange {self.rounds + 1} (step {self.role.step}): "
+            f"{whose} elastic difference was non-finite (a diverged worker, or fault.nan_rank); "
+            "lower algorithm.learning_rate"
+        )
 
     def run(self) -> LoopOutcome:
         """Step until the budget is spent or rank 0 asked every rank to stop."""
@@ -365,14 +372,10 @@ def _run_rank(
         for _, old in _checkpoint_steps(checkpointer)[max(2, cfg.checkpoint.keep) :]:
             old.unlink(missing_ok=True)
 
-    fault = cfg.fault
-    first_attempt = generation == 0  # fault.* fires only in the job's first start
+    faults = FaultInjector(cfg.fault, rank, generation=generation, who=f"rank {rank}")
 
     def after_step(role: ElasticWorker) -> None:
-        if first_attempt and fault.kill_rank == rank and role.step == fault.kill_at_step:
-            kill_self(f"rank {rank}", role.step)
-        if first_attempt and fault.raise_rank == rank and role.step == fault.raise_at_step:
-            raise RuntimeError(f"fault injection: rank {rank} raises at step {role.step}")
+        faults.worker_step(role.step, role.params)
 
     lead = _Lead(cfg, split, flat.num_params, resumed_step, rounds_before) if rank == 0 else None
     loop = ReplicatedCenterLoop(

@@ -1,7 +1,11 @@
 """Failure injection (the fault.* config): die, raise, hang or diverge as a machine fault would.
 
-Kills, exceptions and hangs fire only in the first start of a job (``generation`` 0, as every
-rank agrees), so a restarted job succeeds.
+The only code that fires faults, in every topology: a worker's loop (server topology, sharded
+center, all-reduce, the sequential baselines) calls :meth:`FaultInjector.worker_step` after each
+local step, and a server or shard calls :meth:`FaultInjector.server_tick`. What a run cannot fire
+is refused with the config (``easgd.config.schema._check_faults``). Kills, exceptions and hangs
+fire only in the first start of a job (``generation`` 0, as every rank agrees), so a restarted
+job succeeds.
 """
 
 from __future__ import annotations

@@ -7,12 +7,14 @@ import logging
 import time
 from typing import Any
 
+from easgd.comm.groups import DistEnv
 from easgd.config.schema import TrainConfig
 from easgd.data.sampling import MinibatchSampler
 from easgd.data.split import Split
 from easgd.flat import FlatModel
 from easgd.roles import make_worker_role
 from easgd.runtime.components import build_model, device_for
+from easgd.runtime.faults import FaultInjector
 from easgd.runtime.progress import Progress
 from easgd.runtime.runlog import RunLog
 from easgd.runtime.server import StopRule
@@ -58,6 +60,10 @@ def run_sequential(cfg: TrainConfig, split: Split) -> dict[str, Any]:
         progress.note(test_error=metrics["test_error"])
         return metrics
 
+    # rank 0, the one process; fault.* fires in the job's first start (hang and nan are refused)
+    faults = FaultInjector(
+        cfg.fault, 0, generation=DistEnv.from_environ().restart_count, who="the sequential run"
+    )
     rule = StopRule(max_wall_s=cfg.max_wall_s, target_test_error=cfg.target_test_error)
     try:
         while role.step < cfg.steps_per_worker:
@@ -72,6 +78,7 @@ def run_sequential(cfg: TrainConfig, split: Split) -> dict[str, Any]:
                 break
             loss, grad = flat.loss_and_grad(role.gradient_point(), *sampler.sample())
             role.local_step(grad)
+            faults.worker_step(role.step, role.params)
             runlog.scalar("worker1/train_loss", loss, role.step)
             progress.advance(1, exchanges=0)
         metrics = evaluate()

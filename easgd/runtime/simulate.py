@@ -58,12 +58,7 @@ def check_simulable(cfg: TrainConfig) -> None:
             "mode=simulate samples every worker's minibatches from the whole training set; "
             "set data.sampling=whole"
         )
-    fault = cfg.fault
-    if any(
-        rank is not None
-        for rank in (fault.kill_rank, fault.raise_rank, fault.hang_rank, fault.nan_rank)
-    ):
-        raise ValueError("fault.* injection needs real processes: use mode=distributed")
+    # fault.* is refused for mode=simulate where every fault is checked (config.schema)
     if cfg.max_update_norm is not None:
         raise ValueError("max_update_norm (the server's guard) is not simulated; set it to null")
 
