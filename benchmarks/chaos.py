@@ -123,7 +123,7 @@ def kill_run(
         row.update(
             survived=summary["worker_steps"] == WORKERS * steps,
             restarts=summary["restarts"],
-            redone_steps=summary["redone_worker_steps"],
+            redone_steps=summary["details"]["redone_worker_steps"],
             resumed_steps=sum(summary["resumed_worker_steps"].values()),
             conservation_gap=gap,
             conservation_held=gap < CONSERVATION_TOL,

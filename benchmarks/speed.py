@@ -175,7 +175,7 @@ def e2e_rate(steps: int, overlap: bool, device: str = "cpu") -> float:
         cfg.checkpoint.resume = False
         summary = launch(cfg)
         assert summary is not None
-        return float(summary["worker_steps_per_s"]["1"])
+        return float(summary["details"]["worker_steps_per_s"]["1"])
 
 
 def plain_rate(steps: int, device: str = "cpu") -> float:

@@ -35,7 +35,6 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from easgd.config.schema import validate  # noqa: E402
 from easgd.config.store import register  # noqa: E402
-from easgd.runtime.components import build_split  # noqa: E402
 from easgd.runtime.sequential import run_sequential  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -67,8 +66,16 @@ def run_one(*, width: int, seed: int, overrides: list[str]) -> dict[str, Any]:
     cfg = validate(composed)
     with tempfile.TemporaryDirectory() as run_dir:
         cfg.run_dir = run_dir
-        summary = run_sequential(cfg, build_split(cfg.data))
-    return {"width": width, "seed": seed, **{k: summary[k] for k in FIGURES}}
+        summary = run_sequential(cfg)
+    return {"width": width, "seed": seed, **figures_of(summary)}
+
+
+def figures_of(summary: dict[str, Any]) -> dict[str, float]:
+    """Train and test figures of a sequential run's summary.json (train ones under details)."""
+    merged = {**summary, **summary.get("details", {})}
+    if "train_loss" not in merged:
+        raise ValueError("the summary has no train_loss (not a sequential run, or an older easgd)")
+    return {k: merged[k] for k in FIGURES}
 
 
 def from_sweep(root: Path) -> list[dict[str, Any]]:
@@ -76,10 +83,8 @@ def from_sweep(root: Path) -> list[dict[str, Any]]:
     rows = []
     for path in sorted(root.glob("*/summary.json")):
         summary = json.loads(path.read_text())
-        if "train_loss" not in summary:
-            raise ValueError(f"{path} has no train_loss (written by an older easgd?)")
         width = summary["config"]["model"]["hidden"][0]
-        rows.append({"width": width, "seed": summary["seed"], **{k: summary[k] for k in FIGURES}})
+        rows.append({"width": width, "seed": summary["seed"], **figures_of(summary)})
     if not rows:
         raise ValueError(f"no */summary.json under {root}: pass the sweep's root directory")
     return rows

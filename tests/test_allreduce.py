@@ -20,6 +20,7 @@ from easgd.roles import ElasticWorker, GradientFn
 from easgd.runtime.allreduce import ReduceFn, ReplicatedCenterLoop
 from easgd.sim import Quadratic, SimConfig, simulate
 from tests.conftest import f64
+from tests.summary_shape import assert_summary_shape
 
 
 class ThreadSum:
@@ -268,8 +269,11 @@ def test_torchrun_job_killed_restarts_resumes_and_equals_the_simulator(tmp_path:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 1 sends itself SIGKILL at step 50" in result.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
+    assert_summary_shape(summary, topology="allreduce")
     assert summary["topology"] == "allreduce" and summary["restarts"] == 1
-    assert 0 < summary["resumed_step"] <= 50  # resumed from a checkpoint, not from scratch
+    assert (
+        0 < summary["details"]["resumed_step"] <= 50
+    )  # resumed from a checkpoint, not from scratch
     assert summary["worker_steps"] == 2 * steps
     assert summary["exchanges"] == 2 * (steps // tau)  # t = 0, 4, ..., 76 on each rank
     assert summary["test_error"] < 0.2

@@ -43,10 +43,10 @@ def test_sigkill_mid_run_resumes_from_checkpoints_after_restart(
     assert sum(done["resumed_worker_steps"].values()) > 0  # resumed, not restarted from scratch
     if rank != 0:  # the killed worker computed exactly up to step at_step before it died
         assert (
-            done["redone_steps_by_worker"][str(rank)]
+            done["details"]["redone_steps_by_worker"][str(rank)]
             == at_step - done["resumed_worker_steps"][str(rank)]
         )
-    assert done["redone_worker_steps"] == sum(done["redone_steps_by_worker"].values())
+    assert done["details"]["redone_worker_steps"] == sum(done["details"]["redone_steps_by_worker"].values())
     # the final snapshot is consistent: center = initial center + every worker's ledger
     assert conservation_gap(tmp_path) < 1e-4
     assert done["test_error"] < 0.1
@@ -82,7 +82,7 @@ def test_nan_worker_is_refused_and_reset_and_the_center_stays_finite(
     run_dir, result = nan_run
     assert result.returncode == 0, result.stderr[-3000:]
     done = summary(run_dir)
-    assert done["rejected_messages"] >= 1
+    assert done["details"]["rejected_messages"] >= 1
     assert "refused worker 1's update" in result.stderr
     path, state = Checkpointer(run_dir / "checkpoints", "server").latest()  # type: ignore[misc]
     assert torch.isfinite(state["role"]["center"]).all()

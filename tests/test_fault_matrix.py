@@ -159,7 +159,6 @@ def test_injector_fires_each_kind_once(kind: str, monkeypatch: pytest.MonkeyPatc
 
 
 def test_sequential_raise_fires_in_the_run(tmp_path: Path) -> None:
-    from easgd.data.digits import load_digits_split
     from easgd.runtime.sequential import run_sequential
 
     cfg = TrainConfig(
@@ -171,9 +170,9 @@ def test_sequential_raise_fires_in_the_run(tmp_path: Path) -> None:
         run_dir=str(tmp_path),
     )
     with pytest.raises(
-        RuntimeError, match=r"^fault injection: the sequential run raises at step 7$"
+        RuntimeError, match=r"^fault injection: the sequential process raises at step 7$"
     ):
-        run_sequential(cfg, load_digits_split(test_fraction=0.2, seed=0))
+        run_sequential(cfg)
     assert not (tmp_path / "summary.json").exists()
 
 
@@ -186,7 +185,7 @@ def test_sequential_kill_fires_for_real(tmp_path: Path) -> None:
         timeout=120,
     )  # fmt: skip
     assert result.returncode == -9, result.stderr[-3000:]  # SIGKILL
-    assert "the sequential run sends itself SIGKILL at step 5" in result.stderr
+    assert "the sequential process sends itself SIGKILL at step 5" in result.stderr
     assert not (tmp_path / "summary.json").exists()
 
 

@@ -59,7 +59,7 @@ def test_max_update_norm_refuses_every_oversized_update(tmp_path: Path) -> None:
     )
     # the first exchange of each worker (t = 0, x = center) moves nothing and passes; every
     # later one (t = 10, ..., 40) is an elastic move larger than 1e-12 and is refused
-    assert done["rejected_messages"] == 2 * 4
+    assert done["details"]["rejected_messages"] == 2 * 4
     assert done["server_updates"] == done["exchanges"] == 2
     assert "max_update_norm" in done["_stderr"]
 
@@ -77,7 +77,7 @@ def test_overlap_with_a_nan_reset(tmp_path: Path) -> None:
         tmp_path, "algorithm=easgd", "comm.overlap=true", "steps_per_worker=200",
         "fault.nan_rank=1", "fault.nan_at_step=55",
     )  # fmt: skip
-    assert done["rejected_messages"] == 1 and "refused worker 1's update" in done["_stderr"]
+    assert done["details"]["rejected_messages"] == 1 and "refused worker 1's update" in done["_stderr"]
     state = Checkpointer(tmp_path / "checkpoints", "server").load(
         SnapshotLog(tmp_path / "checkpoints").committed()[-1]
     )

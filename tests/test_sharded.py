@@ -21,6 +21,7 @@ from easgd.runtime.checkpoint import Checkpointer
 from easgd.runtime.components import build_model
 from easgd.sim import ClassifierObjective, Quadratic, SimConfig, simulate
 from easgd.sim.simulator import Simulator
+from tests.summary_shape import assert_summary_shape
 from tests.test_train_e2e import run
 
 FAMILIES = [
@@ -105,7 +106,8 @@ def test_gloo_job_with_two_shards_equals_the_unsharded_simulator_bit_for_bit(
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["shards"] == 2 and summary["exchanges"] == steps // tau
+    assert_summary_shape(summary, topology="server")
+    assert summary["details"]["shards"] == 2 and summary["exchanges"] == steps // tau
     center = _center_from_shards(tmp_path, 2)
     split = load_digits_split(test_fraction=0.2, seed=0)
     objective = ClassifierObjective(build_model(TrainConfig().model, split, seed=0), split)

@@ -14,6 +14,7 @@ import pytest
 from easgd.config.algorithm import AlgorithmConfig
 from easgd.config.schema import CommConfig, CostConfig, DataConfig, ModelConfig, TrainConfig
 from easgd.runtime.simulate import run_simulated
+from tests.summary_shape import assert_summary_shape
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,11 +46,12 @@ def read_metrics(run: Path) -> list[dict[str, str]]:
 def test_one_worker_pays_each_round_trip_on_the_virtual_clock(tmp_path: Path) -> None:
     # step 1 ms; round trip 2 x 0.25 ms + 0.5 ms service = 1 ms: every step (tau = 1) takes 2 ms
     summary = run_simulated(small_config(tmp_path))
-    assert summary["mode"] == "simulate"
+    assert_summary_shape(summary, topology="server", mode="simulate")
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert summary["worker_steps"] == 30 and summary["exchanges"] == 30
     assert summary["stop_reason"] == "steps"
     assert summary["wall_time_s"] == pytest.approx(30 * 2e-3)
-    assert summary["charges_in_steps"] == pytest.approx(
+    assert summary["details"]["charges_in_steps"] == pytest.approx(
         {"latency": 0.25, "transfer": 0.0, "service": 0.5}
     )
     rows = read_metrics(tmp_path)

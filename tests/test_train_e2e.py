@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tests.summary_shape import assert_summary_shape
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +50,7 @@ def test_torchrun_main_job_shape_writes_summary_metrics_and_tensorboard(tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
+    assert_summary_shape(summary, topology="server")
     assert (
         summary["algorithm"] == "eamsgd" and summary["workers"] == 2 and summary["comm_period"] == 5
     )
@@ -177,6 +180,7 @@ def test_sequential_baseline_runs_in_one_process_and_stops_on_target(tmp_path: P
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
+    assert_summary_shape(summary, topology="sequential")
     assert summary["algorithm"] == "asgd" and summary["workers"] == 1 and summary["exchanges"] == 0
     assert summary["stop_reason"] == "target_test_error" and summary["test_error"] <= 0.2
     assert summary["worker_steps"] < 5000

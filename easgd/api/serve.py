@@ -36,6 +36,7 @@ from easgd.runtime.checkpoint import Checkpointer, check_compatible
 from easgd.runtime.runlog import RunLog
 from easgd.runtime.server import ParameterServer, StopRule
 from easgd.runtime.snapshot import CheckpointPolicy
+from easgd.runtime.summary import RunFigures, Summary, write_summary
 
 log = logging.getLogger("easgd")
 
@@ -156,33 +157,36 @@ def serve(
                 outcome = server.run()
             finally:
                 save()  # also after a worker failure: a restart resumes from here
-            summary = {
-                "algorithm": algorithm,
-                "api": True,
-                "workers": session.num_workers,
-                "moving_rate": getattr(role, "moving_rate", None),
-                "num_params": params.numel,
-                "worker_steps": outcome.worker_steps,
-                "exchanges": outcome.exchanges,
-                "server_updates": outcome.server_updates,
-                "exchanges_per_s": outcome.exchanges / max(outcome.wall_time_s, 1e-9),
-                "wall_time_s": outcome.wall_time_s,
-                "test_loss": outcome.test_loss,
-                "test_error": outcome.test_error,
-                "stop_reason": outcome.stop_reason,
-                "rejected_messages": outcome.rejected,
-                "failed_workers": {str(r): why for r, why in outcome.failed_workers.items()},
-                "restarts": restarts,
-                "resumed_worker_steps": {str(r): s for r, s in server.resumed_steps.items()},
-                "worker_steps_per_s": {str(r): s.steps_per_s for r, s in server.stats.items()},
-                **(hparams or {}),
-            }
+            summary = Summary(
+                topology="own_loop",
+                mode="distributed",
+                algorithm=algorithm,
+                workers=session.num_workers,
+                comm_period=None,
+                steps_per_worker=None,
+                num_params=params.numel,
+                figures=RunFigures(
+                    wall_time_s=outcome.wall_time_s,
+                    worker_steps=outcome.worker_steps,
+                    exchanges=outcome.exchanges,
+                    server_updates=outcome.server_updates,
+                    test_loss=outcome.test_loss,
+                    test_error=outcome.test_error,
+                    stop_reason=outcome.stop_reason,
+                ),
+                restarts=restarts,
+                resumed_worker_steps={str(r): s for r, s in server.resumed_steps.items()},
+                failed_workers={str(r): why for r, why in outcome.failed_workers.items()},
+                hyperparameters={"moving_rate": getattr(role, "moving_rate", None)},
+                details={
+                    "rejected_messages": outcome.rejected,
+                    "worker_steps_per_s": {str(r): s.steps_per_s for r, s in server.stats.items()},
+                    "hparams": hparams or {},
+                },
+            )
             if run_dir is not None:
-                runlog.hparams(
-                    {"algorithm": algorithm, "workers": session.num_workers, **(hparams or {})},
-                    {"test_error": outcome.test_error, "test_loss": outcome.test_loss},
-                )
-                runlog.summary(summary)
+                record = {"algorithm": algorithm, "workers": session.num_workers, **(hparams or {})}
+                write_summary(runlog, summary, record)
         finally:
             runlog.close()
     params.assign(role.evaluated())

@@ -21,6 +21,7 @@ from easgd.roles.worker import (
     SequentialWorker,
     WorkerRole,
     exchange_if_due,
+    gradient_step,
     make_worker_role,
     worker_step,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "UpdateRefused",
     "WorkerRole",
     "exchange_if_due",
+    "gradient_step",
     "make_server_role",
     "make_worker_role",
     "worker_step",

@@ -390,16 +390,23 @@ def exchange_if_due(role: WorkerRole, exchange: ExchangeFn) -> None:
             role.incoming(reply)
 
 
-def worker_step(role: WorkerRole, gradient: GradientFn, exchange: ExchangeFn) -> float | Tensor:
-    """One step t_i of a worker: the exchange when due, then the gradient step. Returns the loss.
+def gradient_step(role: WorkerRole, gradient: GradientFn) -> float | Tensor:
+    """The second half of step t_i: the gradient at the role's gradient point, then its local
+    step. Returns the loss. Drivers that time the exchange apart (the simulator's cost clock, a
+    sequential baseline that never exchanges) call the two halves themselves, in this order.
 
     Elastic workers take the gradient at the point from before the elastic move (the role keeps
     it); DOWNPOUR workers at the center they just pulled; MDOWNPOUR at the look-ahead received.
     """
-    exchange_if_due(role, exchange)
     loss, grad = gradient(role.gradient_point())
     role.local_step(grad)
     return loss
+
+
+def worker_step(role: WorkerRole, gradient: GradientFn, exchange: ExchangeFn) -> float | Tensor:
+    """One step t_i of a worker: the exchange when due, then the gradient step. Returns the loss."""
+    exchange_if_due(role, exchange)
+    return gradient_step(role, gradient)
 
 
 def make_worker_role(

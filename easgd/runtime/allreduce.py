@@ -47,11 +47,12 @@ from easgd.roles import ElasticWorker, GradientFn, worker_step
 from easgd.runtime.checkpoint import Checkpointer, CheckpointError, check_compatible
 from easgd.runtime.components import build_model, build_split, device_for, evaluator_for
 from easgd.runtime.faults import FaultInjector
+from easgd.runtime.process import setup_logging
 from easgd.runtime.progress import Progress
 from easgd.runtime.resume import checkpoint_signature
 from easgd.runtime.runlog import RunLog
 from easgd.runtime.server import StopRule
-from easgd.runtime.summary import build_summary, finish_run, log_done
+from easgd.runtime.summary import RunFigures, Summary, hparams_of, write_summary
 
 log = logging.getLogger("easgd")
 
@@ -298,14 +299,6 @@ def resume_common_step(
 
 
 # -- one process ------------------------------------------------------------------------------
-def _setup_logging(rank: int) -> None:
-    logging.basicConfig(
-        level=os.environ.get("EASGD_LOG_LEVEL", "INFO"),
-        format=f"[rank{rank}] %(levelname)s %(message)s",
-        force=True,
-    )
-
-
 def run_allreduce(cfg: TrainConfig) -> dict[str, Any] | None:
     """This process's part of a ``topology=allreduce`` run; rank 0 returns the summary."""
     env = DistEnv.from_environ()
@@ -316,7 +309,7 @@ def run_allreduce(cfg: TrainConfig) -> dict[str, Any] | None:
             f"--nproc_per_node={cfg.workers}, or set workers={env.world_size}"
         )
     torch.set_num_threads(cfg.threads)
-    _setup_logging(env.rank)
+    setup_logging(f"rank{env.rank}")
     split = build_split(cfg.data)
     device = device_for(cfg, env.local_rank)
     _, generation = init_world(env, backend=allreduce_backend(device), timeout_s=cfg.comm.timeout_s)
@@ -507,26 +500,28 @@ class _Lead:
         try:
             final = self.evaluate()
             self.progress.close()
-            summary = build_summary(
-                self.cfg,
-                num_params=self.num_params,
+            figures = RunFigures(
                 wall_time_s=time.perf_counter() - self._started,
+                worker_steps=p * outcome.steps,
                 exchanges=p * outcome.rounds,
                 server_updates=outcome.rounds,
-                worker_steps=p * outcome.steps,
                 test_loss=final["test_loss"],
                 test_error=final["test_error"],
                 stop_reason=self.stop_reason,
-                extra={
-                    "topology": "allreduce",
-                    "restarts": restarts,
+            )
+            summary = Summary.of_run(
+                self.cfg,
+                figures,
+                topology="allreduce",
+                num_params=self.num_params,
+                restarts=restarts,
+                resumed_worker_steps={str(r + 1): resumed_step for r in range(p)},
+                details={
                     "resumed_step": resumed_step,
                     "steps_per_s_rank0": outcome.steps_per_s,
                     "mean_allreduce_ms": outcome.mean_allreduce_ms,
                 },
             )
-            path = finish_run(self.runlog, self.cfg, summary)
+            return write_summary(self.runlog, summary, hparams_of(self.cfg))
         finally:
             self.runlog.close()
-        log_done(summary, path)
-        return summary

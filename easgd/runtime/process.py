@@ -1,36 +1,42 @@
-"""One process of a run: check the launch, build the components, then serve, work, or run alone.
+"""One process of a run: pick the topology's main from the registry below and run it.
 
-Rank 0 is the parameter server; ranks 1..p are workers. The sequential baselines (sgd, msgd, asgd,
-mvasgd) run in a single process through the same worker role and run log, so that comparisons
-are like with like.
+A topology is one way of laying out a run's ranks and exchanges (the parameter server, a sharded
+center, all-reduce, a sequential baseline). Each has a main in its own module taking the
+validated config; the shared parts (data, model, run log, stop rules, faults, summary) come from
+:mod:`easgd.runtime.parts`. Adding a topology means writing its module and one line in
+:data:`TOPOLOGY_MAINS`. (``mode=simulate`` runs in the launching process: :mod:`.simulate`.)
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from typing import Any
 
-import torch
-
-from easgd.comm.groups import (
-    SERVER_RANK,
-    DistEnv,
-    check_world,
-    choose_backend,
-    init_pair_groups,
-    shutdown,
-)
+from easgd.comm.groups import SERVER_RANK
 from easgd.config.schema import TrainConfig
-from easgd.runtime.components import build_split
-from easgd.runtime.sequential import run_sequential
-from easgd.runtime.server_main import run_server
-from easgd.runtime.worker_main import run_worker
+
+TOPOLOGY_MAINS = {
+    "server": "easgd.runtime.server_main:run_server_topology",
+    "sharded": "easgd.runtime.sharded_main:run_sharded",
+    "allreduce": "easgd.runtime.allreduce:run_allreduce",
+    "sequential": "easgd.runtime.sequential:run_sequential",
+}
+"""Topology name -> ``module:function`` of its process main (imported only when it runs)."""
 
 
-def setup_logging(rank: int) -> None:
-    """Log lines prefixed by the process's role."""
-    name = "server" if rank == SERVER_RANK else f"worker{rank}"
+def topology_of(cfg: TrainConfig) -> str:
+    """Which topology runs ``cfg``: sequential (p = 1 baselines), allreduce, sharded or server."""
+    if not cfg.algorithm.uses_server:
+        return "sequential"
+    if cfg.topology == "allreduce":
+        return "allreduce"
+    return "sharded" if cfg.server.shards > 1 else "server"
+
+
+def setup_logging(name: str) -> None:
+    """Log lines prefixed by the process's role (``server``, ``worker3``, ``rank1`` ...)."""
     logging.basicConfig(
         level=os.environ.get("EASGD_LOG_LEVEL", "INFO"),
         format=f"[{name}] %(levelname)s %(message)s",
@@ -38,31 +44,14 @@ def setup_logging(rank: int) -> None:
     )
 
 
+def role_name(rank: int) -> str:
+    """The log prefix of ``rank`` in the server topology."""
+    return "server" if rank == SERVER_RANK else f"worker{rank}"
+
+
 def run_process(cfg: TrainConfig) -> dict[str, Any] | None:
-    """Run this process's part; the server (or sequential process) returns the run summary."""
-    # -- scale: topology=allreduce (no server rank) and server.shards > 1 lay out their ranks --
-    if cfg.topology == "allreduce" and cfg.algorithm.uses_server:
-        from easgd.runtime.allreduce import run_allreduce
-
-        return run_allreduce(cfg)
-    if cfg.server.shards > 1 and cfg.algorithm.uses_server:  # ranks 0..k-1 hold the center
-        from easgd.runtime.sharded_main import run_sharded
-
-        return run_sharded(cfg)
-    # -- end scale --
-    env = DistEnv.from_environ()
-    check_world(env, expected_world_size=cfg.world_size, workers=cfg.workers)
-    torch.set_num_threads(cfg.threads)
-    setup_logging(env.rank)
-    split = build_split(cfg.data)
-    if not cfg.algorithm.uses_server:
-        return run_sequential(cfg, split)
-    backend = choose_backend(cfg.comm.backend)
-    pairs = init_pair_groups(env, backend=backend, timeout_s=cfg.comm.timeout_s)
-    try:
-        if env.rank == SERVER_RANK:
-            return run_server(cfg, env, split, pairs)
-        run_worker(cfg, env, split, pairs)
-        return None
-    finally:
-        shutdown()
+    """Run this process's part; the process that owns the run's record returns the summary."""
+    module, _, function = TOPOLOGY_MAINS[topology_of(cfg)].partition(":")
+    main = getattr(importlib.import_module(module), function)
+    result: dict[str, Any] | None = main(cfg)
+    return result

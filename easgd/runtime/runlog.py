@@ -1,6 +1,7 @@
 """What a run records in its directory: TensorBoard events, a metrics time series, summary.json.
 
-Only the process that evaluates (the server, or the single sequential process) writes here.
+Only the process that evaluates (the server, shard 0, all-reduce rank 0, or the single sequential
+process) writes here; the others hold a ``RunLog(None)``, which records nothing.
 """
 
 from __future__ import annotations
@@ -19,13 +20,21 @@ METRIC_FIELDS = ("wall_s", "exchanges", "server_updates", "worker_steps", "test_
 
 
 class RunLog:
-    """TensorBoard scalars + ``metrics.csv`` + ``summary.json`` under ``run_dir``. Thread-safe."""
+    """TensorBoard scalars + ``metrics.csv`` + ``summary.json`` under ``run_dir``. Thread-safe.
 
-    def __init__(self, run_dir: str | os.PathLike[str], *, tensorboard: bool = True) -> None:
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+    ``run_dir=None``: a log that records nothing (a process that does not own the run's record).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str] | None, *, tensorboard: bool = True) -> None:
+        self.run_dir = None if run_dir is None else Path(run_dir)
         self._lock = threading.Lock()
         self._writer: Any = None
+        self._metrics_file: Any = None
+        self._metrics: Any = None
+        self.started = time.time()
+        if self.run_dir is None:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -35,7 +44,6 @@ class RunLog:
         self._metrics = csv.writer(self._metrics_file)
         if new_file:
             self._metrics.writerow(METRIC_FIELDS)
-        self.started = time.time()
 
     @property
     def writes_scalars(self) -> bool:
@@ -59,6 +67,8 @@ class RunLog:
         test_error: float,
     ) -> None:
         """One evaluation of the evaluated variable, against wall time and against exchanges."""
+        if self._metrics is None:
+            return
         with self._lock:
             self._metrics.writerow(
                 [f"{wall_s:.3f}", exchanges, server_updates, worker_steps, test_loss, test_error]
@@ -84,8 +94,10 @@ class RunLog:
                 clean, {f"hparam/{k}": v for k, v in metrics.items()}, run_name="."
             )
 
-    def summary(self, summary: dict[str, Any]) -> Path:
-        """Write ``summary.json`` atomically and return its path."""
+    def summary(self, summary: dict[str, Any]) -> Path | None:
+        """Write ``summary.json`` atomically and return its path (None: this log records nothing)."""
+        if self.run_dir is None:
+            return None
         text = json.dumps(summary, indent=2, sort_keys=True) + "\n"
         return atomic_write(self.run_dir / "summary.json", text)
 
@@ -96,4 +108,5 @@ class RunLog:
                 self._writer.flush()
                 self._writer.close()
                 self._writer = None
-            self._metrics_file.close()
+            if self._metrics_file is not None:
+                self._metrics_file.close()

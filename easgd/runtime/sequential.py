@@ -1,105 +1,106 @@
-"""The sequential baselines (sgd, msgd, asgd, mvasgd): p = 1, one process, no server, through the
-same worker role, run log and summary as the distributed algorithms."""
+"""The sequential baselines (sgd, msgd, asgd, mvasgd): p = 1, one process, no server.
+
+Its own part is only the loop: one worker role stepping on one minibatch stream. Data, model,
+run log, stop rules, evaluation cadence and summary are the shared parts of
+:mod:`easgd.runtime.parts`, so the baselines compare like with like with the distributed runs.
+"""
 
 from __future__ import annotations
 
-import logging
-import time
 from typing import Any
+
+from torch import Tensor
 
 from easgd.comm.groups import DistEnv
 from easgd.config.schema import TrainConfig
-from easgd.data.sampling import MinibatchSampler
-from easgd.data.split import Split
 from easgd.flat import FlatModel
-from easgd.roles import make_worker_role
-from easgd.runtime.components import build_model, device_for
-from easgd.runtime.faults import FaultInjector
-from easgd.runtime.progress import Progress
-from easgd.runtime.runlog import RunLog
-from easgd.runtime.server import StopRule
-from easgd.runtime.summary import build_summary, finish_run
-
-log = logging.getLogger("easgd")
+from easgd.roles import WorkerRole, gradient_step, make_worker_role
+from easgd.runtime.parts import RunParts, RunRecord
+from easgd.runtime.summary import RunFigures, Summary
 
 
-def run_sequential(cfg: TrainConfig, split: Split) -> dict[str, Any]:
-    """A sequential baseline (p = 1, no server) through the same role, log and summary."""
-    device = device_for(cfg, 0)
-    flat = FlatModel(
-        build_model(cfg.model, split, seed=cfg.seed).to(device),
-        weight_decay=cfg.algorithm.weight_decay,
-    )
-    role = make_worker_role(cfg.algorithm, flat.initial_point(), comm_period=1)
-    sampler = MinibatchSampler(
-        split,
-        batch_size=cfg.data.batch_size,
-        worker_index=0,
-        num_workers=1,
-        seed=cfg.seed,
-        device=device,
-    )
-    test_x, test_y = split.test_x.to(device), split.test_y.to(device)
-    train_x = split.train_x[:4096].to(device)  # for BatchNorm statistics of the evaluated point
-    runlog = RunLog(cfg.run_dir, tensorboard=cfg.tensorboard)
-    progress = Progress(cfg.steps_per_worker, enabled=cfg.progress)
-    started = time.perf_counter()
-    next_eval = 0.0
-    stop_reason = "steps"
+class SequentialRun:
+    """One sequential baseline: the role, its minibatch stream and the run's record."""
 
-    def evaluate() -> dict[str, float]:
-        flat.recompute_running_stats(role.evaluated(), train_x)
-        metrics = flat.evaluate(role.evaluated(), test_x, test_y)
-        runlog.evaluation(
-            wall_s=time.perf_counter() - started,
+    def __init__(self, parts: RunParts) -> None:
+        cfg = parts.cfg
+        device = parts.device(0)
+        self.parts = parts
+        self.flat: FlatModel = parts.flat_model(device)
+        self.role: WorkerRole = make_worker_role(
+            cfg.algorithm, self.flat.initial_point(), comm_period=1
+        )
+        self.sampler = parts.sampler(0, num_workers=1, device=device)
+        self.test = (parts.split.test_x.to(device), parts.split.test_y.to(device))
+        self.train_x = parts.split.train_x[:4096].to(device)  # BatchNorm statistics of the point
+        self.record: RunRecord = parts.record(lead=True, total_steps=cfg.steps_per_worker)
+        # rank 0, the one process (fault.hang/nan are refused); fires in the job's first start
+        restarts = DistEnv.from_environ().restart_count
+        self.faults = parts.faults(0, generation=restarts, who="the sequential process")
+
+    def _gradient(self, point: Tensor) -> tuple[float, Tensor]:
+        return self.flat.loss_and_grad(point, *self.sampler.sample())
+
+    def evaluate(self) -> dict[str, float]:
+        """The evaluated point's test figures (BatchNorm statistics recomputed first)."""
+        point = self.role.evaluated()
+        self.flat.recompute_running_stats(point, self.train_x)
+        return self.flat.evaluate(point, *self.test)
+
+    def run(self) -> dict[str, Any]:
+        """Step until the budget is spent or a stop rule fires; write and return the summary."""
+        role, record = self.role, self.record
+        record.start()
+        try:
+            while role.step < self.parts.cfg.steps_per_worker:
+                if record.cadence.due(record.elapsed()):
+                    self._evaluation()
+                if record.check_stop():
+                    break
+                loss = gradient_step(role, self._gradient)
+                self.faults.worker_step(role.step, role.params)
+                record.runlog.scalar("worker1/train_loss", float(loss), role.step)
+                record.progress.advance(1, exchanges=0)
+            final = self.evaluate()
+        except BaseException:
+            record.close()
+            raise
+        return record.finish(self._summary(final))
+
+    def _evaluation(self) -> None:
+        metrics = self.evaluate()
+        self.record.evaluated(metrics, exchanges=0, server_updates=0, worker_steps=self.role.step)
+
+    def _summary(self, final: dict[str, float]) -> Summary:
+        record, role = self.record, self.role
+        record.runlog.evaluation(
+            wall_s=record.elapsed(),
             exchanges=0,
             server_updates=0,
             worker_steps=role.step,
-            **metrics,
+            **final,
         )
-        progress.note(test_error=metrics["test_error"])
-        return metrics
-
-    # rank 0, the one process; fault.* fires in the job's first start (hang and nan are refused)
-    faults = FaultInjector(
-        cfg.fault, 0, generation=DistEnv.from_environ().restart_count, who="the sequential run"
-    )
-    rule = StopRule(max_wall_s=cfg.max_wall_s, target_test_error=cfg.target_test_error)
-    try:
-        while role.step < cfg.steps_per_worker:
-            now = time.perf_counter() - started
-            test_error = None
-            if now >= next_eval:
-                test_error = evaluate()["test_error"]
-                next_eval = now + cfg.eval_interval_s
-            reason = rule.reason(elapsed_s=now, test_error=test_error)
-            if reason is not None:
-                stop_reason = reason
-                break
-            loss, grad = flat.loss_and_grad(role.gradient_point(), *sampler.sample())
-            role.local_step(grad)
-            faults.worker_step(role.step, role.params)
-            runlog.scalar("worker1/train_loss", loss, role.step)
-            progress.advance(1, exchanges=0)
-        metrics = evaluate()
-        train = flat.evaluate(role.evaluated(), split.train_x, split.train_y)
-        progress.close()
-        summary = build_summary(
-            cfg,
-            num_params=flat.num_params,
-            wall_time_s=time.perf_counter() - started,
+        train = self.flat.evaluate(
+            role.evaluated(), self.parts.split.train_x, self.parts.split.train_y
+        )
+        figures = RunFigures(
+            wall_time_s=record.elapsed(),
+            worker_steps=role.step,
             exchanges=0,
             server_updates=0,
-            worker_steps=role.step,
-            test_loss=metrics["test_loss"],
-            test_error=metrics["test_error"],
-            stop_reason=stop_reason,
-            extra={"train_loss": train["test_loss"], "train_error": train["test_error"]},
+            test_loss=final["test_loss"],
+            test_error=final["test_error"],
+            stop_reason=record.stop_reason,
         )
-        finish_run(runlog, cfg, summary)
-    finally:
-        runlog.close()
-    log.info(
-        "done in %.1f s: test error %.2f%%", summary["wall_time_s"], 100 * summary["test_error"]
-    )
-    return summary
+        return Summary.of_run(
+            self.parts.cfg,
+            figures,
+            topology="sequential",
+            num_params=self.flat.num_params,
+            details={"train_loss": train["test_loss"], "train_error": train["test_error"]},
+        )
+
+
+def run_sequential(cfg: TrainConfig, parts: RunParts | None = None) -> dict[str, Any]:
+    """A sequential baseline (p = 1, no server); returns the summary written to summary.json."""
+    return SequentialRun(parts or RunParts.load(cfg)).run()

@@ -9,7 +9,15 @@ from typing import Any
 
 from torch import Tensor
 
-from easgd.comm.groups import SERVER_RANK, DistEnv, PairGroups
+from easgd.comm.groups import (
+    SERVER_RANK,
+    DistEnv,
+    PairGroups,
+    check_world,
+    choose_backend,
+    init_pair_groups,
+    shutdown,
+)
 from easgd.comm.heartbeat import HeartbeatMonitor
 from easgd.config.schema import TrainConfig
 from easgd.data.split import Split
@@ -18,11 +26,12 @@ from easgd.roles import make_server_role
 from easgd.runtime.checkpoint import Checkpointer
 from easgd.runtime.components import evaluator_for, transport_for
 from easgd.runtime.faults import FaultInjector
+from easgd.runtime.parts import RunParts
 from easgd.runtime.resume import checkpoint_dir, checkpoint_signature, resume_server
 from easgd.runtime.runlog import RunLog
 from easgd.runtime.server import ParameterServer, StopRule
 from easgd.runtime.snapshot import CheckpointPolicy, SnapshotCut, SnapshotLog
-from easgd.runtime.summary import finish_run, log_done, server_summary
+from easgd.runtime.summary import hparams_of, server_summary, write_summary
 
 log = logging.getLogger("easgd")
 
@@ -161,8 +170,28 @@ def run_server(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
             restarts=restarts,
             committed_snapshot=snapshots.committed,
         )
-        path = finish_run(runlog, cfg, summary)
+        return write_summary(runlog, summary, hparams_of(cfg))
     finally:
         runlog.close()
-    log_done(summary, path)
-    return summary
+
+
+def run_server_topology(cfg: TrainConfig) -> dict[str, Any] | None:
+    """This process's part of a parameter-server run: rank 0 serves (and returns the summary),
+    ranks 1..p work."""
+    from easgd.runtime.process import role_name, setup_logging
+    from easgd.runtime.worker_main import run_worker
+
+    env = DistEnv.from_environ()
+    check_world(env, expected_world_size=cfg.world_size, workers=cfg.workers)
+    setup_logging(role_name(env.rank))
+    parts = RunParts.load(cfg)
+    pairs = init_pair_groups(
+        env, backend=choose_backend(cfg.comm.backend), timeout_s=cfg.comm.timeout_s
+    )
+    try:
+        if env.rank == SERVER_RANK:
+            return run_server(cfg, env, parts.split, pairs)
+        run_worker(cfg, env, parts.split, pairs)
+        return None
+    finally:
+        shutdown()

@@ -31,14 +31,16 @@ from easgd.data.split import Split
 from easgd.roles import make_server_role
 from easgd.roles.sharded import shard_bounds
 from easgd.runtime.checkpoint import Checkpointer
-from easgd.runtime.components import build_split, evaluator_for, transport_for
+from easgd.runtime.components import evaluator_for, transport_for
 from easgd.runtime.faults import FaultInjector
+from easgd.runtime.parts import RunParts
+from easgd.runtime.process import setup_logging
 from easgd.runtime.resume import checkpoint_dir, checkpoint_signature, resume_server
 from easgd.runtime.runlog import RunLog
 from easgd.runtime.server import Evaluate, ParameterServer, StopRule
 from easgd.runtime.sharded_snapshot import BarrierCut, ShardSnapshotWriter
 from easgd.runtime.snapshot import SnapshotLog
-from easgd.runtime.summary import finish_run, log_done, server_summary
+from easgd.runtime.summary import hparams_of, server_summary, write_summary
 from easgd.runtime.worker_main import run_worker
 
 log = logging.getLogger("easgd")
@@ -70,14 +72,8 @@ def run_sharded(cfg: TrainConfig) -> dict[str, Any] | None:
             f"needs {cfg.world_size} processes (ranks 0..{shards - 1} are the shards); use "
             f"torchrun --nproc_per_node={cfg.world_size}"
         )
-    torch.set_num_threads(cfg.threads)
-    name = f"shard{env.rank}" if env.rank < shards else f"worker{env.rank}"
-    logging.basicConfig(
-        level=os.environ.get("EASGD_LOG_LEVEL", "INFO"),
-        format=f"[{name}] %(levelname)s %(message)s",
-        force=True,
-    )
-    split = build_split(cfg.data)
+    setup_logging(f"shard{env.rank}" if env.rank < shards else f"worker{env.rank}")
+    split = RunParts.load(cfg).split
     backend = choose_backend(cfg.comm.backend)
     groups = init_shard_groups(env, shards=shards, backend=backend, timeout_s=cfg.comm.timeout_s)
     try:
@@ -207,10 +203,7 @@ def run_shard(
             num_params=flat.num_params,
             restarts=restarts,
             committed_snapshot=snapshots.committed,
-            extra={"topology": "server", "shards": cfg.server.shards},
         )
-        path = finish_run(runlog, cfg, summary)
+        return write_summary(runlog, summary, hparams_of(cfg))
     finally:
         runlog.close()
-    log_done(summary, path)
-    return summary

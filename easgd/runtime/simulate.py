@@ -22,10 +22,10 @@ import torch
 
 from easgd.config.algorithm import AlgorithmConfig
 from easgd.config.schema import TrainConfig, to_dict
-from easgd.roles import make_server_role, make_worker_role
-from easgd.runtime.components import build_model, build_split
+from easgd.roles import gradient_step, make_server_role, make_worker_role
+from easgd.runtime.parts import RunParts
 from easgd.runtime.runlog import RunLog
-from easgd.runtime.summary import build_summary, finish_run
+from easgd.runtime.summary import RunFigures, Summary
 from easgd.sim import ClassifierObjective, SimConfig, SimResult, Simulator
 from easgd.sim.cost import ExchangeCost, cached, exchange_cost, measure_gloo_exchange, median_time_s
 
@@ -84,7 +84,7 @@ def resolve_cost(cfg: TrainConfig, objective: ClassifierObjective) -> CostFigure
         generator = torch.Generator().manual_seed(0)
 
         def step() -> None:
-            worker.local_step(objective.gradient(worker.gradient_point(), generator)[1])
+            gradient_step(worker, lambda point: objective.gradient(point, generator))
 
         step_time_s = cached(
             {"what": "step", **model}, lambda: {"s": median_time_s(step, repeats=30)}
@@ -127,14 +127,15 @@ def resolve_cost(cfg: TrainConfig, objective: ClassifierObjective) -> CostFigure
     return CostFigures(cost.name, step_time_s, latency_s, bandwidth_gbps, service_s, charges)
 
 
-def build_simulation(cfg: TrainConfig) -> tuple[Simulator, CostFigures]:
+def build_simulation(
+    cfg: TrainConfig, parts: RunParts | None = None
+) -> tuple[Simulator, CostFigures]:
     """The simulator of ``cfg`` (model, data, algorithm, workers, period, stops) and its costs."""
     check_simulable(cfg)
-    torch.set_num_threads(cfg.threads)
-    split = build_split(cfg.data)
+    parts = parts or RunParts.load(cfg)
     objective = ClassifierObjective(
-        build_model(cfg.model, split, seed=cfg.seed),
-        split,
+        parts.model(),
+        parts.split,
         batch_size=cfg.data.batch_size,
         weight_decay=cfg.algorithm.weight_decay,
     )
@@ -158,47 +159,42 @@ def build_simulation(cfg: TrainConfig) -> tuple[Simulator, CostFigures]:
 
 def run_simulated(cfg: TrainConfig) -> dict[str, Any]:
     """Run ``cfg`` on the virtual clock; write and return the summary (as a real run would)."""
-    simulator, figures = build_simulation(cfg)
+    parts = RunParts.load(cfg)
+    simulator, figures = build_simulation(cfg, parts)
     started = time.perf_counter()
     result = simulator.run()
     elapsed = time.perf_counter() - started
     unit = figures.step_time_s
-    runlog = RunLog(cfg.run_dir, tensorboard=cfg.tensorboard)
+    record = parts.record(lead=True, progress=False)
     try:
-        write_history(runlog, result, unit)
-        final = result.final
-        summary = build_summary(
-            cfg,
-            num_params=simulator.objective.flat.num_params,  # type: ignore[attr-defined]
-            wall_time_s=simulator.now * unit,
-            exchanges=result.exchanges,
-            server_updates=final.server_updates,
-            worker_steps=result.steps,
-            test_loss=final.test_loss,
-            test_error=final.test_error,
-            stop_reason=STOP_REASONS[result.stop_reason],
-            extra={
-                "mode": "simulate",
-                "clock": "virtual (cost model)",
-                "cost_profile": figures.profile,
-                "step_time_s": unit,
-                "link_latency_s": figures.latency_s,
-                "bandwidth_gbps": figures.bandwidth_gbps,
-                "service_s": figures.service_s,
-                "charges_in_steps": asdict(figures.charges),
-                "simulation_s": elapsed,
-            },
-        )
-        finish_run(runlog, cfg, summary)
-    finally:
-        runlog.close()
-    log.info(
-        "simulated %.2f virtual s in %.1f s: test error %.2f%%",
-        summary["wall_time_s"],
-        elapsed,
-        100 * summary["test_error"],
+        write_history(record.runlog, result, unit)
+    except BaseException:
+        record.close()
+        raise
+    final = result.final
+    run = RunFigures(
+        wall_time_s=simulator.now * unit,
+        worker_steps=result.steps,
+        exchanges=result.exchanges,
+        server_updates=final.server_updates,
+        test_loss=final.test_loss,
+        test_error=final.test_error,
+        stop_reason=STOP_REASONS[result.stop_reason],
     )
-    return summary
+    details = {
+        "clock": "virtual (cost model)",
+        "cost_profile": figures.profile,
+        "step_time_s": unit,
+        "link_latency_s": figures.latency_s,
+        "bandwidth_gbps": figures.bandwidth_gbps,
+        "service_s": figures.service_s,
+        "charges_in_steps": asdict(figures.charges),
+        "simulation_s": elapsed,
+    }
+    topology = "server" if cfg.algorithm.uses_server else "sequential"
+    num_params = simulator.objective.flat.num_params  # type: ignore[attr-defined]
+    summary = Summary.of_run(cfg, run, topology=topology, num_params=num_params, details=details)
+    return record.finish(summary)
 
 
 def write_history(runlog: RunLog, result: SimResult, unit: float) -> None:

@@ -1,8 +1,24 @@
-"""The run summary (summary.json) and the TensorBoard hparams entry, the same for every algorithm."""
+"""summary.json: one documented shape for every topology and mode, and the TensorBoard hparams entry.
+
+Every way of running (the parameter server, a sharded center, all-reduce, a sequential
+baseline, ``mode=simulate`` and the own-loop ``api.serve``) ends by writing one :class:`Summary`.
+The top-level keys are the same everywhere (``schema`` says which version of this shape the file
+has); what only one topology knows sits under ``details``:
+
+- ``server`` (one server or ``server.shards`` = k): ``shards``, ``rejected_messages``,
+  ``worker_steps_per_s``, ``redone_worker_steps``, ``redone_steps_by_worker``,
+  ``committed_snapshot``;
+- ``allreduce``: ``steps_per_s_rank0``, ``mean_allreduce_ms``, ``resumed_step``;
+- ``sequential``: ``train_loss``, ``train_error`` of the final point;
+- ``mode=simulate`` (any topology it simulates): ``clock``, ``cost_profile``, ``step_time_s``,
+  ``link_latency_s``, ``bandwidth_gbps``, ``service_s``, ``charges_in_steps``, ``simulation_s``;
+- ``own_loop``: the server's details, and ``hparams`` (what the user passed to ``api.serve``).
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,51 +30,128 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("easgd")
 
+SCHEMA_VERSION = 2
+"""Version of the summary.json shape (1: the shapes before one Summary; 2: this one)."""
 
-def build_summary(
-    cfg: TrainConfig,
-    *,
-    num_params: int,
-    wall_time_s: float,
-    exchanges: int,
-    server_updates: int,
-    worker_steps: int,
-    test_loss: float,
-    test_error: float,
-    stop_reason: str,
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    workers = cfg.workers if cfg.algorithm.uses_server else 1
-    return {
-        "algorithm": cfg.algorithm.name,
-        "workers": workers,
-        "comm_period": cfg.comm.period if cfg.algorithm.uses_server else None,
-        "steps_per_worker": cfg.steps_per_worker,
-        "worker_steps": worker_steps,
-        "exchanges": exchanges,
-        "server_updates": server_updates,
-        "exchanges_per_s": exchanges / max(wall_time_s, 1e-9),
-        "wall_time_s": wall_time_s,
-        "test_error": test_error,
-        "test_loss": test_loss,
-        "stop_reason": stop_reason,
-        "learning_rate": cfg.algorithm.learning_rate,
-        "momentum": cfg.algorithm.momentum,
-        "moving_rate": cfg.algorithm.resolved_moving_rate(workers)
-        if cfg.algorithm.elastic
-        else None,
-        "dataset": cfg.data.name,
-        "model": cfg.model.name,
-        "num_params": num_params,
-        "latency_ms": cfg.comm.latency_ms,
-        "jitter_ms": cfg.comm.jitter_ms,
-        "seed": cfg.seed,
-        "config": to_dict(cfg),
-        **(extra or {}),
-    }
+TOPOLOGIES = ("server", "allreduce", "sequential", "own_loop")
+"""The ``topology`` values a summary can carry."""
 
 
-def build_hparams(cfg: TrainConfig) -> dict[str, Any]:
+@dataclass
+class RunFigures:
+    """What a run measured, whichever topology ran it."""
+
+    wall_time_s: float
+    """Seconds from the start of training to its end (virtual seconds with mode=simulate)."""
+    worker_steps: int
+    """Local steps taken by all workers together."""
+    exchanges: int
+    """Worker-center exchanges applied (every worker's, all-reduce: p per round)."""
+    server_updates: int
+    """Updates of the center (all-reduce: rounds)."""
+    test_loss: float
+    test_error: float
+    """The evaluated variable's (center, z, or the sequential point's) final test figures."""
+    stop_reason: str
+    """steps, max_wall_s, target_test_error, worker_failure or interrupted."""
+
+
+@dataclass
+class Summary:
+    """The record of one finished run: ``summary.json``."""
+
+    topology: str
+    """server, allreduce, sequential or own_loop (see the module docstring)."""
+    mode: str
+    """distributed (real processes, wall-clock time) or simulate (the virtual clock)."""
+    algorithm: str
+    workers: int
+    """p, the worker count (1 for a sequential baseline)."""
+    comm_period: int | None
+    """tau (None for a sequential baseline)."""
+    steps_per_worker: int | None
+    """The step budget per worker (None where the run has none: the own-loop API)."""
+    num_params: int
+    figures: RunFigures
+    restarts: int = 0
+    """How many times the job was restarted and resumed from a checkpoint."""
+    resumed_worker_steps: dict[str, int] = field(default_factory=dict)
+    """Each worker's step counter when this attempt started (worker rank -> step)."""
+    failed_workers: dict[str, str] = field(default_factory=dict)
+    """Workers that failed or were lost, with the reason (worker rank -> reason)."""
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    """learning_rate, momentum, moving_rate, dataset, model, latency_ms, jitter_ms, seed."""
+    config: dict[str, Any] | None = None
+    """The full validated config (None for the own-loop API, which has none)."""
+    details: dict[str, Any] = field(default_factory=dict)
+    """What only this topology or mode knows (see the module docstring)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat JSON object written to summary.json (figures and hyperparameters inlined)."""
+        record = asdict(self)
+        figures = record.pop("figures")
+        hyperparameters = record.pop("hyperparameters")
+        return {
+            "schema": SCHEMA_VERSION,
+            **record,
+            **figures,
+            **hyperparameters,
+            "exchanges_per_s": figures["exchanges"] / max(figures["wall_time_s"], 1e-9),
+        }
+
+    @classmethod
+    def of_run(
+        cls,
+        cfg: TrainConfig,
+        figures: RunFigures,
+        *,
+        topology: str,
+        num_params: int,
+        restarts: int = 0,
+        resumed_worker_steps: dict[str, int] | None = None,
+        failed_workers: dict[str, str] | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> Summary:
+        """The summary of a run of ``cfg`` (easgd.train, any topology or mode)."""
+        distributed = cfg.algorithm.uses_server
+        workers = cfg.workers if distributed else 1
+        moving_rate = cfg.algorithm.resolved_moving_rate(workers) if cfg.algorithm.elastic else None
+        return cls(
+            topology=topology,
+            mode=cfg.mode,
+            algorithm=cfg.algorithm.name,
+            workers=workers,
+            comm_period=cfg.comm.period if distributed else None,
+            steps_per_worker=cfg.steps_per_worker,
+            num_params=num_params,
+            figures=figures,
+            restarts=restarts,
+            resumed_worker_steps=resumed_worker_steps or {},
+            failed_workers=failed_workers or {},
+            hyperparameters={
+                "learning_rate": cfg.algorithm.learning_rate,
+                "momentum": cfg.algorithm.momentum,
+                "moving_rate": moving_rate,
+                "dataset": cfg.data.name,
+                "model": cfg.model.name,
+                "latency_ms": cfg.comm.latency_ms,
+                "jitter_ms": cfg.comm.jitter_ms,
+                "seed": cfg.seed,
+            },
+            config=to_dict(cfg),
+            details=details or {},
+        )
+
+
+SUMMARY_KEYS = frozenset(Summary.__dataclass_fields__) - {"figures", "hyperparameters"}
+SUMMARY_KEYS |= frozenset(RunFigures.__dataclass_fields__) | {"schema", "exchanges_per_s"}
+SUMMARY_KEYS |= {"learning_rate", "momentum", "moving_rate", "dataset", "model"}
+SUMMARY_KEYS |= {"latency_ms", "jitter_ms", "seed"}
+"""The top-level keys of every summary.json (the shape tests check against)."""
+
+
+def hparams_of(cfg: TrainConfig) -> dict[str, Any]:
+    """The TensorBoard HParams entry of a run of ``cfg``."""
     return {
         "algorithm": cfg.algorithm.name,
         "workers": cfg.workers,
@@ -72,11 +165,30 @@ def build_hparams(cfg: TrainConfig) -> dict[str, Any]:
     }
 
 
-def finish_run(runlog: RunLog, cfg: TrainConfig, summary: dict[str, Any]) -> Path:
-    """Record the HParams entry with the final test figures and write summary.json (its path)."""
-    final = {"test_error": summary["test_error"], "test_loss": summary["test_loss"]}
-    runlog.hparams(build_hparams(cfg), final)
-    return runlog.summary(summary)
+def write_summary(runlog: RunLog, summary: Summary, hparams: dict[str, Any]) -> dict[str, Any]:
+    """Record the HParams entry with the final figures, write summary.json, log the last line;
+    returns the JSON object written."""
+    record = summary.to_dict()
+    runlog.hparams(hparams, {"test_error": record["test_error"], "test_loss": record["test_loss"]})
+    path = runlog.summary(record)
+    log_done(record, path)
+    return record
+
+
+def log_done(summary: dict[str, Any], path: Path | None) -> None:
+    """The run's last log line: time, the evaluated variable's test error, exchanges."""
+    clock = "virtual s" if summary["mode"] == "simulate" else "s"
+    evaluated = "test error" if summary["topology"] == "sequential" else "center test error"
+    log.info(
+        "done in %.1f %s: %s %.2f%%, %d exchanges (%.0f/s); summary in %s",
+        summary["wall_time_s"],
+        clock,
+        evaluated,
+        100 * summary["test_error"],
+        summary["exchanges"],
+        summary["exchanges_per_s"],
+        path,
+    )
 
 
 def server_summary(
@@ -87,40 +199,31 @@ def server_summary(
     num_params: int,
     restarts: int,
     committed_snapshot: int | None,
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The summary of a parameter-server run (one server or shard 0 of a sharded center)."""
-    return build_summary(
-        cfg,
-        num_params=num_params,
+) -> Summary:
+    """The summary of a parameter-server run (one server, or shard 0 of a sharded center)."""
+    figures = RunFigures(
         wall_time_s=outcome.wall_time_s,
+        worker_steps=outcome.worker_steps,
         exchanges=outcome.exchanges,
         server_updates=outcome.server_updates,
-        worker_steps=outcome.worker_steps,
         test_loss=outcome.test_loss,
         test_error=outcome.test_error,
         stop_reason=outcome.stop_reason,
-        extra={
+    )
+    return Summary.of_run(
+        cfg,
+        figures,
+        topology="server",
+        num_params=num_params,
+        restarts=restarts,
+        resumed_worker_steps={str(r): s for r, s in server.resumed_steps.items()},
+        failed_workers={str(r): why for r, why in outcome.failed_workers.items()},
+        details={
+            "shards": cfg.server.shards,
             "rejected_messages": outcome.rejected,
-            "failed_workers": {str(r): why for r, why in outcome.failed_workers.items()},
-            "restarts": restarts,
-            "resumed_worker_steps": {str(r): s for r, s in server.resumed_steps.items()},
             "worker_steps_per_s": {str(r): s.steps_per_s for r, s in server.stats.items()},
             "redone_worker_steps": sum(s.redone_steps for s in server.stats.values()),
             "redone_steps_by_worker": {str(r): s.redone_steps for r, s in server.stats.items()},
             "committed_snapshot": committed_snapshot,
-            **(extra or {}),
         },
-    )
-
-
-def log_done(summary: dict[str, Any], path: Path) -> None:
-    """The run's last log line: time, the evaluated variable's test error, exchanges."""
-    log.info(
-        "done in %.1f s: center test error %.2f%%, %d exchanges (%.0f/s); summary in %s",
-        summary["wall_time_s"],
-        100 * summary["test_error"],
-        summary["exchanges"],
-        summary["exchanges_per_s"],
-        path,
     )

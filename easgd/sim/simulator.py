@@ -34,8 +34,10 @@ from torch import Tensor
 from easgd import algorithms as alg
 from easgd.config.algorithm import AlgorithmConfig
 from easgd.roles import (
+    GradientFn,
     ServerRole,
     WorkerRole,
+    gradient_step,
     make_server_role,
     make_worker_role,
     worker_step,
@@ -218,13 +220,16 @@ class Simulator:
 
     # -- schedules ----------------------------------------------------------------------------
     def _step(self, worker: int) -> None:
-        role = self.workers[worker]
-        generator = self.generators[worker]
         worker_step(
-            role,
-            lambda point: self.objective.gradient(point, generator),
+            self.workers[worker],
+            self._gradient(worker),
             lambda payload: self._exchange(worker, payload),
         )
+
+    def _gradient(self, worker: int) -> GradientFn:
+        """Worker ``worker``'s gradient function: the objective on its own minibatch stream."""
+        generator = self.generators[worker]
+        return lambda point: self.objective.gradient(point, generator)
 
     def _synchronous_tick(self) -> None:
         server = self.server
@@ -241,8 +246,7 @@ class Simulator:
                 self.exchanges += len(due)
                 self._record_center()
             for worker, role in enumerate(self.workers):
-                loss_grad = self.objective.gradient(role.gradient_point(), self.generators[worker])
-                role.local_step(loss_grad[1])
+                gradient_step(role, self._gradient(worker))
         else:
             for worker in range(len(self.workers)):
                 self._step(worker)
@@ -377,10 +381,8 @@ class Simulator:
             sequence += 1
             heapq.heappush(events, (time, worker, sequence, kind, reply))
 
-        def gradient_step(worker: int, time: float) -> None:
-            role = self.workers[worker]
-            generator = self.generators[worker]
-            role.local_step(self.objective.gradient(role.gradient_point(), generator)[1])
+        def finish_step(worker: int, time: float) -> None:
+            gradient_step(self.workers[worker], self._gradient(worker))
             if not self._spent(worker, time):
                 push(time + self.speeds[worker], worker, step_)
 
@@ -398,7 +400,7 @@ class Simulator:
                 if not overlap:
                     return  # the gradient step waits for the reply
                 in_flight[worker] = True
-            gradient_step(worker, time)
+            finish_step(worker, time)
 
         def serve() -> None:
             assert self.server is not None
@@ -414,7 +416,7 @@ class Simulator:
             if finishing:
                 return
             if not overlap:
-                gradient_step(worker, time)
+                finish_step(worker, time)
             else:
                 in_flight[worker] = False
                 if waiting[worker]:
