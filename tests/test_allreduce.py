@@ -7,7 +7,9 @@ import csv
 import json
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -67,9 +69,16 @@ def run_threads(
 
 
 def run_loops(
-    ranks: list[tuple[ElasticWorker, GradientFn]], center: Tensor, *, moving_rate: float, steps: int
+    ranks: list[tuple[ElasticWorker, GradientFn]],
+    center: Tensor,
+    *,
+    moving_rate: float,
+    steps: int,
+    options: Callable[[int], dict[str, Any]] = lambda rank: {},
+    before_run: Callable[[list[ReplicatedCenterLoop]], None] = lambda loops: None,
 ) -> list[ReplicatedCenterLoop]:
-    """One :class:`ReplicatedCenterLoop` per (role, gradient), run to the end as threads."""
+    """One :class:`ReplicatedCenterLoop` per (role, gradient), run to the end as threads
+    (``options(rank)``: that rank's extra keyword arguments; ``before_run`` sees the loops)."""
     p = len(ranks)
     reducer = ThreadSum(p)
     loops = [
@@ -82,9 +91,11 @@ def run_loops(
             num_workers=p,
             moving_rate=moving_rate,
             steps=steps,
+            **options(rank),
         )
         for rank, (role, gradient) in enumerate(ranks)
     ]
+    before_run(loops)
     errors: list[BaseException] = []
 
     def target(loop: ReplicatedCenterLoop) -> None:
@@ -254,6 +265,7 @@ def test_torchrun_job_killed_restarts_resumes_and_equals_the_simulator(tmp_path:
     from easgd.data.digits import load_digits_split
     from easgd.runtime.checkpoint import Checkpointer
     from easgd.runtime.components import build_model
+    from easgd.runtime.snapshot import SnapshotLog
     from easgd.sim import ClassifierObjective
     from tests.test_train_e2e import run
 
@@ -284,7 +296,9 @@ def test_torchrun_job_killed_restarts_resumes_and_equals_the_simulator(tmp_path:
     # the resumed job's center is the uninterrupted synchronous schedule's, bit for bit
     # (same model seed, same per-worker minibatch streams; p = 2 makes the all-reduce's sum order
     # irrelevant, since a + b == b + a exactly)
-    final = Checkpointer.read(sorted((tmp_path / "checkpoints").glob("rank0-step*.pt"))[-1])
+    directory = tmp_path / "checkpoints"  # the final snapshot is the newest committed one
+    final = Checkpointer(directory, "rank0").load(SnapshotLog(directory).committed()[-1])
+    assert final is not None
     split = load_digits_split(test_fraction=0.2, seed=0)
     objective = ClassifierObjective(build_model(TrainConfig().model, split, seed=0), split)
     config = AlgorithmConfig(name="eamsgd", learning_rate=0.01, momentum=0.99)
@@ -296,3 +310,83 @@ def test_torchrun_job_killed_restarts_resumes_and_equals_the_simulator(tmp_path:
     assert final["role"]["step"] == steps
     assert torch.equal(final["center"], sim.evaluated)
     assert torch.equal(final["role"]["params"], sim.workers[0])
+
+
+# -- snapshots on the run's snapshot log -------------------------------------------------------
+def test_snapshots_are_committed_once_every_rank_has_saved_its_part(tmp_path: Path) -> None:
+    from easgd.runtime.allreduce_snapshots import RankSnapshots
+    from easgd.runtime.checkpoint import Checkpointer
+    from easgd.runtime.snapshot import SnapshotLog
+
+    directory = tmp_path / "checkpoints"
+    Checkpointer(directory, "rank1").save({"stale": True}, 7)  # a crashed attempt's, uncommitted
+    p, tau, steps = 3, 2, 12  # exchanges at t = 0, 2, ..., 10
+    objective = Quadratic(f64(1.0, -2.0, 0.5), curvature=f64(0.5, 1.0, 1.5), noise_std=0.5)
+    ranks: list[tuple[ElasticWorker, GradientFn]] = []
+    for rank in range(p):
+        generator = torch.Generator().manual_seed(rank)
+        role = ElasticWorker(f64(0.0, 0.0, 0.0), comm_period=tau, learning_rate=0.1, momentum=0.0)
+        ranks.append((role, lambda point, g=generator: objective.gradient(point, g)))
+    snapshots = [RankSnapshots(directory, rank, num_workers=p, keep=3) for rank in range(p)]
+    calls = [0]
+
+    def decide() -> tuple[bool, bool]:  # rank 0: start snapshots at the 2nd and 4th exchanges
+        calls[0] += 1
+        return calls[0] in (2, 4), False
+
+    def capture(loop: ReplicatedCenterLoop) -> Callable[[], dict[str, Any]]:
+        return lambda: {"role": loop.role.state_dict(), "center": loop.center.clone()}
+
+    def bind(loops: list[ReplicatedCenterLoop]) -> None:
+        for loop, rank_snapshots in zip(loops, snapshots, strict=True):
+            rank_snapshots.capture = capture(loop)
+
+    def options(rank: int) -> dict[str, Any]:
+        return {"snapshots": snapshots[rank], "decide": decide if rank == 0 else None}
+
+    run_loops(
+        ranks, f64(0.0, 0.0, 0.0), moving_rate=0.2, steps=steps, options=options, before_run=bind
+    )
+    # numbered above every file on disk; 8 committed at the exchange after it was saved (t = 4),
+    # 9 at t = 8; the stale part 7 pruned
+    assert SnapshotLog(directory).committed() == [8, 9]
+    assert [s.committed for s in snapshots] == [9, 9, 9]
+    assert not (directory / "rank1-00000007.pt").exists()
+    for number, step in ((8, 3), (9, 7)):  # saved after the step that followed the exchange
+        parts = [Checkpointer(directory, f"rank{r}").load(number) for r in range(p)]
+        assert all(part is not None and part["role"]["step"] == step for part in parts)
+        assert all(torch.equal(part["center"], parts[0]["center"]) for part in parts)  # type: ignore[index]
+
+
+def test_a_snapshot_is_committed_only_when_the_sum_says_every_part_is_saved(
+    tmp_path: Path,
+) -> None:
+    from easgd.runtime.allreduce_snapshots import RankSnapshots
+    from easgd.runtime.snapshot import SnapshotLog
+
+    snapshots = RankSnapshots(tmp_path, 0, num_workers=2, keep=3, capture=lambda: {"x": 1})
+    snapshots.save(5)
+    snapshots.exchanged(5.0 + 4.0)  # the other rank has saved only snapshot 4
+    assert snapshots.committed is None and SnapshotLog(tmp_path).committed() == []
+    snapshots.exchanged(5.0 + 5.0)
+    assert snapshots.committed == 5 and SnapshotLog(tmp_path).committed() == [5]
+    assert snapshots.next_number == 6
+
+
+def test_resume_reads_the_newest_committed_part_and_numbers_above_every_file(
+    tmp_path: Path,
+) -> None:
+    from easgd.runtime.allreduce_snapshots import RankSnapshots
+    from easgd.runtime.checkpoint import Checkpointer, CheckpointError
+    from easgd.runtime.snapshot import SnapshotLog
+
+    for number in (3, 4):  # 4 was saved by rank 0 but never committed
+        Checkpointer(tmp_path, "rank0").save({"number": number, "signature": {"a": 1}}, number)
+    SnapshotLog(tmp_path).commit(3)
+    snapshots = RankSnapshots(tmp_path, 0, num_workers=2, keep=3)
+    state = snapshots.resume({"a": 1})
+    assert state is not None and state["number"] == 3 and snapshots.next_number == 5
+    with pytest.raises(CheckpointError, match="written by a different run"):
+        snapshots.resume({"a": 2})
+    with pytest.raises(CheckpointError, match="snapshot 3 is committed but .*rank1-00000003.pt"):
+        RankSnapshots(tmp_path, 1, num_workers=2, keep=3).resume({"a": 1})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import random
 import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -91,7 +92,16 @@ class AllReduceSum:
 
 
 def all_ranks_min(value: int, *, device: torch.device | str = "cpu") -> int:
-    """The minimum of ``value`` over all ranks (used to agree on a common checkpoint to resume)."""
+    """The minimum of ``value`` over all ranks (a collective: every rank calls it)."""
+    return _all_ranks(value, dist.ReduceOp.MIN, device)
+
+
+def all_ranks_max(value: int, *, device: torch.device | str = "cpu") -> int:
+    """The maximum of ``value`` over all ranks (a collective: every rank calls it)."""
+    return _all_ranks(value, dist.ReduceOp.MAX, device)
+
+
+def _all_ranks(value: int, op: Any, device: torch.device | str) -> int:
     tensor = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    dist.all_reduce(tensor, op=op)
     return int(tensor.item())

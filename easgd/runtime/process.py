@@ -20,7 +20,7 @@ from easgd.config.schema import TrainConfig
 TOPOLOGY_MAINS = {
     "server": "easgd.runtime.server_main:run_server_topology",
     "sharded": "easgd.runtime.sharded_main:run_sharded",
-    "allreduce": "easgd.runtime.allreduce:run_allreduce",
+    "allreduce": "easgd.runtime.allreduce_main:run_allreduce",
     "sequential": "easgd.runtime.sequential:run_sequential",
 }
 """Topology name -> ``module:function`` of its process main (imported only when it runs)."""
