@@ -216,7 +216,12 @@ class _Lead:
             "worker_steps": p * loop.role.step,
         }
         if final:
-            self.record.runlog.evaluation(wall_s=self.record.elapsed(), **counts, **metrics)
+            self.record.runlog.evaluation(
+                wall_s=self.record.elapsed(),
+                test_loss=metrics["test_loss"],
+                test_error=metrics["test_error"],
+                **counts,
+            )
         else:
             self.record.evaluated(metrics, **counts)
         return metrics
