@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from easgd.comm.groups import LaunchError
 from easgd.config.schema import validate
-from easgd.config.store import register
+from easgd.config.store import config_dir, register
 from easgd.runtime.launcher import launch
 from easgd.runtime.preflight import preflight
 
@@ -45,7 +45,7 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
     return launch(config)
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Hydra wrapper: turns configuration and launch errors into one clear line and exit code 2."""
     try:

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from hydra.errors import ConfigCompositionException
+from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from easgd.config.schema import TrainConfig, validate
-from easgd.config.store import register
+from easgd.config.store import config_dir, register
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 register()
@@ -88,6 +88,21 @@ def test_paper_defaults() -> None:
     )
     assert cfg.algorithm.resolved_moving_rate(cfg.workers) == pytest.approx(0.9 / 4)
     assert cfg.comm.period == 10 and cfg.data.batch_size == 128 and cfg.data.name == "digits"
+
+
+def test_the_trainer_reads_the_top_level_configs_of_a_source_tree() -> None:
+    assert config_dir() == CONFIGS
+
+
+@pytest.mark.parametrize("group", ["experiment", "algorithm", "model", "data", "comm", "cost"])
+def test_an_unknown_option_fails_at_composition_listing_the_allowed_ones(group: str) -> None:
+    with pytest.raises(MissingConfigException) as info:
+        composed(f"{group}=nosuch")
+    message = str(info.value)
+    assert f"Could not find '{group}/nosuch'" in message
+    listed = message.split(f"Available options in '{group}':")[1].split("Config search path")[0]
+    schema_nodes = ["base_cost"] if group == "cost" else []  # easgd.config.store's typed node
+    assert sorted(listed.split()) == sorted(options(group) + schema_nodes)
 
 
 def test_wrong_key_fails_at_composition_naming_it() -> None:

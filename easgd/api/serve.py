@@ -36,7 +36,7 @@ from easgd.runtime.checkpoint import Checkpointer, check_compatible
 from easgd.runtime.runlog import RunLog
 from easgd.runtime.server import ParameterServer, StopRule
 from easgd.runtime.snapshot import CheckpointPolicy
-from easgd.runtime.summary import RunFigures, Summary, write_summary
+from easgd.runtime.summary import Summary, figures_of, write_summary
 
 log = logging.getLogger("easgd")
 
@@ -165,15 +165,7 @@ def serve(
                 comm_period=None,
                 steps_per_worker=None,
                 num_params=params.numel,
-                figures=RunFigures(
-                    wall_time_s=outcome.wall_time_s,
-                    worker_steps=outcome.worker_steps,
-                    exchanges=outcome.exchanges,
-                    server_updates=outcome.server_updates,
-                    test_loss=outcome.test_loss,
-                    test_error=outcome.test_error,
-                    stop_reason=outcome.stop_reason,
-                ),
+                figures=figures_of(outcome),
                 restarts=restarts,
                 resumed_worker_steps={str(r): s for r, s in server.resumed_steps.items()},
                 failed_workers={str(r): why for r, why in outcome.failed_workers.items()},

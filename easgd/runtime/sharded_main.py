@@ -46,22 +46,6 @@ from easgd.runtime.worker_main import run_worker
 log = logging.getLogger("easgd")
 
 
-class _NoRunLog(RunLog):
-    """Shards j > 0 write nothing: shard 0 records the run."""
-
-    def __init__(self) -> None:
-        self._writer = None
-
-    def scalar(self, tag: str, value: float, step: int, *, walltime: float | None = None) -> None:
-        pass
-
-    def evaluation(self, **_: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def run_sharded(cfg: TrainConfig) -> dict[str, Any] | None:
     """This process's part of a sharded run; shard 0 returns the summary."""
     env = DistEnv.from_environ()
@@ -135,7 +119,7 @@ def run_shard(
         )
     else:
         evaluate = lambda own: {"test_loss": math.nan, "test_error": math.nan}  # noqa: E731
-        runlog = _NoRunLog()
+        runlog = RunLog(None)  # shard 0 records the run
     cut = BarrierCut(lead=lead, next_number=SnapshotLog(directory).highest_file_number() + 1)
     server = ParameterServer(
         role,

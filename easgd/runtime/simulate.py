@@ -69,41 +69,15 @@ def resolve_cost(cfg: TrainConfig, objective: ClassifierObjective) -> CostFigure
     The step is the same for every algorithm (gradient + SGD update of the model), so one sweep's
     runs share one time unit; the service time is the algorithm's own server rule.
     """
-    cost, numel = cfg.cost, objective.flat.num_params
-    model = {
-        "model": to_dict(cfg)["model"],
-        "data": cfg.data.name,
-        "batch_size": cfg.data.batch_size,
-        "threads": torch.get_num_threads(),
-        "num_params": numel,
-    }
-    start = objective.initial_point()
+    cost, numel, uses_server = cfg.cost, objective.flat.num_params, cfg.algorithm.uses_server
     step_time_s = cost.step_time_s
     if step_time_s is None:
-        worker = make_worker_role(AlgorithmConfig("sgd", learning_rate=0.0), start, comm_period=1)
-        generator = torch.Generator().manual_seed(0)
-
-        def step() -> None:
-            gradient_step(worker, lambda point: objective.gradient(point, generator))
-
-        step_time_s = cached(
-            {"what": "step", **model}, lambda: {"s": median_time_s(step, repeats=30)}
-        )["s"]
+        step_time_s = _measured_step_s(cfg, objective)
     service_s = 0.0 if cost.service_us is None else cost.service_us * 1e-6
-    if cost.service_us is None and cfg.algorithm.uses_server:
-        server = make_server_role(cfg.algorithm, start, num_workers=cfg.workers)
-        payload = start + 1e-3 if cfg.algorithm.elastic else torch.zeros_like(start)
-
-        def serve() -> None:
-            server.handle(0, payload)
-
-        family = "elastic" if cfg.algorithm.elastic else cfg.algorithm.name
-        service_s = cached(
-            {"what": "service", "algorithm": family, "num_params": numel},
-            lambda: {"s": median_time_s(serve, repeats=30)},
-        )["s"]
+    if cost.service_us is None and uses_server:
+        service_s = _measured_service_s(cfg, objective)
     latency_s, bandwidth_gbps = cost.latency_us * 1e-6, cost.bandwidth_gbps
-    if cost.measure_network and cfg.algorithm.uses_server:
+    if cost.measure_network and uses_server:
         network = cached(
             {"what": "gloo_exchange", "num_params": numel},
             lambda: dict(
@@ -113,18 +87,51 @@ def resolve_cost(cfg: TrainConfig, objective: ClassifierObjective) -> CostFigure
         latency_s, bandwidth_gbps = network["latency_s"], network["bandwidth_gbps"]
     # injected delay of the real runtime (comm.latency_ms + mean jitter) adds to the link's latency
     latency_s += (cfg.comm.latency_ms + cfg.comm.jitter_ms / 2) / 1000
-    charges = (
-        exchange_cost(
+    charges = ExchangeCost()
+    if uses_server:
+        charges = exchange_cost(
             latency_s=latency_s,
             bandwidth_gbps=bandwidth_gbps,
             service_s=service_s,
             num_params=numel,
             step_time_s=step_time_s,
         )
-        if cfg.algorithm.uses_server
-        else ExchangeCost()
-    )
     return CostFigures(cost.name, step_time_s, latency_s, bandwidth_gbps, service_s, charges)
+
+
+def _measured_step_s(cfg: TrainConfig, objective: ClassifierObjective) -> float:
+    """Seconds per local step of this model here (gradient + SGD update), cached per machine."""
+    key = {
+        "what": "step",
+        "model": to_dict(cfg)["model"],
+        "data": cfg.data.name,
+        "batch_size": cfg.data.batch_size,
+        "threads": torch.get_num_threads(),
+        "num_params": objective.flat.num_params,
+    }
+    worker = make_worker_role(
+        AlgorithmConfig("sgd", learning_rate=0.0), objective.initial_point(), comm_period=1
+    )
+    generator = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        gradient_step(worker, lambda point: objective.gradient(point, generator))
+
+    return float(cached(key, lambda: {"s": median_time_s(step, repeats=30)})["s"])
+
+
+def _measured_service_s(cfg: TrainConfig, objective: ClassifierObjective) -> float:
+    """Seconds the algorithm's server rule takes for one exchange of this model, cached."""
+    start = objective.initial_point()
+    server = make_server_role(cfg.algorithm, start, num_workers=cfg.workers)
+    payload = start + 1e-3 if cfg.algorithm.elastic else torch.zeros_like(start)
+
+    def serve() -> None:
+        server.handle(0, payload)
+
+    family = "elastic" if cfg.algorithm.elastic else cfg.algorithm.name  # the cache key
+    key = {"what": "service", "algorithm": family, "num_params": objective.flat.num_params}
+    return float(cached(key, lambda: {"s": median_time_s(serve, repeats=30)})["s"])
 
 
 def build_simulation(

@@ -191,6 +191,19 @@ def log_done(summary: dict[str, Any], path: Path | None) -> None:
     )
 
 
+def figures_of(outcome: ServerOutcome) -> RunFigures:
+    """The run figures of a parameter server's outcome."""
+    return RunFigures(
+        wall_time_s=outcome.wall_time_s,
+        worker_steps=outcome.worker_steps,
+        exchanges=outcome.exchanges,
+        server_updates=outcome.server_updates,
+        test_loss=outcome.test_loss,
+        test_error=outcome.test_error,
+        stop_reason=outcome.stop_reason,
+    )
+
+
 def server_summary(
     cfg: TrainConfig,
     outcome: ServerOutcome,
@@ -201,18 +214,9 @@ def server_summary(
     committed_snapshot: int | None,
 ) -> Summary:
     """The summary of a parameter-server run (one server, or shard 0 of a sharded center)."""
-    figures = RunFigures(
-        wall_time_s=outcome.wall_time_s,
-        worker_steps=outcome.worker_steps,
-        exchanges=outcome.exchanges,
-        server_updates=outcome.server_updates,
-        test_loss=outcome.test_loss,
-        test_error=outcome.test_error,
-        stop_reason=outcome.stop_reason,
-    )
     return Summary.of_run(
         cfg,
-        figures,
+        figures_of(outcome),
         topology="server",
         num_params=num_params,
         restarts=restarts,

@@ -359,96 +359,122 @@ class Simulator:
 
     # -- the clock with communication costs ---------------------------------------------------
     def _run_with_cost(self, history: list[EvalPoint]) -> float:
-        """Event-driven run where exchanges take time and queue at the server.
-
-        Events are ordered by (time, worker, sequence): at equal times a worker's whole exchange
-        completes before the next worker acts, which is the tie rule of the free clock, so zero
-        charges replay it exactly. The server serves booked exchanges first come, first served.
-        """
+        """Event-driven run where exchanges take time and queue at the server (:class:`_CostClock`)."""
         assert self.sim.cost is not None
-        queue = ServerQueue(self.sim.cost)
-        overlap = self.sim.overlap
-        self.algorithm.spec.check_overlap(overlap)
-        step_, serve_, reply_ = 0, 1, 2
-        events: list[tuple[float, int, int, int, Tensor | None]] = []
-        booked: deque[tuple[ExchangeTimes, Tensor | None]] = deque()
-        in_flight = [False] * len(self.workers)
-        waiting = [False] * len(self.workers)
-        sequence = 0
+        self.algorithm.spec.check_overlap(self.sim.overlap)
+        return _CostClock(self).run(history)
 
-        def push(time: float, worker: int, kind: int, reply: Tensor | None = None) -> None:
-            nonlocal sequence
-            sequence += 1
-            heapq.heappush(events, (time, worker, sequence, kind, reply))
 
-        def finish_step(worker: int, time: float) -> None:
-            gradient_step(self.workers[worker], self._gradient(worker))
-            if not self._spent(worker, time):
-                push(time + self.speeds[worker], worker, step_)
+_STEP, _SERVE, _REPLY = 0, 1, 2
+"""Event kinds of the cost clock: a worker starts a step, the server serves, a reply lands."""
 
-        def start_step(worker: int, time: float) -> None:
-            role = self.workers[worker]
-            if role.due():
-                if in_flight[worker]:  # overlap: the previous exchange must land first
-                    waiting[worker] = True
-                    return
-                times = queue.book(worker, time)
-                payload = role.outgoing()
-                # a copy: what was sent must not change while it travels (roles may update in place)
-                booked.append((times, None if payload is None else payload.clone()))
-                push(times.served, worker, serve_)
-                if not overlap:
-                    return  # the gradient step waits for the reply
-                in_flight[worker] = True
-            finish_step(worker, time)
 
-        def serve() -> None:
-            assert self.server is not None
-            times, payload = booked.popleft()
-            self.exchanges += 1
-            if self.sim.record_exchanges:
-                self._exchange_log.append(times)
-            push(times.replied, times.worker, reply_, self.server.handle(times.worker, payload))
+class _CostClock:
+    """One run of a :class:`Simulator` on the clock with communication costs.
 
-        def receive(worker: int, time: float, reply: Tensor | None, *, finishing: bool) -> None:
-            if reply is not None:
-                self.workers[worker].incoming(reply)
-            if finishing:
+    Events are ordered by (time, worker, sequence): at equal times a worker's whole exchange
+    completes before the next worker acts, which is the tie rule of the free clock, so zero
+    charges replay it exactly. The server serves booked exchanges first come, first served. A
+    blocking worker's gradient step waits for its reply; an overlapping one steps on and applies
+    the reply when it lands (its next exchange waits for the previous one).
+    """
+
+    def __init__(self, sim: Simulator) -> None:
+        assert sim.sim.cost is not None
+        self.sim = sim
+        self.queue = ServerQueue(sim.sim.cost)
+        self.overlap = sim.sim.overlap
+        self.events: list[tuple[float, int, int, int, Tensor | None]] = []
+        self.booked: deque[tuple[ExchangeTimes, Tensor | None]] = deque()
+        self.in_flight = [False] * len(sim.workers)
+        self.waiting = [False] * len(sim.workers)
+        self.sequence = 0
+
+    def push(self, time: float, worker: int, kind: int, reply: Tensor | None = None) -> None:
+        self.sequence += 1
+        heapq.heappush(self.events, (time, worker, self.sequence, kind, reply))
+
+    def finish_step(self, worker: int, time: float) -> None:
+        """The gradient half of the step; the next step is due one step time later."""
+        sim = self.sim
+        gradient_step(sim.workers[worker], sim._gradient(worker))
+        if not sim._spent(worker, time):
+            self.push(time + sim.speeds[worker], worker, _STEP)
+
+    def start_step(self, worker: int, time: float) -> None:
+        """A step starts: book the exchange when due (the server serves it in turn)."""
+        role = self.sim.workers[worker]
+        if role.due():
+            if self.in_flight[worker]:  # overlap: the previous exchange must land first
+                self.waiting[worker] = True
                 return
-            if not overlap:
-                finish_step(worker, time)
-            else:
-                in_flight[worker] = False
-                if waiting[worker]:
-                    waiting[worker] = False
-                    start_step(worker, time)
+            times = self.queue.book(worker, time)
+            payload = role.outgoing()
+            # a copy: what was sent must not change while it travels (roles may update in place)
+            self.booked.append((times, None if payload is None else payload.clone()))
+            self.push(times.served, worker, _SERVE)
+            if not self.overlap:
+                return  # the gradient step waits for the reply
+            self.in_flight[worker] = True
+        self.finish_step(worker, time)
 
-        for worker in range(len(self.workers)):
-            push(0.0, worker, step_)
-        while events and events[0][0] < self.sim.duration:
-            time, worker, _, kind, reply = heapq.heappop(events)
-            self._evaluate_until(time, history)
-            if self._stop_reason is not None:
-                break
-            self.now = time
-            if kind == step_:
-                start_step(worker, time)
-            elif kind == serve_:
-                serve()
-            else:
-                receive(worker, time, reply, finishing=False)
-        if self._stop_reason is not None:
-            end = self.now
+    def serve(self) -> None:
+        """The server handles the oldest booked exchange; its reply travels back."""
+        sim = self.sim
+        assert sim.server is not None
+        times, payload = self.booked.popleft()
+        sim.exchanges += 1
+        if sim.sim.record_exchanges:
+            sim._exchange_log.append(times)
+        reply = sim.server.handle(times.worker, payload)
+        self.push(times.replied, times.worker, _REPLY, reply)
+
+    def receive(self, worker: int, time: float, reply: Tensor | None, *, finishing: bool) -> None:
+        """A reply lands: apply it, then go on with the step (blocking) or the waiting one."""
+        if reply is not None:
+            self.sim.workers[worker].incoming(reply)
+        if finishing:
+            return
+        if not self.overlap:
+            self.finish_step(worker, time)
         else:
-            end = self.sim.duration if events else self._finished_at
-        # messages already sent still reach the server; nobody takes another step
-        while events:
-            time, worker, _, kind, reply = heapq.heappop(events)
-            if kind == serve_:
-                serve()
-            elif kind == reply_:
-                receive(worker, time, reply, finishing=True)
+            self.in_flight[worker] = False
+            if self.waiting[worker]:
+                self.waiting[worker] = False
+                self.start_step(worker, time)
+
+    def run(self, history: list[EvalPoint]) -> float:
+        """Run to the end (budget, duration or a stop rule); returns the end time."""
+        sim = self.sim
+        for worker in range(len(sim.workers)):
+            self.push(0.0, worker, _STEP)
+        while self.events and self.events[0][0] < sim.sim.duration:
+            time, worker, _, kind, reply = heapq.heappop(self.events)
+            sim._evaluate_until(time, history)
+            if sim._stop_reason is not None:
+                break
+            sim.now = time
+            if kind == _STEP:
+                self.start_step(worker, time)
+            elif kind == _SERVE:
+                self.serve()
+            else:
+                self.receive(worker, time, reply, finishing=False)
+        if sim._stop_reason is not None:
+            end = sim.now
+        else:
+            end = sim.sim.duration if self.events else sim._finished_at
+        self.drain()
         return end
+
+    def drain(self) -> None:
+        """Messages already sent still reach the server; nobody takes another step."""
+        while self.events:
+            time, worker, _, kind, reply = heapq.heappop(self.events)
+            if kind == _SERVE:
+                self.serve()
+            elif kind == _REPLY:
+                self.receive(worker, time, reply, finishing=True)
 
 
 def simulate(algorithm: AlgorithmConfig, sim: SimConfig, objective: Objective) -> SimResult:
