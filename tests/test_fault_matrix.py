@@ -211,7 +211,8 @@ def test_allreduce_raise_ends_the_run_with_the_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize("mode", ["sigstop", "loop"])
 def test_allreduce_hang_ends_the_run_at_the_collective_timeout(tmp_path: Path, mode: str) -> None:
     # rank 1 hangs after step 5; rank 0 waits for it in the next all-reduce until comm.timeout_s
-    overrides = [*ALLREDUCE_RUN, "comm.timeout_s=5", "fault.hang_rank=1", "fault.hang_at_step=5",
+    # (10 s: it also bounds the start-up rendezvous of a loaded machine)
+    overrides = [*ALLREDUCE_RUN, "comm.timeout_s=10", "fault.hang_rank=1", "fault.hang_at_step=5",
                  f"fault.hang_mode={mode}", f"hydra.run.dir={tmp_path}"]  # fmt: skip
     try:
         if mode == "sigstop":
