@@ -20,7 +20,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -30,6 +29,7 @@ from easgd.config.algorithm import AlgorithmConfig
 from easgd.data.sampling import MinibatchSampler
 from easgd.flat import FlatModel
 from easgd.roles import ElasticWorker, GradientFn, worker_step
+from easgd.runtime.allreduce_snapshots import RankSnapshots
 
 log = logging.getLogger("easgd")
 
@@ -60,21 +60,6 @@ class ExchangeReport:
     """Each rank's ||x_i - x~|| before the move (0 when not measured)."""
     latency_ms: float
     """This rank's wall time inside the all-reduce (waiting for the slowest rank included)."""
-
-
-class LoopSnapshots(Protocol):
-    """What the loop needs of a rank's snapshots (:class:`RankSnapshots`)."""
-
-    next_number: int
-    """The number the next snapshot that rank 0 starts will have."""
-    saved: int
-    """The newest snapshot number whose part this rank has saved (0: none)."""
-
-    def save(self, number: int) -> None:
-        """Save this rank's part of snapshot ``number``."""
-
-    def exchanged(self, saved_sum: float) -> None:
-        """An exchange's sum of every rank's :attr:`saved`."""
 
 
 @dataclass
@@ -111,7 +96,7 @@ class ReplicatedCenterLoop:
         slowdown: float = 1.0,
         measure_distance: bool = False,
         decide: Callable[[], tuple[bool, bool]] | None = None,
-        snapshots: LoopSnapshots | None = None,
+        snapshots: RankSnapshots | None = None,
         after_exchange: Callable[[ExchangeReport], None] | None = None,
         after_step: Callable[[ElasticWorker], None] | None = None,
     ) -> None:
