@@ -33,9 +33,6 @@ log = logging.getLogger("easgd")
 SCHEMA_VERSION = 2
 """Version of the summary.json shape (1: the shapes before one Summary; 2: this one)."""
 
-TOPOLOGIES = ("server", "allreduce", "sequential", "own_loop")
-"""The ``topology`` values a summary can carry."""
-
 
 @dataclass
 class RunFigures:
@@ -141,13 +138,6 @@ class Summary:
             config=to_dict(cfg),
             details=details or {},
         )
-
-
-SUMMARY_KEYS = frozenset(Summary.__dataclass_fields__) - {"figures", "hyperparameters"}
-SUMMARY_KEYS |= frozenset(RunFigures.__dataclass_fields__) | {"schema", "exchanges_per_s"}
-SUMMARY_KEYS |= {"learning_rate", "momentum", "moving_rate", "dataset", "model"}
-SUMMARY_KEYS |= {"latency_ms", "jitter_ms", "seed"}
-"""The top-level keys of every summary.json (the shape tests check against)."""
 
 
 def hparams_of(cfg: TrainConfig) -> dict[str, Any]:
