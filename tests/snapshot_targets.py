@@ -16,8 +16,7 @@ from easgd.runtime.checkpoint import Checkpointer
 from easgd.runtime.resume import load_worker_part
 from easgd.runtime.runlog import RunLog
 from easgd.runtime.server import ParameterServer, StopRule
-from easgd.runtime.server_main import SnapshotWriter
-from easgd.runtime.snapshot import SnapshotCut, SnapshotLog, WorkerSnapshots
+from easgd.runtime.snapshot import SnapshotCut, SnapshotLog, SnapshotWriter, WorkerSnapshots
 from easgd.runtime.worker import WorkerLoop, handshake
 
 NUMEL = 16
@@ -40,6 +39,7 @@ def _serve(role, groups: dict, directory: Path, every_s: float) -> tuple:  # typ
     transports = {r: _transport(r, g) for r, g in groups.items()}
     with tempfile.TemporaryDirectory() as tmp:
         runlog = RunLog(tmp, tensorboard=False)
+        cut = SnapshotCut(next_number=log.next_number())
         server = ParameterServer(
             role,
             transports,
@@ -49,10 +49,11 @@ def _serve(role, groups: dict, directory: Path, every_s: float) -> tuple:  # typ
             eval_interval_s=0.01,
             total_steps=0,
             progress=False,
-            snapshots=SnapshotCut(next_number=log.highest_file_number() + 1),
+            snapshots=cut,
             finished_before=finished_before,
         )
-        writer = SnapshotWriter(server, directory, every_s=every_s, workers=list(transports))
+        names = ["server", *(f"worker{r}" for r in transports)]
+        writer = SnapshotWriter(cut, server, directory, every_s=every_s, names=names)
         server.on_tick = writer.tick
         try:
             server.run()

@@ -53,7 +53,13 @@ DETAILS = {
     },
     "allreduce": {"steps_per_s_rank0", "mean_allreduce_ms", "resumed_step"},
     "sequential": {"train_loss", "train_error"},
-    "own_loop": {"rejected_messages", "worker_steps_per_s", "hparams"},
+    "own_loop": {
+        "rejected_messages",
+        "worker_steps_per_s",
+        "hparams",
+        "committed_snapshot",
+        "resumed_snapshot",
+    },
     "simulate": {
         "clock",
         "cost_profile",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,6 +35,10 @@ class InProcessServer:
         self.exchange_steps: list[int] = []
         self.refuse_next = False
         self.stop = False
+        self.mark_next = 0
+        """Mark the reply to the next exchange with this snapshot number (the marker cut)."""
+        self.state_at_mark: dict | None = None
+        self.acks: list[int] = []
         self._reply: tuple[Header, Tensor | None] = (Header(Op.REPLY), None)
 
     def send_control(self, header: Header, payload: Tensor | None = None) -> None:
@@ -53,12 +58,16 @@ class InProcessServer:
             return
         assert payload is not None
         self.exchange_steps.append(header.step)
+        self.acks.append(header.saved_snapshot)
+        mark, self.mark_next = self.mark_next, 0
+        if mark:  # the server's part: its state when the snapshot started, before this exchange
+            self.state_at_mark = copy.deepcopy(self.role.state_dict())
         if self.refuse_next:
             self.refuse_next = False
             self._reply = (Header(Op.REPLY, error=ERROR_NON_FINITE), self.role.center.clone())
         else:
             reply = self.role.handle(1, payload.clone()).clone()
-            self._reply = (Header(Op.REPLY, stop=self.stop), reply)
+            self._reply = (Header(Op.REPLY, stop=self.stop, snapshot=mark), reply)
 
     def recv(self) -> tuple[Header, Tensor | None]:
         return self._reply
@@ -101,14 +110,19 @@ def backward(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
 
 
 def wrapped(
-    algorithm: str, server_role: ServerRole, make_optimizer, *, overlap: bool = False
+    algorithm: str,
+    server_role: ServerRole,
+    make_optimizer,
+    *,
+    overlap: bool = False,
+    run: dict[str, object] | None = None,
 ) -> tuple[nn.Module, ElasticOptimizer, InProcessServer]:
     model = linear_model(seed=1)  # not the server's init: the handshake must overwrite it
     server = InProcessServer(server_role, numel=5)
     optimizer = ElasticOptimizer(
         model,
         make_optimizer(model.parameters()),
-        session_for(algorithm),
+        session_for(algorithm, **(run or {})),
         comm_period=TAU,
         overlap=overlap,
         transport=server,  # type: ignore[arg-type]
@@ -216,6 +230,69 @@ def test_state_dict_resume_continues_exactly_where_the_run_left_off() -> None:
     run_steps(model, optimizer, data[5:])
     assert server.exchange_steps == [6, 9]
     assert torch.allclose(flat(model), straight, rtol=0, atol=1e-12)
+
+
+SNAPSHOT_CASES = {
+    "eamsgd-nesterov": ("eamsgd", lambda p: torch.optim.SGD(p, lr=LR, momentum=0.9, nesterov=True)),
+    "easgd-adam": ("easgd", lambda p: torch.optim.Adam(p, lr=LR)),
+    "downpour-momentum": ("downpour", lambda p: torch.optim.SGD(p, lr=LR, momentum=0.5)),
+}
+
+
+def server_role_for(algorithm: str, center: Tensor) -> ServerRole:
+    if algorithm == "downpour":
+        return DownpourServer(center)
+    return ElasticServer(center, moving_rate=0.3)
+
+
+@pytest.mark.parametrize("case", list(SNAPSHOT_CASES))
+def test_a_marked_reply_saves_the_state_sent_and_a_restart_resumes_from_it_exactly(
+    tmp_path: Path, case: str
+) -> None:
+    algorithm, make = SNAPSHOT_CASES[case]
+    center0, data = flat(linear_model(seed=0)), batches(STEPS)
+    run = {"checkpoints": str(tmp_path), "snapshot": 0, "signature": {"algorithm": algorithm}}
+    model, optimizer, server = wrapped(
+        algorithm, server_role_for(algorithm, center0), make, run=run
+    )
+    run_steps(model, optimizer, data)
+    straight, straight_center = flat(model), server.role.center.clone()
+
+    model, optimizer, server = wrapped(
+        algorithm, server_role_for(algorithm, center0), make, run=run
+    )
+    # the snapshot starts now: the exchange of t = 6 is its worker's part (DOWNPOUR sends it at
+    # the end of step 5, before the gradient of step 6)
+    before = 5 if algorithm == "downpour" else 6
+    run_steps(model, optimizer, data[:before])
+    server.mark_next = 7
+    run_steps(model, optimizer, data[before:])  # then the worker crashes (no DONE)
+    assert server.acks[-1] == 7  # its next message (t = 9) says its part is on disk
+    assert optimizer.resumed_step == 0
+    role = server_role_for(algorithm, center0)
+    assert server.state_at_mark is not None
+    role.load_state_dict(server.state_at_mark)  # the server resumes its part of snapshot 7
+    resumed = {**run, "snapshot": 7}
+    model, optimizer, server = wrapped(algorithm, role, make, run=resumed)
+    assert optimizer.resumed_step == optimizer.local_step_count == 6  # no load_state_dict call
+    run_steps(model, optimizer, data[6:])
+    assert server.exchange_steps[0] == 6  # the marked exchange is redone, once
+    assert torch.allclose(flat(model), straight, rtol=0, atol=1e-12)
+    assert torch.allclose(server.role.center, straight_center, rtol=0, atol=1e-12)
+
+
+def test_a_worker_part_of_another_algorithm_is_refused(tmp_path: Path) -> None:
+    run = {"checkpoints": str(tmp_path), "snapshot": 0, "signature": {"algorithm": "easgd"}}
+    center0 = flat(linear_model(seed=0))
+    make = SNAPSHOT_CASES["easgd-adam"][1]
+    model, optimizer, server = wrapped(
+        "easgd", ElasticServer(center0, moving_rate=0.3), make, run=run
+    )
+    server.mark_next = 2
+    run_steps(model, optimizer, batches(4))
+    other = {"checkpoints": str(tmp_path), "snapshot": 2, "signature": {"algorithm": "eamsgd"}}
+    with pytest.raises(ValueError, match="algorithm: checkpoint 'easgd' vs this run 'eamsgd'"):
+        wrapped("eamsgd", ElasticServer(center0, moving_rate=0.3), make, run=other)
 
 
 def test_a_refused_exchange_resets_to_the_center_and_clears_the_optimizer_state() -> None:

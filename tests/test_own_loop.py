@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import own_loop_resume
+from tests.summary_shape import assert_summary_shape
 from tests.test_train_e2e import ROOT, run
 
 pytestmark = pytest.mark.slow
@@ -66,6 +68,7 @@ def test_example_a_trains_a_cnn_from_a_dataloader_and_records_the_run(tmp_path: 
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
+    assert_summary_shape(summary, topology="own_loop")
     batches = -(-4000 // 64)  # one epoch of MNIST-1D's 4,000 training sequences per worker
     assert summary["worker_steps"] == 2 * batches
     assert summary["exchanges"] == 2 * len(range(0, batches, 4))  # t = 0, 4, ... on each worker
@@ -83,6 +86,7 @@ def test_example_b_trains_in_mixed_precision_on_gpu(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
+    assert_summary_shape(summary, topology="own_loop")
     steps = [int(s) for s in re.findall(r"local steps: (\d+)", result.stdout)]
     assert len(steps) == 2 and summary["worker_steps"] == sum(steps)  # skipped steps are not steps
     assert summary["test_error"] < 0.8
@@ -118,20 +122,52 @@ def statement_count(path: Path) -> int:
     return sum(isinstance(node, ast.stmt) for node in ast.walk(ast.parse(path.read_text())))
 
 
-def test_a_crashed_worker_resumes_from_its_own_checkpoint_and_the_servers(tmp_path: Path) -> None:
+def local_updates(steps: int, gradient: torch.Tensor) -> torch.Tensor:
+    """The sum of torch SGD's updates of x after ``steps`` steps on a constant gradient, from a
+    zero momentum buffer: b_k = momentum b_(k-1) + g, x moves by -lr b_k (heavy ball, and
+    Nesterov's x = y - delta v as well)."""
+    lr, momentum = own_loop_resume.LR, own_loop_resume.MOMENTUM
+    total = sum((1 - momentum**k) / (1 - momentum) for k in range(1, steps + 1))
+    return -lr * total * gradient
+
+
+@pytest.mark.parametrize(
+    "mode", [{"OVERLAP": "0", "NESTEROV": "1"}, {"OVERLAP": "1", "NESTEROV": "0"}], ids=str
+)
+def test_own_loop_snapshots_are_a_consistent_cut_across_a_kill_and_restart(
+    tmp_path: Path, mode: dict[str, str]
+) -> None:
     result = torchrun_script(
         ROOT / "tests" / "own_loop_resume.py",
         3,
         "--max-restarts=1",
-        env={"RUN_DIR": str(tmp_path)},
+        env={"RUN_DIR": str(tmp_path), **mode},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "worker 1 resumed at step 30" in result.stdout  # its last save before the crash at 35
-    assert "worker 2 resumed at step" in result.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["restarts"] == 1  # the server resumed the center from its checkpoint
-    assert summary["worker_steps"] == 2 * 60 and summary["failed_workers"] == {}
-    assert summary["test_error"] < 0.1  # the linear task is learnt (untrained: about 0.5)
+    assert_summary_shape(summary, topology="own_loop")
+    assert summary["restarts"] == 1 and summary["details"]["resumed_snapshot"] >= 1
+    assert summary["failed_workers"] == {}
+    resumed = {
+        int(r): int(s) for r, s in re.findall(r"worker (\d) resumed at step (\d+)", result.stdout)
+    }
+    # the killed worker resumed from its part of the committed snapshot, not from step 0, and
+    # told the server so in its HELLO
+    assert resumed[1] > 0 and summary["resumed_worker_steps"] == {"1": resumed[1], "2": resumed[2]}
+    finals = {r: json.loads((tmp_path / f"final-worker{r}.json").read_text()) for r in (1, 2)}
+    assert summary["worker_steps"] == sum(f["steps"] for f in finals.values())
+    # elastic moves are equal and opposite on a worker and the center: center + sum x_i moves
+    # only by the workers' own optimizer steps, whatever was killed and redone
+    x0 = torch.tensor(json.loads((tmp_path / "initial.json").read_text()), dtype=torch.float64)
+    center = torch.tensor(
+        json.loads((tmp_path / "final-center.json").read_text()), dtype=torch.float64
+    )
+    total = center + sum(torch.tensor(f["x"], dtype=torch.float64) for f in finals.values())
+    expected = 3 * x0 + sum(
+        local_updates(f["steps"], own_loop_resume.gradient_of(r)) for r, f in finals.items()
+    )
+    assert torch.allclose(total, expected, rtol=0, atol=1e-9)
+    assert not torch.allclose(center, x0, rtol=0, atol=1e-3)  # the exchanges moved the center
 
 
 MISMATCH = """

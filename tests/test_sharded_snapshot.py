@@ -62,7 +62,10 @@ def test_lead_marks_each_running_worker_once_and_copies_when_both_crossed() -> N
     cut = BarrierCut(lead=True, next_number=5)
     cut.bind(host)
     assert serve(host, cut, 1, exchange(), 1) == 0  # before the start: not marked
-    assert cut.begin() == 5 and cut.begin() is None  # one snapshot at a time
+    with host.lock:
+        assert cut.begin(host.running_workers()) == 5 and cut.in_progress
+        with pytest.raises(RuntimeError, match="still in progress"):  # one at a time
+            cut.begin(host.running_workers())
     assert serve(host, cut, 1, exchange(), 2) == 5  # first exchange after the start: marked
     assert serve(host, cut, 2, exchange(), 4) == 5
     # worker 1 saved and tags its next message: it waits for worker 2 to cross the cut too
@@ -73,6 +76,7 @@ def test_lead_marks_each_running_worker_once_and_copies_when_both_crossed() -> N
     assert not first.is_alive()
     with host.lock:
         assert cut.take_parts() == [(5, {"value": 1 + 2 + 4})]
+        assert cut.complete() == 5 and cut.complete() is None  # reported once, to the writer
     assert host.value == 1107 and cut.last_captured == 5 and not cut.in_progress
     assert serve(host, cut, 1, exchange(5), 1) == 0  # later messages pass (no reply marked)
 
@@ -136,7 +140,14 @@ def test_the_final_snapshot_number_is_above_every_started_one() -> None:
     host = Host([])
     cut = BarrierCut(lead=True, next_number=4)
     cut.bind(host)
-    assert cut.begin() == 4  # no worker running: copied at once
     with host.lock:
+        assert cut.begin([]) == 4  # no worker running: copied at once
         assert cut.take_parts() == [(4, {"value": 0})]
-    assert cut.abandon() == 5 and cut.begin() == 6
+        assert cut.abandon() == 5 and cut.begin([]) == 6
+
+
+def test_only_the_lead_shard_starts_snapshots() -> None:
+    cut = BarrierCut(lead=False)
+    cut.bind(Host([1]))
+    with pytest.raises(RuntimeError, match="only the lead shard"):
+        cut.begin([1])

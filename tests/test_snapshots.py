@@ -3,7 +3,9 @@ committed snapshot, and the run's invariants hold as if nothing had happened."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,10 +18,31 @@ from tests.dist_helpers import spawn_world
 WORKERS = 3
 
 
+class Host:
+    """A stand-in for the ParameterServer a cut serves: a lock and a counter as its state."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.value = 0
+
+    def running_workers(self) -> list[int]:
+        return []
+
+    def state_copy(self) -> dict[str, Any]:
+        return {"value": self.value}
+
+    def failed(self) -> bool:
+        return False
+
+
 def test_cut_marks_each_running_worker_once_and_completes_on_acks_or_done() -> None:
-    cut = SnapshotCut(next_number=5)
+    cut, host = SnapshotCut(next_number=5), Host()
+    cut.bind(host)
     assert cut.on_message(1, Header(Op.EXCHANGE)) == 0  # no snapshot in progress
+    host.value = 7
     assert cut.begin([1, 2, 3]) == 5
+    host.value = 8  # the server's part is its state at the start
+    assert cut.take_parts() == [(5, {"value": 7})] and cut.take_parts() == []
     assert cut.on_message(1, Header(Op.EXCHANGE)) == 5
     assert cut.on_message(1, Header(Op.EXCHANGE)) == 0  # only its first message counts
     assert cut.on_message(2, Header(Op.DONE)) == 0  # DONE: its final state is its part
@@ -29,7 +52,10 @@ def test_cut_marks_each_running_worker_once_and_completes_on_acks_or_done() -> N
     assert cut.complete() is None
     cut.drop(3)  # lost under the continue policy
     assert cut.complete() == 5 and not cut.in_progress
+    assert cut.complete() is None  # reported once
     assert cut.begin([]) == 6 and cut.complete() == 6  # nobody running: complete at once
+    assert cut.take_parts() == [(6, {"value": 8})]
+    assert cut.abandon() == 7 and cut.next_number == 8  # the final snapshot's number
 
 
 def test_commit_log_keeps_the_newest(tmp_path: Path) -> None:

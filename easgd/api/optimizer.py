@@ -33,6 +33,7 @@ from easgd.algorithms.hyperparams import check_comm_period
 from easgd.algorithms.registry import spec_of
 from easgd.api.roles import DownpourOptimizerRole, ElasticOptimizerRole, ModelParams, OptimizerRole
 from easgd.api.session import Session
+from easgd.api.snapshots import WorkerPart, restore
 from easgd.comm.groups import SERVER_RANK, LaunchError
 from easgd.comm.heartbeat import LoopHeartbeat
 from easgd.comm.message import ServerRejected
@@ -70,8 +71,11 @@ class ElasticOptimizer(torch.optim.Optimizer):
 
     ``comm_period`` is tau; ``overlap`` runs exchanges in a background thread (elastic only, as in
     ``easgd.train``). The algorithm is the server's (``api.serve(algorithm=...)``). ``transport``
-    replaces the session's pair with the server (tests). Construct it before loading a checkpoint:
-    the constructor sets the model's parameters to the center.
+    replaces the session's pair with the server (tests). The constructor sets the model's
+    parameters to the center; when the server snapshots the run (``api.serve(run_dir=...)``) it
+    instead restores this worker's part of the committed snapshot the server resumed from (model
+    parameters and buffers, the optimizer's state, t_i: :attr:`resumed_step`), and saves its
+    part of every later snapshot itself.
     """
 
     def __init__(
@@ -84,24 +88,10 @@ class ElasticOptimizer(torch.optim.Optimizer):
         overlap: bool = False,
         transport: PairTransport | None = None,
     ) -> None:
-        if session.is_server:
-            raise LaunchError(
-                "ElasticOptimizer runs on workers (rank >= 1); rank 0 calls api.serve"
-            )
-        if isinstance(optimizer, ElasticOptimizer):
-            raise ValueError("the optimizer is already an ElasticOptimizer; wrap it once")
-        _check_optimizer_covers_model(model, optimizer)
         model_params = ModelParams(trainable_params(model))
-        run = session.read_run()
+        run = self._checked_run(model, optimizer, session, model_params, comm_period, overlap)
         algorithm = str(run.get("algorithm", "easgd"))
-        self._check_same_model(run, model_params)
         spec = spec_of(algorithm)
-        spec.check_own_loop("ElasticOptimizer")
-        try:
-            check_comm_period(comm_period)
-        except ValueError as err:
-            raise ValueError(f"ElasticOptimizer: {err}") from None
-        spec.check_overlap(overlap, key="overlap=True")
         self.optimizer = optimizer
         self.param_groups = optimizer.param_groups
         self.defaults = optimizer.defaults
@@ -113,25 +103,25 @@ class ElasticOptimizer(torch.optim.Optimizer):
                 numel=model_params.numel,
                 dtype=model_params.dtype,
             )
-        try:
-            center = handshake(transport)
-        except ServerRejected as err:
-            raise ValueError(f"{err}; build the same model on every rank") from None
-        model_params.assign(center)
-        role: OptimizerRole
-        if spec.elastic:
-            role = ElasticOptimizerRole(model_params, optimizer, comm_period=comm_period)
-        else:
-            role = DownpourOptimizerRole(model_params, optimizer, comm_period=comm_period)
-        self.role = role
+        part = WorkerPart.of_run(run, session.env.rank)
+        saved = part.load() if part is not None else None
+        role_type = ElasticOptimizerRole if spec.elastic else DownpourOptimizerRole
+        self.role: OptimizerRole = self._join(
+            transport, model_params, role_type, comm_period, saved
+        )
+        if saved is not None:  # the run's committed snapshot: model, optimizer and t_i
+            restore(self.role, model, saved)
+        self.resumed_step = self.role.step
+        """t_i this worker resumed at from the run's committed snapshot (0: a fresh start)."""
         device = model_params.device
         self.loop = WorkerLoop(
-            role,
+            self.role,
             transport,
             _no_gradient,
             steps=0,
             overlap=overlap,
             to_device=lambda t: t.to(device, non_blocking=True),
+            snapshots=part.snapshots(self.role, model) if part is not None else None,
         )
         self._heartbeat = (
             LoopHeartbeat(session.store, session.env.rank) if session.store is not None else None
@@ -146,8 +136,54 @@ class ElasticOptimizer(torch.optim.Optimizer):
         self.outcome: WorkerOutcome | None = None
         """The worker's figures, set by :meth:`close`."""
         self.loop.start()
-        if not role.gradient_before_exchange:
+        if not self.role.gradient_before_exchange:
             self.loop.exchange_if_due()  # DOWNPOUR's t = 0 pull, before the first gradient
+
+    @classmethod
+    def _checked_run(
+        cls,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        session: Session,
+        model_params: ModelParams,
+        comm_period: int,
+        overlap: bool,
+    ) -> dict[str, Any]:
+        """The server's run description, once every argument is checked against it."""
+        if session.is_server:
+            raise LaunchError(
+                "ElasticOptimizer runs on workers (rank >= 1); rank 0 calls api.serve"
+            )
+        if isinstance(optimizer, ElasticOptimizer):
+            raise ValueError("the optimizer is already an ElasticOptimizer; wrap it once")
+        _check_optimizer_covers_model(model, optimizer)
+        run = session.read_run()
+        cls._check_same_model(run, model_params)
+        spec = spec_of(str(run.get("algorithm", "easgd")))
+        spec.check_own_loop("ElasticOptimizer")
+        try:
+            check_comm_period(comm_period)
+        except ValueError as err:
+            raise ValueError(f"ElasticOptimizer: {err}") from None
+        spec.check_overlap(overlap, key="overlap=True")
+        return run
+
+    def _join(
+        self,
+        transport: PairTransport,
+        model_params: ModelParams,
+        role_type: type[OptimizerRole],
+        comm_period: int,
+        saved: dict[str, Any] | None,
+    ) -> OptimizerRole:
+        """Say HELLO (with the resumed step), set the model to the center, build the role."""
+        step = int(saved["role"]["step"]) if saved is not None else 0
+        try:
+            center = handshake(transport, step=step)
+        except ServerRejected as err:
+            raise ValueError(f"{err}; build the same model on every rank") from None
+        model_params.assign(center)
+        return role_type(model_params, self.optimizer, comm_period=comm_period)
 
     @staticmethod
     def _check_same_model(run: dict[str, Any], model_params: ModelParams) -> None:
@@ -229,7 +265,8 @@ class ElasticOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state and this worker's (t_i; DOWNPOUR's a_i) for ``torch.save``.
 
-        The parameters x_i are in the model's own state_dict; save both.
+        The parameters x_i are in the model's own state_dict. Not needed for restarts under
+        ``api.serve(run_dir=...)`` (the run's snapshots hold both); for exporting a worker.
         """
         local: dict[str, Any] = {"step": self.role.step, "algorithm": self.algorithm}
         if isinstance(self.role, DownpourOptimizerRole):

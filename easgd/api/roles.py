@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from easgd.roles import WorkerRole
-from easgd.roles.state import snapshot
+from easgd.roles.state import State, load_into, snapshot
 
 
 class ModelParams:
@@ -100,6 +100,26 @@ class OptimizerRole(WorkerRole):
         self.model_params.assign(center)  # not the base's: ``params`` here is a copy
         self.optimizer.state.clear()
 
+    def _own_tensors(self) -> dict[str, Tensor]:
+        """The role's live variables besides the model's parameters, by state-dictionary key."""
+        return {}
+
+    def state_dict(self) -> State:
+        """Copies of the parameters as the model stores them, the role's own variables and t_i
+        (the optimizer's state is the optimizer's: :mod:`easgd.api.snapshots` saves both)."""
+        return snapshot(
+            {"params": self.model_params.vector(), **self._own_tensors()}, {"step": self.step}
+        )
+
+    def load_state_dict(self, state: State) -> None:
+        """Restore what :meth:`state_dict` returned, into the model and the role (strict keys)."""
+        params = self.model_params.vector()
+        counters = load_into(
+            type(self).__name__, state, {"params": params, **self._own_tensors()}, ("step",)
+        )
+        self.model_params.assign(params)
+        self.step = counters["step"]
+
 
 def lookahead_shifts(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> list[Tensor | None]:
     """delta * v for each parameter of torch's Nesterov SGD (which stores y = x + delta v), else None.
@@ -136,7 +156,11 @@ class ElasticOptimizerRole(OptimizerRole):
         self, model_params: ModelParams, optimizer: torch.optim.Optimizer, *, comm_period: int
     ) -> None:
         super().__init__(model_params, optimizer, comm_period=comm_period)
-        self.pending_move: Tensor | None = None
+        self.pending_move = torch.zeros(
+            model_params.numel, dtype=model_params.dtype, device=model_params.device
+        )
+        """The sum of the moves e received and not applied yet (zero: none)."""
+        self._has_move = False
 
     def exchange_point(self) -> Tensor:
         """x_i (the parameters, less torch Nesterov's shift delta v where there is one)."""
@@ -152,14 +176,15 @@ class ElasticOptimizerRole(OptimizerRole):
         return self.exchange_point()  # a new tensor: safe to send from the exchange thread
 
     def incoming(self, reply: Tensor) -> None:
-        move = reply.to(self.model_params.device, self.model_params.dtype, copy=True)
-        self.pending_move = move if self.pending_move is None else self.pending_move + move
+        self.pending_move += reply.to(self.model_params.device, self.model_params.dtype)
+        self._has_move = True
 
     def apply_pending_move(self) -> None:
         """x_i <- x_i - e for every e received since the last call."""
-        if self.pending_move is not None:
+        if self._has_move:
             self.model_params.subtract(self.pending_move)
-            self.pending_move = None
+            self.pending_move.zero_()
+            self._has_move = False
 
     def local_step(self, grad: object = None) -> None:
         super().local_step(grad)
@@ -167,7 +192,15 @@ class ElasticOptimizerRole(OptimizerRole):
 
     def reset(self, center: Tensor) -> None:
         super().reset(center)
-        self.pending_move = None
+        self.pending_move.zero_()
+        self._has_move = False
+
+    def _own_tensors(self) -> dict[str, Tensor]:
+        return {"pending_move": self.pending_move}
+
+    def load_state_dict(self, state: State) -> None:
+        super().load_state_dict(state)
+        self._has_move = True  # applied (exactly, if zero) after the next local step
 
 
 class DownpourOptimizerRole(OptimizerRole):
@@ -200,6 +233,5 @@ class DownpourOptimizerRole(OptimizerRole):
         super().reset(center)
         self.accumulated.zero_()
 
-    def state_dict(self) -> dict[str, Tensor | int]:
-        """t_i and a copy of a_i (the role keeps accumulating in place)."""
-        return snapshot({"accumulated": self.accumulated}, {"step": self.step})
+    def _own_tensors(self) -> dict[str, Tensor]:
+        return {"accumulated": self.accumulated}

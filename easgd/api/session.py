@@ -2,7 +2,8 @@
 
 Rank 0 serves the center (:func:`easgd.api.serve`); ranks 1..p train with
 :class:`easgd.api.ElasticOptimizer`. Each (server, worker) pair gets its own process group, as in
-``easgd.train``; the store carries heartbeats and the server's algorithm to the workers.
+``easgd.train``; the store carries heartbeats and the server's run description to the workers
+(its algorithm and model size, and where the run's snapshots go and which one it resumed from).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from easgd.comm.groups import SERVER_RANK, DistEnv, LaunchError, init_pair_group
 BACKENDS = ("auto", "gloo")
 
 RUN_KEY = "api/run"
-"""Store key under which the server publishes the run's algorithm for its workers."""
+"""Store key under which the server publishes the run description for its workers."""
 
 
 @dataclass
@@ -45,7 +46,7 @@ class Session:
         return self.env.restart_count
 
     def publish_run(self, info: dict[str, object]) -> None:
-        """Server: tell the workers which algorithm it runs (read by :meth:`read_run`)."""
+        """Server: describe the run to the workers (algorithm, model, snapshots; :meth:`read_run`)."""
         if self.store is not None:
             self.store.set(RUN_KEY, json.dumps(info))
 

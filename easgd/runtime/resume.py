@@ -32,15 +32,20 @@ def committed_snapshot(cfg: TrainConfig) -> int | None:
     """The newest committed snapshot to resume from (None: start fresh)."""
     if not cfg.checkpoint.resume:
         return None
-    committed = SnapshotLog(checkpoint_dir(cfg)).committed()
-    return committed[-1] if committed else None
+    return SnapshotLog(checkpoint_dir(cfg)).newest()
 
 
 def resume_server(
     checkpointer: Checkpointer, cfg: TrainConfig, signature: dict[str, Any]
 ) -> dict[str, Any] | None:
     """The server's part of the newest committed snapshot (None: start fresh)."""
-    number = committed_snapshot(cfg)
+    return load_server_part(checkpointer, committed_snapshot(cfg), signature)
+
+
+def load_server_part(
+    checkpointer: Checkpointer, number: int | None, signature: dict[str, Any]
+) -> dict[str, Any] | None:
+    """A server's (or shard's) part of committed snapshot ``number`` (None: start fresh)."""
     if number is None:
         return None
     state = checkpointer.load(number)
@@ -59,7 +64,13 @@ def resume_worker(
 ) -> dict[str, Any] | None:
     """This worker's part of the newest committed snapshot: its file for that snapshot, or its
     final state if it had finished (or said DONE) by then; None: start fresh."""
-    number = committed_snapshot(cfg)
+    return resume_worker_part(checkpointer, committed_snapshot(cfg), signature)
+
+
+def resume_worker_part(
+    checkpointer: Checkpointer, number: int | None, signature: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """:func:`load_worker_part`, and a final state written after snapshot ``number`` deleted."""
     state = load_worker_part(checkpointer, number, signature)
     if state is None or number is None or checkpointer.path(number).is_file():
         checkpointer.final_path.unlink(missing_ok=True)  # stale: written after this snapshot

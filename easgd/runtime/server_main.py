@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor
@@ -30,7 +29,7 @@ from easgd.runtime.parts import RunParts
 from easgd.runtime.resume import checkpoint_dir, checkpoint_signature, resume_server
 from easgd.runtime.runlog import RunLog
 from easgd.runtime.server import ParameterServer, StopRule
-from easgd.runtime.snapshot import CheckpointPolicy, SnapshotCut, SnapshotLog
+from easgd.runtime.snapshot import SnapshotCut, SnapshotLog, SnapshotWriter
 from easgd.runtime.summary import hparams_of, server_summary, write_summary
 
 log = logging.getLogger("easgd")
@@ -40,60 +39,6 @@ def evaluate_center(flat: FlatModel, split: Split, point: Tensor) -> dict[str, f
     """Test loss and error of ``point``, with BatchNorm statistics recomputed for it first."""
     flat.recompute_running_stats(point, split.train_x)
     return flat.evaluate(point, split.test_x, split.test_y)
-
-
-class SnapshotWriter:
-    """Starts snapshots on the policy's schedule, writes the server's part, commits complete ones."""
-
-    def __init__(
-        self,
-        server: ParameterServer,
-        directory: str | os.PathLike[str],
-        *,
-        every_s: float,
-        keep: int = 3,
-        extra: dict[str, Any] | None = None,
-        workers: list[int],
-    ) -> None:
-        self.server = server
-        self.directory = Path(directory)
-        self.checkpointer = Checkpointer(self.directory, "server", keep=keep)
-        self.log = SnapshotLog(self.directory, keep=keep)
-        self.policy = CheckpointPolicy(every_s)
-        self.extra = extra or {}
-        self.workers = workers
-        self.committed: int | None = None
-
-    def tick(self) -> None:
-        """Commit a snapshot whose parts are all saved; start the next one when it is due."""
-        number = self.server.snapshot_complete()
-        if number is not None:
-            self._commit(number)
-        if self.policy.due():
-            self.start()
-
-    def start(self) -> None:
-        """Start a snapshot now (unless one is in progress) and write the server's part."""
-        begun = self.server.begin_snapshot()
-        if begun is None:
-            return
-        number, state = begun
-        self.checkpointer.save({**state, **self.extra}, number)
-        self.policy.started()
-        done = self.server.snapshot_complete()  # at once when no worker is running
-        if done is not None:
-            self._commit(done)
-
-    def finish(self) -> None:
-        """After a complete run: commit what is complete, then the final snapshot."""
-        self.tick()
-        self.start()
-
-    def _commit(self, number: int) -> None:
-        kept = self.log.commit(number)
-        self.committed = number
-        for name in ["server", *(f"worker{r}" for r in self.workers)]:
-            Checkpointer(self.directory, name).prune(kept)
 
 
 def run_server(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) -> dict[str, Any]:
@@ -121,6 +66,7 @@ def run_server(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
         flat.num_params,
         os.path.abspath(cfg.run_dir),
     )
+    cut = SnapshotCut(next_number=SnapshotLog(checkpoint_dir(cfg)).next_number())
     server = ParameterServer(
         role,
         transports,
@@ -136,18 +82,17 @@ def run_server(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
             pairs.store, timeout_s=cfg.comm.heartbeat_timeout_s, first_step_s=cfg.comm.timeout_s
         ),
         max_update_norm=cfg.max_update_norm,
-        snapshots=SnapshotCut(
-            next_number=SnapshotLog(checkpoint_dir(cfg)).highest_file_number() + 1
-        ),
+        snapshots=cut,
         finished_before=finished_before,
     )
     snapshots = SnapshotWriter(
+        cut,
         server,
         checkpoint_dir(cfg),
         every_s=cfg.checkpoint.every_s,
+        names=["server", *(f"worker{r}" for r in transports)],
         keep=cfg.checkpoint.keep,
         extra={"restarts": restarts, "signature": signature},
-        workers=list(transports),
     )
     faults = FaultInjector(cfg.fault, SERVER_RANK, generation=pairs.generation)
     faults.wrap_server_role(role)

@@ -38,8 +38,8 @@ from easgd.runtime.process import setup_logging
 from easgd.runtime.resume import checkpoint_dir, checkpoint_signature, resume_server
 from easgd.runtime.runlog import RunLog
 from easgd.runtime.server import Evaluate, ParameterServer, StopRule
-from easgd.runtime.sharded_snapshot import BarrierCut, ShardSnapshotWriter
-from easgd.runtime.snapshot import SnapshotLog
+from easgd.runtime.sharded_snapshot import BarrierCut, ShardPeers
+from easgd.runtime.snapshot import SnapshotLog, SnapshotWriter
 from easgd.runtime.summary import hparams_of, server_summary, write_summary
 from easgd.runtime.worker_main import run_worker
 
@@ -120,7 +120,7 @@ def run_shard(
     else:
         evaluate = lambda own: {"test_loss": math.nan, "test_error": math.nan}  # noqa: E731
         runlog = RunLog(None)  # shard 0 records the run
-    cut = BarrierCut(lead=lead, next_number=SnapshotLog(directory).highest_file_number() + 1)
+    cut = BarrierCut(lead=lead, next_number=SnapshotLog(directory).next_number())
     server = ParameterServer(
         role,
         transports,
@@ -146,18 +146,18 @@ def run_shard(
 
     slices_thread = None if lead else serve_slices(groups.shards[0], snapshot, server_done)
 
-    snapshots = ShardSnapshotWriter(
+    snapshots = SnapshotWriter(
         cut,
         server,
         directory,
-        shard=shard,
-        shards=cfg.server.shards,
-        store=groups.store,
         every_s=cfg.checkpoint.every_s,
+        names=[f"shard{j}" for j in range(cfg.server.shards)] + [f"worker{r}" for r in transports],
+        name=f"shard{shard}",
         keep=cfg.checkpoint.keep,
         extra={"restarts": restarts, "signature": signature},
-        workers=list(transports),
-        timeout_s=cfg.comm.timeout_s,
+        peers=ShardPeers(
+            groups.store, shard=shard, shards=cfg.server.shards, timeout_s=cfg.comm.timeout_s
+        ),
     )
     faults = FaultInjector(cfg.fault, shard, generation=groups.generation, who=f"shard {shard}")
 

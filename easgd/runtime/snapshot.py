@@ -20,6 +20,12 @@ applied twice or lost). The cut used here:
 A worker that had finished before the start is represented by its final state. Snapshot numbers
 grow across restarts (a restarted server starts above every file on disk), so a stale file from
 an uncommitted snapshot of a crashed attempt is never mistaken for a committed one.
+
+One protocol, one writer: :class:`SnapshotProtocol` is what the server side of any cut does
+(this module's :class:`SnapshotCut`, and the sharded center's
+:class:`~easgd.runtime.sharded_snapshot.BarrierCut`); :class:`SnapshotWriter` drives either on a
+:class:`CheckpointPolicy` for ``easgd.train``'s server, its shards and ``easgd.api.serve``.
+:class:`WorkerSnapshots` is a worker's side (``easgd.train`` workers and ``api.ElasticOptimizer``).
 """
 
 from __future__ import annotations
@@ -34,13 +40,16 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from easgd.comm.message import Header, Op
 from easgd.runtime.checkpoint import Checkpointer
 from easgd.runtime.files import atomic_write
+
+if TYPE_CHECKING:  # sharded_snapshot imports this module
+    from easgd.runtime.sharded_snapshot import ShardPeers
 
 
 @dataclass
@@ -67,62 +76,8 @@ class OpenSnapshot:
         self.missing.discard(rank)
 
 
-class SnapshotCut:
-    """Server side of the cut: which reply to mark, and when a snapshot is complete.
-
-    Every method is called under the server's lock (the cut must see messages in the order the
-    server role applies them).
-    """
-
-    def __init__(self, *, next_number: int = 1) -> None:
-        self.next_number = next_number
-        self._open: OpenSnapshot | None = None
-
-    @property
-    def in_progress(self) -> bool:
-        """Whether a snapshot has started and is not complete yet."""
-        return self._open is not None
-
-    def begin(self, running: Iterable[int]) -> int:
-        """Start the next snapshot over the ``running`` workers; returns its number."""
-        if self._open is not None:
-            raise RuntimeError(f"snapshot {self._open.number} is still in progress")
-        number, self.next_number = self.next_number, self.next_number + 1
-        ranks = set(running)
-        self._open = OpenSnapshot(number, set(ranks), set(ranks))
-        return number
-
-    def on_message(self, rank: int, header: Header) -> int:
-        """Note a worker's message; returns the snapshot number to mark its reply with (0: none)."""
-        snap = self._open
-        if snap is None:
-            return 0
-        if header.saved_snapshot >= snap.number:
-            snap.missing.discard(rank)
-        if header.op == Op.DONE:  # its final state was written before DONE was sent
-            snap.forget(rank)
-            return 0
-        return snap.mark(rank)
-
-    def drop(self, rank: int) -> None:
-        """A worker failed or was lost (continue policy): the snapshot goes on without it."""
-        if self._open is not None:
-            self._open.forget(rank)
-
-    def bind(self, host: CutHost) -> None:
-        """Nothing to bind: this cut never waits (the server copies its state at the start)."""
-
-    def complete(self) -> int | None:
-        """The number of the snapshot in progress if every part is saved (it is then closed)."""
-        snap = self._open
-        if snap is None or snap.unmarked or snap.missing:
-            return None
-        self._open = None
-        return snap.number
-
-
 class CutHost(Protocol):
-    """What a cut needs from the parameter server it serves (see :meth:`SnapshotCut.bind`)."""
+    """What a cut needs from the parameter server it serves (see :meth:`SnapshotProtocol.bind`)."""
 
     lock: threading.Lock
 
@@ -137,6 +92,128 @@ class CutHost(Protocol):
     def failed(self) -> bool:
         """Whether the run is ending on a failure (no snapshot can complete any more)."""
         ...
+
+
+class SnapshotProtocol:
+    """The server side of a consistent snapshot, as both cuts implement it.
+
+    A cut is bound to its server (:meth:`bind`); the lead (the single server, or shard 0) starts
+    snapshot n over the running workers (:meth:`begin`); every worker message passes through
+    :meth:`on_message`, which says which reply to mark with n; a failed or lost worker is
+    :meth:`drop` ped. The server's own part is copied under the lock when the cut decides
+    (:class:`SnapshotCut`: at the start; :class:`~easgd.runtime.sharded_snapshot.BarrierCut`:
+    once every worker has crossed) and handed to the writer by :meth:`take_parts`;
+    :meth:`complete` reports a snapshot whose parts at this server are all in, and
+    :meth:`abandon` ends the run's snapshots (the final one's number). Every method but
+    :meth:`bind` is called under the server's lock. :class:`SnapshotWriter` drives both cuts.
+    """
+
+    lead = True
+    """Whether this server starts (and commits) snapshots."""
+
+    def __init__(self, *, next_number: int = 1) -> None:
+        self.next_number = next_number
+        self._host: CutHost | None = None
+        self._open: OpenSnapshot | None = None
+        self._parts: list[tuple[int, dict[str, Any]]] = []
+        self._completed: int | None = None
+
+    def bind(self, host: CutHost) -> None:
+        """Serve ``host``: its state is this server's part of each snapshot."""
+        self._host = host
+
+    def _bound(self) -> CutHost:
+        if self._host is None:
+            raise RuntimeError(f"{type(self).__name__}.bind(server) must be called before use")
+        return self._host
+
+    @property
+    def in_progress(self) -> bool:
+        """Whether a snapshot has started (or been seen) here and is not complete yet."""
+        return self._open is not None
+
+    def begin(self, running: Iterable[int]) -> int:
+        """Start the next snapshot over the ``running`` workers; returns its number."""
+        if not self.lead:
+            raise RuntimeError("only the lead shard starts snapshots")
+        if self._open is not None:
+            raise RuntimeError(f"snapshot {self._open.number} is still in progress")
+        number, self.next_number = self.next_number, self.next_number + 1
+        ranks = set(running)
+        self._open = OpenSnapshot(number, set(ranks), set(ranks))
+        self._opened(number)
+        self._close_if_complete()
+        return number
+
+    def on_message(self, rank: int, header: Header) -> int:
+        """Note a worker's message; returns the snapshot number to mark its reply with (0: none)."""
+        raise NotImplementedError
+
+    def drop(self, rank: int) -> None:
+        """A worker failed or was lost (continue policy): the snapshot goes on without it."""
+        if self._open is not None:
+            self._open.forget(rank)
+            self._close_if_complete()
+
+    def complete(self) -> int | None:
+        """The newest snapshot completed here since the last call (None: none)."""
+        number, self._completed = self._completed, None
+        return number
+
+    def take_parts(self) -> list[tuple[int, dict[str, Any]]]:
+        """This server's parts copied since the last call, to write to disk off the lock."""
+        parts, self._parts = self._parts, []
+        return parts
+
+    def abandon(self) -> int:
+        """At the end of a run: drop any open snapshot; returns the number for the final one."""
+        self._open = None
+        number, self.next_number = self.next_number, self.next_number + 1
+        return number
+
+    def _opened(self, number: int) -> None:
+        """Snapshot ``number`` has just started here."""
+
+    def _is_complete(self, snap: OpenSnapshot) -> bool:
+        return not snap.unmarked and not snap.missing
+
+    def _close_if_complete(self) -> bool:
+        snap = self._open
+        if snap is None or not self._is_complete(snap):
+            return False
+        self._closing(snap.number)
+        self._open, self._completed = None, snap.number
+        return True
+
+    def _closing(self, number: int) -> None:
+        """Snapshot ``number`` is complete here and about to close."""
+
+
+class SnapshotCut(SnapshotProtocol):
+    """The single server's cut: its part is copied at the start, workers' parts follow.
+
+    The server's state is copied when the snapshot starts; each running worker's reply to its
+    first message after that is marked, and the snapshot is complete when every such worker has
+    confirmed its part on disk (``saved_snapshot`` in its next message) or said DONE.
+    """
+
+    def _opened(self, number: int) -> None:
+        self._parts.append((number, self._bound().state_copy()))
+
+    def on_message(self, rank: int, header: Header) -> int:
+        """Note a worker's message; returns the snapshot number to mark its reply with (0: none)."""
+        snap = self._open
+        if snap is None:
+            return 0
+        if header.saved_snapshot >= snap.number:
+            snap.missing.discard(rank)
+        if header.op == Op.DONE:  # its final state was written before DONE was sent
+            snap.forget(rank)
+            mark = 0
+        else:
+            mark = snap.mark(rank)
+        self._close_if_complete()
+        return mark
 
 
 class SnapshotLog:
@@ -161,6 +238,15 @@ class SnapshotLog:
         kept.append(number)
         atomic_write(self.path, json.dumps({"snapshots": kept}) + "\n")
         return kept
+
+    def newest(self) -> int | None:
+        """The newest committed snapshot (None: none)."""
+        committed = self.committed()
+        return committed[-1] if committed else None
+
+    def next_number(self) -> int:
+        """The number a (restarted) run's first snapshot takes: above every file on disk."""
+        return self.highest_file_number() + 1
 
     def highest_file_number(self) -> int:
         """The highest snapshot number of any checkpoint file in the folder (0: none)."""
@@ -254,6 +340,112 @@ class CheckpointPolicy:
     def started(self) -> None:
         """A snapshot has just started."""
         self._last = time.perf_counter()
+
+
+class SnapshotWriter:
+    """Drives a cut: starts snapshots on a :class:`CheckpointPolicy`, writes this server's parts,
+    and commits complete snapshots to the :class:`SnapshotLog`.
+
+    One writer serves every topology. The single server (``peers=None``) commits a snapshot once
+    its cut reports it complete. A shard reports each part it wrote to its ``peers``; the lead
+    shard commits once every shard has written (:class:`~easgd.runtime.sharded_snapshot.ShardPeers`).
+    Call :meth:`tick` from the server's main loop, :meth:`finish` after a complete run (the final
+    snapshot: every worker's part is its final state, written before its DONE) and :meth:`fail`
+    when the run failed.
+    """
+
+    def __init__(
+        self,
+        cut: SnapshotProtocol,
+        host: CutHost,
+        directory: str | os.PathLike[str],
+        *,
+        every_s: float,
+        names: list[str],
+        name: str = "server",
+        keep: int = 3,
+        extra: dict[str, Any] | None = None,
+        peers: ShardPeers | None = None,
+    ) -> None:
+        self.cut, self.host, self.peers = cut, host, peers
+        self.directory = Path(directory)
+        self.names = names
+        """Every process's checkpoint name (server or shards, workers), pruned at each commit."""
+        self.checkpointer = Checkpointer(self.directory, name, keep=keep)
+        self.log = SnapshotLog(self.directory, keep=keep)
+        self.policy = CheckpointPolicy(every_s)
+        self.extra = extra or {}
+        self.lead = cut.lead
+        self.written = 0
+        """The newest snapshot whose part this server has written."""
+        self.pending: int | None = None
+        """Lead: a snapshot complete here, committed once every part is written."""
+        self.committed: int | None = None
+
+    def tick(self) -> None:
+        """Write copied parts and commit what is complete; start the next snapshot when due."""
+        self._collect()
+        if self.lead and self.pending is None and self.policy.due():
+            self.start()
+
+    def start(self) -> None:
+        """Lead: start a snapshot now (unless one is open or the run is failing)."""
+        with self.host.lock:
+            if self.cut.in_progress or self.host.failed():
+                return
+            self.cut.begin(self.host.running_workers())
+        self.policy.started()
+        self._collect()  # at once when no worker is running
+
+    def finish(self) -> None:
+        """After a complete run: commit what is complete, then write (and commit) the final one."""
+        self._collect()
+        if self.lead:
+            with self.host.lock:
+                number, state = self.cut.abandon(), self.host.state_copy()
+            if self.peers is not None:
+                self.peers.announce_final(number)
+        else:
+            number = self.peers.final_number() if self.peers is not None else 0
+            if not number:
+                return
+            with self.host.lock:
+                state = self.host.state_copy()
+        self._write(number, state)
+        if self.lead and (self.peers is None or self.peers.wait_written(number)):
+            self._commit(number)
+
+    def fail(self) -> None:
+        """The run failed: no final snapshot (the other shards stop waiting for one)."""
+        if self.lead and self.peers is not None:
+            self.peers.announce_final(0)
+
+    def _collect(self) -> None:
+        with self.host.lock:
+            parts = self.cut.take_parts()
+            done = self.cut.complete()
+        for number, state in parts:
+            self._write(number, state)
+        if self.lead and done is not None:
+            self.pending = done
+        pending = self.pending
+        if pending is not None and self.written >= pending and self._all_written(pending):
+            self._commit(pending)
+
+    def _all_written(self, number: int) -> bool:
+        return self.peers is None or self.peers.all_written(number)
+
+    def _write(self, number: int, state: dict[str, Any]) -> None:
+        self.checkpointer.save({**state, **self.extra}, number)
+        self.written = number
+        if self.peers is not None:
+            self.peers.report(number)
+
+    def _commit(self, number: int) -> None:
+        kept = self.log.commit(number)
+        self.committed, self.pending = number, None
+        for name in self.names:
+            Checkpointer(self.directory, name).prune(kept)
 
 
 class Ledger:

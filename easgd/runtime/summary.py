@@ -169,15 +169,16 @@ def log_done(summary: dict[str, Any], path: Path | None) -> None:
     """The run's last log line: time, the evaluated variable's test error, exchanges."""
     clock = "virtual s" if summary["mode"] == "simulate" else "s"
     evaluated = "test error" if summary["topology"] == "sequential" else "center test error"
+    where = f"; summary in {path}" if path is not None else ""
     log.info(
-        "done in %.1f %s: %s %.2f%%, %d exchanges (%.0f/s); summary in %s",
+        "done in %.1f %s: %s %.2f%%, %d exchanges (%.0f/s)%s",
         summary["wall_time_s"],
         clock,
         evaluated,
         100 * summary["test_error"],
         summary["exchanges"],
         summary["exchanges_per_s"],
-        path,
+        where,
     )
 
 
