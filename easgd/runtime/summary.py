@@ -34,6 +34,12 @@ SCHEMA_VERSION = 2
 """Version of the summary.json shape (1: the shapes before one Summary; 2: this one)."""
 
 
+HYPERPARAMETERS = ("learning_rate", "momentum", "moving_rate", "dataset", "model")
+HYPERPARAMETERS += ("latency_ms", "jitter_ms", "seed")
+"""The hyperparameter keys of every summary (null where a run does not know one: the own-loop API
+knows the moving rate, not the user's learning rate)."""
+
+
 @dataclass
 class RunFigures:
     """What a run measured, whichever topology ran it."""
@@ -87,7 +93,11 @@ class Summary:
         """The flat JSON object written to summary.json (figures and hyperparameters inlined)."""
         record = asdict(self)
         figures = record.pop("figures")
-        hyperparameters = record.pop("hyperparameters")
+        known = record.pop("hyperparameters")
+        unknown = set(known) - set(HYPERPARAMETERS)
+        if unknown:
+            raise ValueError(f"Summary.hyperparameters has unknown keys {sorted(unknown)}")
+        hyperparameters = {key: known.get(key) for key in HYPERPARAMETERS}
         return {
             "schema": SCHEMA_VERSION,
             **record,
