@@ -1,8 +1,9 @@
 """The server side of the own-loop API: the runtime's ParameterServer around a user's model.
 
 ``serve(model, session)`` holds the center (initialised from ``model``'s trainable parameters),
-serves every worker with :class:`~easgd.runtime.server.ParameterServer` (the class ``easgd.train``
-uses: divergence guard, heartbeats, stop rules, run log), evaluates the center with the user's
+serves every worker with :class:`~easgd.runtime.server.ParameterServer` and supervises the run with
+:class:`~easgd.runtime.supervisor.Supervisor` (the classes ``easgd.train`` uses: divergence guard,
+heartbeats, stop rules, run log), evaluates the center with the user's
 callback, checkpoints it, resumes from the newest checkpoint after a torchrun restart, and writes
 metrics.csv, TensorBoard events and summary.json into ``run_dir``.
 
@@ -34,9 +35,10 @@ from easgd.config.algorithm import AlgorithmConfig
 from easgd.roles import make_server_role
 from easgd.runtime.checkpoint import Checkpointer, check_compatible
 from easgd.runtime.runlog import RunLog
-from easgd.runtime.server import ParameterServer, StopRule
+from easgd.runtime.server import ParameterServer, Resumed, ServePolicy
 from easgd.runtime.snapshot import CheckpointPolicy
 from easgd.runtime.summary import Summary, figures_of, write_summary
+from easgd.runtime.supervisor import StopRule, Supervision, Supervisor
 
 log = logging.getLogger("easgd")
 
@@ -122,27 +124,27 @@ def serve(
             server = ParameterServer(
                 role,
                 transports,
-                evaluate=evaluate_center,
-                runlog=runlog,
-                stop_rule=StopRule(max_wall_s=max_wall_s, target_test_error=target_test_error),
-                eval_interval_s=eval_interval_s,
-                total_steps=0,
-                continue_on_failure=worker_failure == "continue",
-                progress=False,
-                exchanges_before=exchanges_before,
+                ServePolicy(worker_failure == "continue", max_update_norm=max_update_norm),
+                resumed=Resumed(exchanges_before),
+            )
+            stop_rule = StopRule(max_wall_s=max_wall_s, target_test_error=target_test_error)
+            supervisor = Supervisor(
+                server,
+                evaluate_center,
+                runlog,
+                Supervision(eval_interval_s, stop_rule),
                 heartbeat=HeartbeatMonitor(
                     session.store, timeout_s=heartbeat_timeout_s, first_step_s=session.timeout_s
                 )
                 if session.store is not None
                 else None,
-                max_update_norm=max_update_norm,
             )
 
             def save() -> None:
                 if checkpointer is None:
                     return
                 with server.lock:
-                    state = server.state_copy()
+                    state = supervisor.state_copy()
                 checkpointer.save({**state, "restarts": restarts, "signature": signature})
                 policy.started()
 
@@ -152,9 +154,9 @@ def serve(
                 if policy.due():
                     save()
 
-            server.on_tick = on_tick
+            supervisor.on_tick.append(on_tick)
             try:
-                outcome = server.run()
+                outcome = supervisor.run()
             finally:
                 save()  # also after a worker failure: a restart resumes from here
             summary = Summary(

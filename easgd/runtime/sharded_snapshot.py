@@ -52,6 +52,9 @@ class BarrierCut:
     its final state first, and its last payload is applied before the shard copies its state).
     """
 
+    begun_by_server = False
+    """Snapshots are started by the lead shard's writer (:meth:`begin`), not by the server."""
+
     def __init__(self, *, lead: bool, next_number: int = 1, poll_s: float = 0.05) -> None:
         self.lead = lead
         self.next_number = next_number

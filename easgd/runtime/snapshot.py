@@ -74,6 +74,10 @@ class SnapshotCut:
     server role applies them).
     """
 
+    begun_by_server = True
+    """The server starts each snapshot (copying its own state at once): see
+    :meth:`easgd.runtime.supervisor.Supervisor.begin_snapshot`."""
+
     def __init__(self, *, next_number: int = 1) -> None:
         self.next_number = next_number
         self._open: OpenSnapshot | None = None
@@ -122,7 +126,8 @@ class SnapshotCut:
 
 
 class CutHost(Protocol):
-    """What a cut needs from the parameter server it serves (see :meth:`SnapshotCut.bind`)."""
+    """What a cut needs from its host, the run's supervisor (see :meth:`SnapshotCut.bind` and
+    :class:`easgd.runtime.supervisor.Supervisor`)."""
 
     lock: threading.Lock
 
@@ -262,6 +267,8 @@ class Ledger:
     EASGD/EAMSGD: the elastic differences e it received (the center moved by +e); DOWNPOUR and its
     averaging variants: the accumulations it pushed. With consistent snapshots, a snapshot's
     center equals the initial center plus the sum of every worker's ledger in that snapshot.
+    :meth:`attach` subscribes it to a worker loop's sends and its role's applied replies (a reply
+    the server refused resets the worker instead: the center did not move, nothing is counted).
     """
 
     KINDS = {"easgd": "reply", "eamsgd": "reply", "downpour": "payload"}
@@ -274,18 +281,20 @@ class Ledger:
                 "set checkpoint.ledger=false"
             )
         self.total = torch.zeros(role.params.numel(), dtype=torch.float64)
-        uses_reply = self.KINDS[algorithm] == "reply"
-        send, receive = role.outgoing, role.incoming
-        sent: list[Any] = [None]
+        self._uses_reply = self.KINDS[algorithm] == "reply"
+        self._sent: torch.Tensor | None = None
 
-        def outgoing() -> Any:
-            sent[0] = send()
-            return sent[0]
+    def attach(self, loop: Any) -> None:
+        """Count every exchange of ``loop`` (a :class:`easgd.runtime.worker.WorkerLoop`)."""
+        if not self._uses_reply:
+            loop.on_send.append(self._note_sent)
+        loop.role.before_reply.append(self._count)
 
-        def incoming(reply: torch.Tensor) -> None:
-            # read before the role applies the reply: in-place roles reuse these buffers
-            change = reply if uses_reply else sent[0]
-            self.total += change.detach().reshape(-1).to("cpu", torch.float64)
-            receive(reply)
+    def _note_sent(self, payload: torch.Tensor | None) -> None:
+        self._sent = payload
 
-        role.outgoing, role.incoming = outgoing, incoming
+    def _count(self, role: Any, reply: torch.Tensor) -> None:
+        # called before the role applies the reply: in-place roles reuse these buffers
+        change = reply if self._uses_reply else self._sent
+        assert change is not None, "a DOWNPOUR reply without a push"
+        self.total += change.detach().reshape(-1).to("cpu", torch.float64)

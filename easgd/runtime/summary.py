@@ -26,7 +26,8 @@ from easgd.config.schema import TrainConfig, to_dict
 from easgd.runtime.runlog import RunLog
 
 if TYPE_CHECKING:
-    from easgd.runtime.server import ParameterServer, ServerOutcome
+    from easgd.runtime.server import ParameterServer
+    from easgd.runtime.supervisor import ServerOutcome
 
 log = logging.getLogger("easgd")
 
