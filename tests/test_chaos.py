@@ -46,9 +46,7 @@ def test_sigkill_mid_run_resumes_from_checkpoints_after_restart(
             done["details"]["redone_steps_by_worker"][str(rank)]
             == at_step - done["resumed_worker_steps"][str(rank)]
         )
-    assert done["details"]["redone_worker_steps"] == sum(
-        done["details"]["redone_steps_by_worker"].values()
-    )
+    assert done["details"]["redone_worker_steps"] == sum(done["details"]["redone_steps_by_worker"].values())
     # the final snapshot is consistent: center = initial center + every worker's ledger
     assert conservation_gap(tmp_path) < 1e-4
     assert done["test_error"] < 0.1

@@ -157,9 +157,7 @@ def test_slow_worker_is_not_declared_lost(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["failed_workers"] == {} and summary["worker_steps"] == 2 * 12
-    assert (
-        summary["details"]["worker_steps_per_s"]["2"] < 4
-    )  # 12 steps took > 3 s: beyond the gloo timeout
+    assert summary["details"]["worker_steps_per_s"]["2"] < 4  # 12 steps took > 3 s: beyond the gloo timeout
 
 
 def test_lost_worker_ends_the_run_promptly(tmp_path: Path) -> None:

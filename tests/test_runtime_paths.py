@@ -77,9 +77,7 @@ def test_overlap_with_a_nan_reset(tmp_path: Path) -> None:
         tmp_path, "algorithm=easgd", "comm.overlap=true", "steps_per_worker=200",
         "fault.nan_rank=1", "fault.nan_at_step=55",
     )  # fmt: skip
-    assert (
-        done["details"]["rejected_messages"] == 1 and "refused worker 1's update" in done["_stderr"]
-    )
+    assert done["details"]["rejected_messages"] == 1 and "refused worker 1's update" in done["_stderr"]
     state = Checkpointer(tmp_path / "checkpoints", "server").load(
         SnapshotLog(tmp_path / "checkpoints").committed()[-1]
     )
