@@ -56,7 +56,8 @@ from easgd.runtime.allreduce import (
 from easgd.runtime.components import build_model
 from easgd.runtime.launcher import start_processes
 from easgd.runtime.runlog import RunLog
-from easgd.runtime.server import ParameterServer, StopRule
+from easgd.runtime.server import ParameterServer
+from easgd.runtime.supervisor import Supervision, Supervisor
 from easgd.runtime.worker import WorkerLoop, handshake
 
 WARMUP = 2
@@ -86,11 +87,12 @@ def capacity(env: DistEnv, groups: Any, sizes: list[int], shard_counts: list[int
                     }
                     with tempfile.TemporaryDirectory() as tmp:
                         runlog = RunLog(tmp, tensorboard=False)
-                        ParameterServer(
-                            ElasticServer(torch.zeros(hi - lo), moving_rate=0.1), transports,
-                            evaluate=lambda point: {"test_loss": 0.0, "test_error": 0.0},
-                            runlog=runlog, stop_rule=StopRule(), eval_interval_s=3600,
-                            total_steps=0, progress=False,
+                        Supervisor(
+                            ParameterServer(
+                                ElasticServer(torch.zeros(hi - lo), moving_rate=0.1), transports
+                            ),
+                            lambda point: {"test_loss": 0.0, "test_error": 0.0},
+                            runlog, Supervision(eval_interval_s=3600),
                         ).run()  # fmt: skip
                         runlog.close()
                 continue

@@ -44,7 +44,8 @@ from easgd.comm.transport import PairTransport  # noqa: E402
 from easgd.roles import ElasticServer  # noqa: E402
 from easgd.runtime.launcher import start_processes  # noqa: E402
 from easgd.runtime.runlog import RunLog  # noqa: E402
-from easgd.runtime.server import ParameterServer, StopRule  # noqa: E402
+from easgd.runtime.server import ParameterServer  # noqa: E402
+from easgd.runtime.supervisor import Supervision, Supervisor  # noqa: E402
 from easgd.runtime.worker import handshake  # noqa: E402
 
 WARMUP = 2
@@ -97,10 +98,10 @@ def bench_process(sizes: list[int], quick: bool) -> list[dict[str, Any]] | None:
             }
             with tempfile.TemporaryDirectory() as tmp:
                 runlog = RunLog(tmp, tensorboard=False)
-                ParameterServer(
-                    ElasticServer(torch.zeros(size), moving_rate=0.1), transports,
-                    evaluate=lambda point: {"test_loss": 0.0, "test_error": 0.0}, runlog=runlog,
-                    stop_rule=StopRule(), eval_interval_s=3600, total_steps=0, progress=False,
+                Supervisor(
+                    ParameterServer(ElasticServer(torch.zeros(size), moving_rate=0.1), transports),
+                    lambda point: {"test_loss": 0.0, "test_error": 0.0},
+                    runlog, Supervision(eval_interval_s=3600),
                 ).run()  # fmt: skip
                 runlog.close()
         else:

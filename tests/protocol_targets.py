@@ -12,7 +12,8 @@ from easgd.comm.message import Header, Op
 from easgd.comm.transport import Delay, PairTransport
 from easgd.roles import DownpourServer, DownpourWorker, ElasticServer, ElasticWorker
 from easgd.runtime.runlog import RunLog
-from easgd.runtime.server import ParameterServer, StopRule
+from easgd.runtime.server import ParameterServer
+from easgd.runtime.supervisor import Supervision, Supervisor
 from easgd.runtime.worker import WorkerLoop, handshake
 
 NUMEL = 16
@@ -29,17 +30,13 @@ def _serve(role, groups: dict, steps: int) -> tuple:  # type: ignore[no-untyped-
     }
     with tempfile.TemporaryDirectory() as tmp:
         runlog = RunLog(tmp, tensorboard=False)
-        server = ParameterServer(
-            role,
-            transports,
-            evaluate=lambda point: {"test_loss": float(point.sum()), "test_error": 0.5},
-            runlog=runlog,
-            stop_rule=StopRule(),
-            eval_interval_s=0.05,
-            total_steps=len(groups) * steps,
-            progress=False,
+        supervisor = Supervisor(
+            ParameterServer(role, transports),
+            lambda point: {"test_loss": float(point.sum()), "test_error": 0.5},
+            runlog,
+            Supervision(eval_interval_s=0.05, total_steps=len(groups) * steps),
         )
-        outcome = server.run()
+        outcome = supervisor.run()
         runlog.close()
     return role.center, outcome.exchanges
 

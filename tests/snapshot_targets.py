@@ -15,8 +15,9 @@ from easgd.roles import DownpourServer, DownpourWorker, ElasticServer, ElasticWo
 from easgd.runtime.checkpoint import Checkpointer
 from easgd.runtime.resume import load_worker_part
 from easgd.runtime.runlog import RunLog
-from easgd.runtime.server import ParameterServer, StopRule
+from easgd.runtime.server import ParameterServer, Resumed
 from easgd.runtime.snapshot import SnapshotCut, SnapshotLog, SnapshotWriter, WorkerSnapshots
+from easgd.runtime.supervisor import Supervision, Supervisor
 from easgd.runtime.worker import WorkerLoop, handshake
 
 NUMEL = 16
@@ -43,20 +44,20 @@ def _serve(role, groups: dict, directory: Path, every_s: float) -> tuple:  # typ
         server = ParameterServer(
             role,
             transports,
-            evaluate=lambda point: {"test_loss": 0.0, "test_error": 0.5},
-            runlog=runlog,
-            stop_rule=StopRule(),
-            eval_interval_s=0.01,
-            total_steps=0,
-            progress=False,
+            resumed=Resumed(finished=frozenset(finished_before)),
             snapshots=cut,
-            finished_before=finished_before,
+        )
+        supervisor = Supervisor(
+            server,
+            lambda point: {"test_loss": 0.0, "test_error": 0.5},
+            runlog,
+            Supervision(eval_interval_s=0.01),
         )
         names = ["server", *(f"worker{r}" for r in transports)]
-        writer = SnapshotWriter(cut, server, directory, every_s=every_s, names=names)
-        server.on_tick = writer.tick
+        writer = SnapshotWriter(cut, supervisor, directory, every_s=every_s, names=names)
+        supervisor.on_tick.append(writer.tick)
         try:
-            server.run()
+            supervisor.run()
             writer.finish()
             crashed = False
         except RuntimeError:  # a worker died (fail_fast): the committed snapshot stays

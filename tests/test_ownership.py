@@ -27,7 +27,8 @@ from easgd.roles import (
     make_worker_role,
 )
 from easgd.runtime.runlog import RunLog
-from easgd.runtime.server import ParameterServer, StopRule
+from easgd.runtime.server import ParameterServer
+from easgd.runtime.supervisor import Supervision, Supervisor
 
 NUMEL = 3 * inplace.CHUNK + 5  # several chunks: a read in the middle of an update would show
 
@@ -123,10 +124,11 @@ def hammer(role, payloads, exchanges: int):  # type: ignore[no-untyped-def]
     checkpoints: list[tuple[Tensor, Tensor]] = []
     with tempfile.TemporaryDirectory() as tmp:
         runlog = RunLog(Path(tmp), tensorboard=False)
-        server = ParameterServer(
-            role, transports,  # type: ignore[arg-type]
-            evaluate=lambda point: (evaluated.append(point), {"test_loss": 0.0, "test_error": 0.0})[1],
-            runlog=runlog, stop_rule=StopRule(), eval_interval_s=3600, total_steps=0, progress=False,
+        server = ParameterServer(role, transports)  # type: ignore[arg-type]
+        supervisor = Supervisor(
+            server,
+            lambda point: (evaluated.append(point), {"test_loss": 0.0, "test_error": 0.0})[1],
+            runlog, Supervision(eval_interval_s=3600),
         )  # fmt: skip
         done = threading.Event()
 
@@ -138,7 +140,7 @@ def hammer(role, payloads, exchanges: int):  # type: ignore[no-untyped-def]
 
         def evaluator() -> None:
             while not done.is_set():
-                server._evaluate()
+                supervisor._evaluate()
 
         def checkpointer() -> None:
             while not done.is_set():

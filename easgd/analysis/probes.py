@@ -5,7 +5,7 @@
   point and the mean distance of the workers to the center, and it can end the run early: when the
   training loss first reaches a target (:class:`TargetReached`, with a copy of the point), or
   when the point stops being finite (:class:`Diverged`).
-- :class:`ExchangeProbe` wraps the worker roles' ``incoming`` so that every exchange records how
+- :class:`ExchangeProbe` subscribes to the worker roles' reply hooks so that every exchange records how
   far the worker travelled since its previous exchange (``||x_i before this exchange - x_i after
   the previous one||``), the distance it covers on its own between two talks with the server.
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -133,21 +134,19 @@ class ExchangeProbe:
     def __init__(self, workers: Sequence[WorkerRole]) -> None:
         self.travel: list[list[float]] = [[] for _ in workers]
         """travel[i]: one entry per exchange of worker i after its first."""
+        self._after: list[Tensor | None] = [None for _ in workers]
+        """x_i right after worker i's previous reply was applied."""
         for index, role in enumerate(workers):
-            self._wrap(index, role)
+            role.before_reply.append(partial(self._before, index))
+            role.after_reply.append(partial(self._applied, index))
 
-    def _wrap(self, index: int, role: WorkerRole) -> None:
-        original = role.incoming
-        last: dict[str, Tensor] = {}
+    def _before(self, index: int, role: WorkerRole, reply: Tensor) -> None:
+        last = self._after[index]
+        if last is not None:
+            self.travel[index].append(float((role.params - last).norm()))
 
-        def incoming(reply: Tensor) -> None:
-            before = role.params
-            if "after" in last:
-                self.travel[index].append(float((before - last["after"]).norm()))
-            original(reply)
-            last["after"] = role.params.clone()  # roles update their params in place
-
-        role.incoming = incoming  # type: ignore[method-assign]
+    def _applied(self, index: int, role: WorkerRole, reply: Tensor) -> None:
+        self._after[index] = role.params.clone()  # roles update their params in place
 
     def mean_travel(self) -> float:
         """Mean travel over all exchanges of all workers (nan before any second exchange)."""

@@ -249,7 +249,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
             if self.loop.resets == resets:
                 self.role.local_step()
             else:  # reset to the center: the gradient belongs to the refused point, drop it
-                self.role.step += 1
+                self.role.skip_step()
         else:
             self.role.local_step()
             self.loop.exchange_if_due()
@@ -287,7 +287,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
                 f"{self.algorithm!r}; resume with the same algorithm or start a fresh run"
             )
         self.optimizer.load_state_dict(state_dict["optimizer"])
-        self.role.step = int(local["step"])
+        self.role.restore_step(int(local["step"]))
         if isinstance(self.role, DownpourOptimizerRole):
             self.role.accumulated.copy_(local["accumulated"])
 
@@ -314,7 +314,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
             return
         self._closed = True
         with contextlib.suppress(Exception):  # the server may be gone too
-            self.loop._stop_comm_thread()  # so that FAILED cannot race an exchange in flight
+            self.loop.stop_exchange_thread()  # so that FAILED cannot race an exchange in flight
             self.loop.send_failed()
         self._release()
 

@@ -95,6 +95,15 @@ class OptimizerRole(WorkerRole):
         self.optimizer.step()
         self.step += 1
 
+    def skip_step(self) -> None:
+        """Count step t_i without the optimizer's step: its gradient was taken at a point the
+        server refused (this worker was reset to the center), so it is dropped."""
+        self.step += 1
+
+    def restore_step(self, step: int) -> None:
+        """Resume the local step counter t_i from a checkpoint."""
+        self.step = step
+
     def reset(self, center: Tensor) -> None:
         """Restart from ``center`` with the optimizer's state (momentum, moments) cleared."""
         self.model_params.assign(center)  # not the base's: ``params`` here is a copy
@@ -175,7 +184,7 @@ class ElasticOptimizerRole(OptimizerRole):
     def outgoing(self) -> Tensor:
         return self.exchange_point()  # a new tensor: safe to send from the exchange thread
 
-    def incoming(self, reply: Tensor) -> None:
+    def apply_reply(self, reply: Tensor) -> None:
         self.pending_move += reply.to(self.model_params.device, self.model_params.dtype)
         self._has_move = True
 
@@ -220,7 +229,7 @@ class DownpourOptimizerRole(OptimizerRole):
     def outgoing(self) -> Tensor:
         return self.accumulated.clone()
 
-    def incoming(self, reply: Tensor) -> None:
+    def apply_reply(self, reply: Tensor) -> None:
         self.params = reply  # x_i = center (pull); assign copies
         self.accumulated.zero_()
 

@@ -1,8 +1,9 @@
 """The server side of the own-loop API: the runtime's ParameterServer around a user's model.
 
 ``serve(model, session)`` holds the center (initialised from ``model``'s trainable parameters),
-serves every worker with :class:`~easgd.runtime.server.ParameterServer` (the class ``easgd.train``
-uses: divergence guard, heartbeats, stop rules, run log), evaluates the center with the user's
+serves every worker with :class:`~easgd.runtime.server.ParameterServer` and supervises the run with
+:class:`~easgd.runtime.supervisor.Supervisor` (the classes ``easgd.train`` uses: divergence guard,
+heartbeats, stop rules, run log), evaluates the center with the user's
 callback, and writes metrics.csv, TensorBoard events and summary.json into ``run_dir``. With a
 ``run_dir`` it takes consistent snapshots of the whole run with ``easgd.train``'s marker cut and
 writer (:mod:`easgd.runtime.snapshot`; the workers' side is :mod:`easgd.api.snapshots`), and after
@@ -38,9 +39,10 @@ from easgd.roles import ServerRole, make_server_role
 from easgd.runtime.checkpoint import Checkpointer
 from easgd.runtime.resume import load_server_part
 from easgd.runtime.runlog import RunLog
-from easgd.runtime.server import ParameterServer, ServerOutcome, StopRule
+from easgd.runtime.server import ParameterServer, Resumed, ServePolicy
 from easgd.runtime.snapshot import SnapshotCut, SnapshotLog, SnapshotWriter
 from easgd.runtime.summary import Summary, figures_of, write_summary
+from easgd.runtime.supervisor import ServerOutcome, StopRule, Supervision, Supervisor
 
 log = logging.getLogger("easgd")
 
@@ -120,25 +122,27 @@ def serve(
         server = ParameterServer(
             role,
             transports,
-            evaluate=_center_evaluator(model, params, evaluate),
-            runlog=runlog,
-            stop_rule=StopRule(max_wall_s=max_wall_s, target_test_error=target_test_error),
-            eval_interval_s=eval_interval_s,
-            total_steps=0,
-            continue_on_failure=worker_failure == "continue",
-            progress=False,
-            exchanges_before=resumed.exchanges,
-            heartbeat=HeartbeatMonitor(
+            ServePolicy(worker_failure == "continue", max_update_norm=max_update_norm),
+            resumed=Resumed(resumed.exchanges, frozenset(resumed.finished)),
+            snapshots=cut,
+        )
+        heartbeat = None
+        if session.store is not None:
+            heartbeat = HeartbeatMonitor(
                 session.store, timeout_s=heartbeat_timeout_s, first_step_s=session.timeout_s
             )
-            if session.store is not None
-            else None,
-            max_update_norm=max_update_norm,
-            snapshots=cut,
-            finished_before=resumed.finished,
+        stop_rule = StopRule(max_wall_s=max_wall_s, target_test_error=target_test_error)
+        supervisor = Supervisor(
+            server,
+            _center_evaluator(model, params, evaluate),
+            runlog,
+            Supervision(eval_interval_s, stop_rule),
+            heartbeat=heartbeat,
         )
-        writer = _snapshot_writer(cut, server, directory, checkpoint_every_s, resumed, signature)
-        outcome = server.run()
+        writer = _snapshot_writer(
+            cut, supervisor, directory, checkpoint_every_s, resumed, signature
+        )
+        outcome = supervisor.run()
         if writer is not None:
             writer.finish()  # the final snapshot: every worker's part is its final state
         details = {
@@ -171,24 +175,25 @@ def _center_evaluator(
 
 def _snapshot_writer(
     cut: SnapshotCut | None,
-    server: ParameterServer,
+    supervisor: Supervisor,
     directory: Path | None,
     every_s: float | None,
     resumed: _Resumed,
     signature: dict[str, Any],
 ) -> SnapshotWriter | None:
-    """easgd.train's writer on the server's marker cut, ticking with the server (None: no run_dir)."""
+    """easgd.train's writer on the server's marker cut, ticking with the supervisor (None: no
+    run_dir)."""
     if cut is None or directory is None:
         return None
     writer = SnapshotWriter(
         cut,
-        server,
+        supervisor,
         directory,
         every_s=every_s or 0.0,
-        names=["server", *(f"worker{r}" for r in server.transports)],
+        names=["server", *(f"worker{r}" for r in supervisor.server.transports)],
         extra={"restarts": resumed.restarts, "signature": signature},
     )
-    server.on_tick = writer.tick
+    supervisor.on_tick.append(writer.tick)
     return writer
 
 

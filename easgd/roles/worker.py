@@ -9,6 +9,12 @@ drive a step through :func:`worker_step`, so the order of exchange and gradient 
 Ownership: the tensors a role returns (``outgoing()``, ``gradient_point()``, ``evaluated()``) are
 its live variables, valid until the role's next call; whoever keeps one longer copies it (the
 overlap mode and the simulator's delayed deliveries do). ``state_dict()`` returns copies.
+
+Hooks: :meth:`WorkerRole.incoming` calls the role's ``before_reply`` observers, applies the reply
+(:meth:`WorkerRole.apply_reply`, each algorithm's rule) and calls its ``after_reply`` observers,
+whichever driver delivers the reply (the simulator, the runtime's worker loop, the own-loop API);
+the ledger and the exchange probe subscribe there. A role overrides ``apply_reply``, never
+``incoming``.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ GradientFn = Callable[[Tensor], tuple[float | Tensor, Grad]]
 be a 0-d device tensor (read only when reported, so a step needs no host sync); the gradient is
 flat or its per-parameter pieces in order, valid until the next call."""
 
+ReplyHook = Callable[["WorkerRole", Tensor], None]
+"""Called with (role, reply) around a reply's application; the reply is only read."""
+
 ExchangeFn = Callable[[Tensor | None], Tensor | None]
 """Sends a worker's payload to the server and returns the server's reply, or None when the reply
 was already applied (or will be applied later, as in the runtime's overlap mode)."""
@@ -42,6 +51,18 @@ class WorkerRole(ABC):
         self.params = params.detach().clone()
         self.comm_period = alg.hyperparams.check_comm_period(comm_period)
         self.step = 0
+        self.before_reply: list[ReplyHook] = []
+        """Observers of each reply, before it is applied (the variables still as they were)."""
+        self.after_reply: list[ReplyHook] = []
+        """Observers of each reply, once it is applied."""
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "incoming" in cls.__dict__:
+            raise TypeError(
+                f"{cls.__name__} overrides incoming(); implement apply_reply() instead "
+                "(incoming() calls the reply hooks around it)"
+            )
 
     def due(self) -> bool:
         """Whether this step starts with an exchange (t_i % tau == 0)."""
@@ -51,9 +72,20 @@ class WorkerRole(ABC):
     def outgoing(self) -> Tensor | None:
         """The payload of this exchange (None: nothing to send yet); live, valid until the next call."""
 
-    @abstractmethod
     def incoming(self, reply: Tensor) -> None:
-        """Apply the server's reply to this worker's variables (``reply`` is only read)."""
+        """Apply the server's reply to this worker's variables (``reply`` is only read), between
+        the ``before_reply`` and ``after_reply`` observers."""
+        if self.before_reply:
+            for hook in self.before_reply:
+                hook(self, reply)
+        self.apply_reply(reply)
+        if self.after_reply:
+            for hook in self.after_reply:
+                hook(self, reply)
+
+    @abstractmethod
+    def apply_reply(self, reply: Tensor) -> None:
+        """This algorithm's rule for a reply (called by :meth:`incoming`; ``reply`` is only read)."""
 
     @abstractmethod
     def gradient_point(self) -> Tensor:
@@ -210,7 +242,7 @@ class ElasticWorker(NesterovWorker):
         self._point_before_move = True
         return self.params
 
-    def incoming(self, reply: Tensor) -> None:
+    def apply_reply(self, reply: Tensor) -> None:
         if self.lookahead is self.params:
             self._pending_move = reply  # x_i is the gradient point: move after the gradient
             return
@@ -262,7 +294,7 @@ class DownpourWorker(WorkerRole):
     def outgoing(self) -> Tensor:
         return self.accumulated
 
-    def incoming(self, reply: Tensor) -> None:
+    def apply_reply(self, reply: Tensor) -> None:
         inplace.downpour_pull_(self.params, self.accumulated, reply)
 
     def gradient_point(self) -> Tensor:
@@ -299,7 +331,7 @@ class MDownpourWorker(WorkerRole):
         grad, self._pending = self.pending_grad, False
         return grad
 
-    def incoming(self, reply: Tensor) -> None:
+    def apply_reply(self, reply: Tensor) -> None:
         self.params.copy_(reply)
 
     def gradient_point(self) -> Tensor:
@@ -363,7 +395,7 @@ class SequentialWorker(NesterovWorker):
     def outgoing(self) -> Tensor | None:  # pragma: no cover - never due
         raise RuntimeError("sequential algorithms never exchange")
 
-    def incoming(self, reply: Tensor) -> None:  # pragma: no cover - never due
+    def apply_reply(self, reply: Tensor) -> None:  # pragma: no cover - never due
         raise RuntimeError("sequential algorithms never exchange")
 
     def local_step(self, grad: Grad) -> None:

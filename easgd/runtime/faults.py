@@ -65,19 +65,22 @@ class FaultInjector:
             log.warning("fault injection: %s parameters set to NaN at step %d", self.who, step)
             params.fill_(float("nan"))
 
-    def wrap_server_role(self, role: Any) -> None:
-        """fault.raise_rank=0: the server role raises in its exchange handling (a serve thread)
-        once it has made ``raise_at_step`` updates, as a bug in the server's own code would."""
+    def watch_server(self, server: Any) -> None:
+        """fault.raise_rank=0: the server raises in its exchange handling (a serve thread) once its
+        role has made ``raise_at_step`` updates, as a bug in the server's own code would.
+
+        Subscribes to ``server.before_update`` (:class:`easgd.runtime.server.ParameterServer`):
+        the update that would be number ``raise_at_step + 1`` raises instead of being applied.
+        """
         if not (self.first_start and self.fault.raise_rank == 0):
             return
-        handle, at = role.handle, self.fault.raise_at_step
+        role, at = server.role, self.fault.raise_at_step
 
-        def failing_handle(*args: Any, **kwargs: Any) -> torch.Tensor:
+        def raise_at(rank: int, payload: torch.Tensor | None) -> None:
             if role.updates >= at:
                 raise RuntimeError(f"fault injection: the server raises at update {role.updates}")
-            return handle(*args, **kwargs)
 
-        role.handle = failing_handle
+        server.before_update.append(raise_at)
 
     def server_tick(self, updates: int) -> None:
         """A server's (or shard's) kill fires at a tick once it has made ``kill_at_step`` updates."""

@@ -37,8 +37,8 @@ from easgd.runtime.faults import FaultInjector
 from easgd.runtime.progress import Progress
 from easgd.runtime.resume import checkpoint_signature
 from easgd.runtime.runlog import RunLog
-from easgd.runtime.server import StopRule
 from easgd.runtime.summary import Summary, hparams_of, write_summary
+from easgd.runtime.supervisor import StopRule
 
 
 @dataclass

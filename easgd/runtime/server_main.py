@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from torch import Tensor
+from torch.distributed import Store
 
 from easgd.comm.groups import (
     SERVER_RANK,
@@ -21,16 +22,17 @@ from easgd.comm.heartbeat import HeartbeatMonitor
 from easgd.config.schema import TrainConfig
 from easgd.data.split import Split
 from easgd.flat import FlatModel
-from easgd.roles import make_server_role
+from easgd.roles import ServerRole, make_server_role
 from easgd.runtime.checkpoint import Checkpointer
 from easgd.runtime.components import evaluator_for, transport_for
 from easgd.runtime.faults import FaultInjector
 from easgd.runtime.parts import RunParts
 from easgd.runtime.resume import checkpoint_dir, checkpoint_signature, resume_server
 from easgd.runtime.runlog import RunLog
-from easgd.runtime.server import ParameterServer, StopRule
+from easgd.runtime.server import ParameterServer, Resumed, ServePolicy
 from easgd.runtime.snapshot import SnapshotCut, SnapshotLog, SnapshotWriter
 from easgd.runtime.summary import hparams_of, server_summary, write_summary
+from easgd.runtime.supervisor import Evaluate, StopRule, Supervision, Supervisor
 
 log = logging.getLogger("easgd")
 
@@ -41,18 +43,52 @@ def evaluate_center(flat: FlatModel, split: Split, point: Tensor) -> dict[str, f
     return flat.evaluate(point, split.test_x, split.test_y)
 
 
+def resumed_from(role: ServerRole, state: dict[str, Any] | None) -> tuple[int, Resumed]:
+    """Load the server's (or a shard's) part of the snapshot resumed from, if any, into ``role``:
+    (restarts so far, where serving resumes)."""
+    if state is None:
+        return 0, Resumed()
+    role.load_state_dict(state["role"])
+    finished = frozenset(int(r) for r in state["finished"])
+    return int(state["restarts"]) + 1, Resumed(int(state["exchanges"]), finished)
+
+
+def serve_policy(cfg: TrainConfig) -> ServePolicy:
+    """How a parameter-server run treats failing workers and bad updates."""
+    continue_on_failure = cfg.worker_failure == "continue"
+    return ServePolicy(continue_on_failure, max_update_norm=cfg.max_update_norm)
+
+
+def supervise(
+    cfg: TrainConfig,
+    server: ParameterServer,
+    evaluate: Evaluate,
+    runlog: RunLog,
+    store: Store,
+    *,
+    lead: bool = True,
+) -> Supervisor:
+    """The supervisor of a parameter-server run (one server, or a shard: only the lead shows
+    the progress bar)."""
+    settings = Supervision(
+        eval_interval_s=cfg.eval_interval_s,
+        stop_rule=StopRule(max_wall_s=cfg.max_wall_s, target_test_error=cfg.target_test_error),
+        total_steps=cfg.workers * cfg.steps_per_worker,
+        progress=cfg.progress and lead,
+    )
+    heartbeat = HeartbeatMonitor(
+        store, timeout_s=cfg.comm.heartbeat_timeout_s, first_step_s=cfg.comm.timeout_s
+    )
+    return Supervisor(server, evaluate, runlog, settings, heartbeat=heartbeat)
+
+
 def run_server(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) -> dict[str, Any]:
     """Rank 0: hold the center, serve the workers, evaluate, snapshot, write the run directory."""
     flat = evaluator_for(cfg, split)
     role = make_server_role(cfg.algorithm, flat.initial_point(), num_workers=cfg.workers)
     signature = checkpoint_signature(cfg, flat.num_params)
     server_files = Checkpointer(checkpoint_dir(cfg), "server", keep=cfg.checkpoint.keep)
-    state = resume_server(server_files, cfg, signature)
-    restarts, exchanges_before, finished_before = 0, 0, set()
-    if state is not None:
-        role.load_state_dict(state["role"])
-        restarts, exchanges_before = int(state["restarts"]) + 1, int(state["exchanges"])
-        finished_before = {int(r) for r in state["finished"]}
+    restarts, resumed = resumed_from(role, resume_server(server_files, cfg, signature))
     transports = {
         rank: transport_for(cfg, rank, group, flat.num_params, SERVER_RANK)
         for rank, group in pairs.groups.items()
@@ -67,27 +103,12 @@ def run_server(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
         os.path.abspath(cfg.run_dir),
     )
     cut = SnapshotCut(next_number=SnapshotLog(checkpoint_dir(cfg)).next_number())
-    server = ParameterServer(
-        role,
-        transports,
-        evaluate=lambda point: evaluate_center(flat, split, point),
-        runlog=runlog,
-        stop_rule=StopRule(max_wall_s=cfg.max_wall_s, target_test_error=cfg.target_test_error),
-        eval_interval_s=cfg.eval_interval_s,
-        total_steps=cfg.workers * cfg.steps_per_worker,
-        continue_on_failure=cfg.worker_failure == "continue",
-        progress=cfg.progress,
-        exchanges_before=exchanges_before,
-        heartbeat=HeartbeatMonitor(
-            pairs.store, timeout_s=cfg.comm.heartbeat_timeout_s, first_step_s=cfg.comm.timeout_s
-        ),
-        max_update_norm=cfg.max_update_norm,
-        snapshots=cut,
-        finished_before=finished_before,
-    )
+    server = ParameterServer(role, transports, serve_policy(cfg), resumed=resumed, snapshots=cut)
+    evaluate = lambda point: evaluate_center(flat, split, point)  # noqa: E731
+    supervisor = supervise(cfg, server, evaluate, runlog, pairs.store)
     snapshots = SnapshotWriter(
         cut,
-        server,
+        supervisor,
         checkpoint_dir(cfg),
         every_s=cfg.checkpoint.every_s,
         names=["server", *(f"worker{r}" for r in transports)],
@@ -95,17 +116,14 @@ def run_server(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
         extra={"restarts": restarts, "signature": signature},
     )
     faults = FaultInjector(cfg.fault, SERVER_RANK, generation=pairs.generation)
-    faults.wrap_server_role(role)
-
-    def on_tick() -> None:
-        snapshots.tick()
-        faults.server_tick(role.updates)  # after any snapshot that was due at this tick
-
-    server.on_tick = on_tick
+    faults.watch_server(server)
+    supervisor.on_tick.append(snapshots.tick)
+    # the kill fires after any snapshot that was due at this tick
+    supervisor.on_tick.append(lambda: faults.server_tick(role.updates))
     for transport in transports.values():  # liveness is the heartbeat's call, not a deadline's
         transport.recv_timeout_s = 7 * 24 * 3600.0
     try:
-        outcome = server.run()
+        outcome = supervisor.run()
         snapshots.finish()
         summary = server_summary(
             cfg,

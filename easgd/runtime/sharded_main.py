@@ -3,8 +3,8 @@
     # 4 workers, 2 shards: ranks 0-1 hold the two halves of the center, ranks 2-5 are workers
     torchrun --standalone --nproc_per_node=6 -m easgd.train server.shards=2 workers=4
 
-Shard j runs the unchanged :class:`ParameterServer` with the algorithm's own server role built on
-its contiguous slice of the center (every server rule is elementwise: see
+Shard j serves with :class:`~easgd.runtime.server.ParameterServer` and the algorithm's own server
+role built on its contiguous slice of the center (every server rule is elementwise: see
 :mod:`easgd.roles.sharded`), serving every worker's exchange of that slice; workers reach all
 shards in parallel through :class:`easgd.comm.sharded.ShardedTransport`. Snapshots are consistent
 across shards and workers (:mod:`easgd.runtime.sharded_snapshot`: each shard writes its slice as
@@ -19,15 +19,16 @@ import logging
 import math
 import os
 import threading
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from easgd.comm.groups import DistEnv, LaunchError, PairGroups, choose_backend, shutdown
-from easgd.comm.heartbeat import HeartbeatMonitor
 from easgd.comm.sharded import ShardGroups, SliceGather, init_shard_groups, serve_slices
 from easgd.config.schema import TrainConfig
 from easgd.data.split import Split
+from easgd.flat import FlatModel
 from easgd.roles import make_server_role
 from easgd.roles.sharded import shard_bounds
 from easgd.runtime.checkpoint import Checkpointer
@@ -37,10 +38,12 @@ from easgd.runtime.parts import RunParts
 from easgd.runtime.process import setup_logging
 from easgd.runtime.resume import checkpoint_dir, checkpoint_signature, resume_server
 from easgd.runtime.runlog import RunLog
-from easgd.runtime.server import Evaluate, ParameterServer, StopRule
+from easgd.runtime.server import ParameterServer
+from easgd.runtime.server_main import resumed_from, serve_policy, supervise
 from easgd.runtime.sharded_snapshot import BarrierCut, ShardPeers
 from easgd.runtime.snapshot import SnapshotLog, SnapshotWriter
 from easgd.runtime.summary import hparams_of, server_summary, write_summary
+from easgd.runtime.supervisor import Evaluate, ServerOutcome, Supervisor
 from easgd.runtime.worker_main import run_worker
 
 log = logging.getLogger("easgd")
@@ -77,78 +80,27 @@ def run_shard(
     flat = evaluator_for(cfg, split)
     bounds = shard_bounds(flat.num_params, cfg.server.shards)
     lo, hi = bounds[shard]
-    role = make_server_role(
-        cfg.algorithm, flat.initial_point()[lo:hi].clone(), num_workers=cfg.workers
-    )
-    signature = {
-        **checkpoint_signature(cfg, flat.num_params),
-        "shards": cfg.server.shards,
-        "slice": [lo, hi],
-    }
+    center = flat.initial_point()[lo:hi].clone()
+    role = make_server_role(cfg.algorithm, center, num_workers=cfg.workers)
+    shape = {"shards": cfg.server.shards, "slice": [lo, hi]}
+    signature = {**checkpoint_signature(cfg, flat.num_params), **shape}
     directory = checkpoint_dir(cfg)
     state = resume_server(Checkpointer(directory, f"shard{shard}"), cfg, signature)
-    restarts, exchanges_before, finished_before = 0, 0, set()
-    if state is not None:
-        role.load_state_dict(state["role"])
-        restarts, exchanges_before = int(state["restarts"]) + 1, int(state["exchanges"])
-        finished_before = {int(r) for r in state["finished"]}
+    restarts, resumed = resumed_from(role, state)
     transports = {
         worker: transport_for(cfg, worker, group, hi - lo, shard)
         for worker, group in groups.workers.items()
     }
-    server_done = threading.Event()
-    gather: SliceGather | None = None
-    evaluate: Evaluate
-    if lead:
-        gather = SliceGather(
-            groups.shards,
-            bounds,
-            final=lambda: all(s.finished or s.failed for s in server.stats.values()),
-        )
-        whole = gather
-        evaluate = lambda own: flat.evaluate(whole(own), split.test_x, split.test_y)  # noqa: E731
-        runlog = RunLog(cfg.run_dir, tensorboard=cfg.tensorboard)
-        log.info(
-            "%s with %d workers and %d shards, tau=%d, %d parameters; run directory %s",
-            cfg.algorithm.name,
-            cfg.workers,
-            cfg.server.shards,
-            cfg.comm.period,
-            flat.num_params,
-            os.path.abspath(cfg.run_dir),
-        )
-    else:
-        evaluate = lambda own: {"test_loss": math.nan, "test_error": math.nan}  # noqa: E731
-        runlog = RunLog(None)  # shard 0 records the run
     cut = BarrierCut(lead=lead, next_number=SnapshotLog(directory).next_number())
-    server = ParameterServer(
-        role,
-        transports,
-        evaluate=evaluate,
-        runlog=runlog,
-        stop_rule=StopRule(max_wall_s=cfg.max_wall_s, target_test_error=cfg.target_test_error),
-        eval_interval_s=cfg.eval_interval_s,
-        total_steps=cfg.workers * cfg.steps_per_worker,
-        continue_on_failure=cfg.worker_failure == "continue",
-        progress=cfg.progress and lead,
-        exchanges_before=exchanges_before,
-        heartbeat=HeartbeatMonitor(
-            groups.store, timeout_s=cfg.comm.heartbeat_timeout_s, first_step_s=cfg.comm.timeout_s
-        ),
-        max_update_norm=None,  # a shard sees part of an update (schema refuses the key)
-        snapshots=cut,
-        finished_before=finished_before,
-    )
-
-    def snapshot() -> torch.Tensor:
-        with server.lock:
-            return role.evaluated().clone()
-
-    slices_thread = None if lead else serve_slices(groups.shards[0], snapshot, server_done)
-
+    # no norm limit: a shard sees part of an update (the schema refuses the key with shards)
+    policy = replace(serve_policy(cfg), max_update_norm=None)
+    server = ParameterServer(role, transports, policy, resumed=resumed, snapshots=cut)
+    gather = _gather(groups, bounds, server) if lead else None
+    evaluate, runlog = _record(cfg, flat, split, gather)
+    supervisor = supervise(cfg, server, evaluate, runlog, groups.store, lead=lead)
     snapshots = SnapshotWriter(
         cut,
-        server,
+        supervisor,
         directory,
         every_s=cfg.checkpoint.every_s,
         names=[f"shard{j}" for j in range(cfg.server.shards)] + [f"worker{r}" for r in transports],
@@ -160,25 +112,11 @@ def run_shard(
         ),
     )
     faults = FaultInjector(cfg.fault, shard, generation=groups.generation, who=f"shard {shard}")
-
-    def on_tick() -> None:
-        snapshots.tick()
-        faults.server_tick(role.updates)
-
-    server.on_tick = on_tick
+    supervisor.on_tick.append(snapshots.tick)
+    supervisor.on_tick.append(lambda: faults.server_tick(role.updates))
     try:
-        try:
-            outcome = server.run()
-        except BaseException:
-            snapshots.fail()
-            raise
-        finally:
-            server_done.set()
-            if gather is not None:
-                gather.release(role.center.dtype)
-        snapshots.finish()
-        if slices_thread is not None:
-            slices_thread.join(timeout=cfg.comm.timeout_s)
+        outcome = _serve_shard(supervisor, snapshots, groups, gather, timeout_s=cfg.comm.timeout_s)
+        if outcome is None:
             return None
         summary = server_summary(
             cfg,
@@ -191,3 +129,68 @@ def run_shard(
         return write_summary(runlog, summary, hparams_of(cfg))
     finally:
         runlog.close()
+
+
+def _gather(
+    groups: ShardGroups, bounds: list[tuple[int, int]], server: ParameterServer
+) -> SliceGather:
+    """Lead shard: pulls the other shards' slices to evaluate the whole center."""
+    return SliceGather(
+        groups.shards,
+        bounds,
+        final=lambda: all(s.finished or s.failed for s in server.stats.values()),
+    )
+
+
+def _record(
+    cfg: TrainConfig, flat: FlatModel, split: Split, gather: SliceGather | None
+) -> tuple[Evaluate, RunLog]:
+    """How this shard evaluates and where it records: the lead the whole center into the run
+    directory, the others nothing."""
+    if gather is None:
+        return lambda own: {"test_loss": math.nan, "test_error": math.nan}, RunLog(None)
+    log.info(
+        "%s with %d workers and %d shards, tau=%d, %d parameters; run directory %s",
+        cfg.algorithm.name,
+        cfg.workers,
+        cfg.server.shards,
+        cfg.comm.period,
+        flat.num_params,
+        os.path.abspath(cfg.run_dir),
+    )
+    evaluate = lambda own: flat.evaluate(gather(own), split.test_x, split.test_y)  # noqa: E731
+    return evaluate, RunLog(cfg.run_dir, tensorboard=cfg.tensorboard)
+
+
+def _serve_shard(
+    supervisor: Supervisor,
+    snapshots: SnapshotWriter,
+    groups: ShardGroups,
+    gather: SliceGather | None,
+    *,
+    timeout_s: float,
+) -> ServerOutcome | None:
+    """Run the shard to its end and write its final snapshot part; the lead's outcome (else None)."""
+    server, server_done = supervisor.server, threading.Event()
+
+    def own_slice() -> torch.Tensor:
+        with server.lock:
+            return server.role.evaluated().clone()
+
+    slices_thread = (
+        None if gather is not None else serve_slices(groups.shards[0], own_slice, server_done)
+    )
+    try:
+        outcome = supervisor.run()
+    except BaseException:
+        snapshots.fail()
+        raise
+    finally:
+        server_done.set()
+        if gather is not None:
+            gather.release(server.role.center.dtype)
+    snapshots.finish()
+    if slices_thread is not None:
+        slices_thread.join(timeout=timeout_s)
+        return None
+    return outcome

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from easgd.algorithms.registry import spec_of
 from easgd.comm.message import Header, Op
 from easgd.runtime.checkpoint import Checkpointer
 from easgd.runtime.files import atomic_write
@@ -77,7 +78,8 @@ class OpenSnapshot:
 
 
 class CutHost(Protocol):
-    """What a cut needs from the parameter server it serves (see :meth:`SnapshotProtocol.bind`)."""
+    """What a cut needs from its host, the run's supervisor (see :meth:`SnapshotProtocol.bind`
+    and :class:`easgd.runtime.supervisor.Supervisor`)."""
 
     lock: threading.Lock
 
@@ -454,30 +456,28 @@ class Ledger:
     EASGD/EAMSGD: the elastic differences e it received (the center moved by +e); DOWNPOUR and its
     averaging variants: the accumulations it pushed. With consistent snapshots, a snapshot's
     center equals the initial center plus the sum of every worker's ledger in that snapshot.
+    :meth:`attach` subscribes it to a worker loop's sends and its role's applied replies (a reply
+    the server refused resets the worker instead: the center did not move, nothing is counted).
     """
 
-    KINDS = {"easgd": "reply", "eamsgd": "reply", "downpour": "payload"}
-    KINDS |= {"adownpour": "payload", "mvadownpour": "payload"}
-
     def __init__(self, role: Any, algorithm: str) -> None:
-        if algorithm not in self.KINDS:
-            raise ValueError(
-                f"checkpoint.ledger is for {', '.join(self.KINDS)}, not {algorithm!r}; "
-                "set checkpoint.ledger=false"
-            )
+        spec = spec_of(algorithm)
+        spec.check_ledger()  # what is audited is the registry's call (spec.ledger)
         self.total = torch.zeros(role.params.numel(), dtype=torch.float64)
-        uses_reply = self.KINDS[algorithm] == "reply"
-        send, receive = role.outgoing, role.incoming
-        sent: list[Any] = [None]
+        self._uses_reply = spec.ledger == "reply"
+        self._sent: torch.Tensor | None = None
 
-        def outgoing() -> Any:
-            sent[0] = send()
-            return sent[0]
+    def attach(self, loop: Any) -> None:
+        """Count every exchange of ``loop`` (a :class:`easgd.runtime.worker.WorkerLoop`)."""
+        if not self._uses_reply:
+            loop.on_send.append(self._note_sent)
+        loop.role.before_reply.append(self._count)
 
-        def incoming(reply: torch.Tensor) -> None:
-            # read before the role applies the reply: in-place roles reuse these buffers
-            change = reply if uses_reply else sent[0]
-            self.total += change.detach().reshape(-1).to("cpu", torch.float64)
-            receive(reply)
+    def _note_sent(self, payload: torch.Tensor | None) -> None:
+        self._sent = payload
 
-        role.outgoing, role.incoming = outgoing, incoming
+    def _count(self, role: Any, reply: torch.Tensor) -> None:
+        # called before the role applies the reply: in-place roles reuse these buffers
+        change = reply if self._uses_reply else self._sent
+        assert change is not None, "a DOWNPOUR reply without a push"
+        self.total += change.detach().reshape(-1).to("cpu", torch.float64)

@@ -26,7 +26,8 @@ from easgd.config.schema import TrainConfig, to_dict
 from easgd.runtime.runlog import RunLog
 
 if TYPE_CHECKING:
-    from easgd.runtime.server import ParameterServer, ServerOutcome
+    from easgd.runtime.server import ParameterServer
+    from easgd.runtime.supervisor import ServerOutcome
 
 log = logging.getLogger("easgd")
 
@@ -34,8 +35,8 @@ SCHEMA_VERSION = 2
 """Version of the summary.json shape (1: the shapes before one Summary; 2: this one)."""
 
 
-HYPERPARAMETERS = ("learning_rate", "momentum", "moving_rate", "dataset", "model")
-HYPERPARAMETERS += ("latency_ms", "jitter_ms", "seed")
+HYPERPARAMETERS: tuple[str, ...] = ("learning_rate", "momentum", "moving_rate", "dataset")
+HYPERPARAMETERS += ("model", "latency_ms", "jitter_ms", "seed")
 """The hyperparameter keys of every summary (null where a run does not know one: the own-loop API
 knows the moving rate, not the user's learning rate)."""
 

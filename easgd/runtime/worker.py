@@ -5,6 +5,12 @@ real process needs: the handshake, round trips over the transport, the straggler
 overlap mode (exchanges in a background thread while stepping goes on) and the stop signal.
 :meth:`WorkerLoop.run` composes public pieces (``start``, ``exchange_if_due``, ``end_step``,
 ``finish``) that :mod:`easgd.api` drives from a user's own training loop, so both share them.
+
+Hooks (observers, called in order on the stepping thread; an empty list costs one check per
+exchange or step, nothing more): :attr:`WorkerLoop.on_send` ``(payload)`` as an exchange's payload
+leaves (the ledger subscribes), :attr:`WorkerLoop.on_step` ``(role)`` after each local step (a
+process's step marker, heartbeat and fault injector). Replies are observed on the role itself
+(:attr:`easgd.roles.WorkerRole.before_reply` / ``after_reply``), whoever drives it.
 """
 
 from __future__ import annotations
@@ -33,6 +39,11 @@ from easgd.comm.message import (
 from easgd.comm.transport import WorkerTransport
 from easgd.roles import GradientFn, WorkerRole, exchange_if_due, worker_step
 from easgd.runtime.snapshot import WorkerSnapshots
+
+SendHook = Callable[[Tensor | None], None]
+"""Called with an exchange's payload as it leaves (valid until that exchange's reply is applied)."""
+StepHook = Callable[[WorkerRole], None]
+"""Called with the role after each local step."""
 
 log = logging.getLogger("easgd.worker")
 
@@ -90,7 +101,10 @@ class WorkerLoop:
         self.slowdown = slowdown
         self.overlap = overlap
         self.to_device = to_device
-        self.after_step = after_step
+        self.on_send: list[SendHook] = []
+        """Observers of each exchange's payload as it leaves (see the module docstring)."""
+        self.on_step: list[StepHook] = [] if after_step is None else [after_step]
+        """Observers of each local step (``after_step`` is the first, when given)."""
         self.stop_requested = False
         self.exchanges = 0
         self.resets = 0
@@ -173,10 +187,16 @@ class WorkerLoop:
                 if self._sent is None:
                     self._sent = torch.empty_like(payload)
                 payload = self._sent.copy_(payload)
+            if self.on_send:
+                for hook in self.on_send:
+                    hook(payload)
             self._outbox.put((payload, self.role.step, self._mean_loss()))
             self._in_flight = True
             return None
         self._captured = self._next_capture
+        if self.on_send:
+            for hook in self.on_send:
+                hook(payload)
         header, reply = self._round_trip(payload, self.role.step, self._mean_loss())
         self._apply(header, reply)
         return None  # already applied (or reset); nothing left for worker_step to apply
@@ -207,7 +227,7 @@ class WorkerLoop:
         if self._in_flight:
             self._take_reply(block=True)
 
-    def _stop_comm_thread(self, timeout_s: float = 30.0) -> None:
+    def stop_exchange_thread(self, timeout_s: float = 30.0) -> None:
         """End the exchange thread (after its in-flight round trip), so no send can race it."""
         thread = self._comm_thread
         if thread is None or not thread.is_alive():
@@ -260,14 +280,15 @@ class WorkerLoop:
         exchange_if_due(self.role, self._exchange)
 
     def end_step(self, loss: float | Tensor | None, step_started: float) -> None:
-        """After-step bookkeeping: the loss reported at the next exchange, the slowdown, the hook."""
+        """After-step bookkeeping: the loss reported at the next exchange, the slowdown, the hooks."""
         if loss is not None:
             self._loss_sum = loss + self._loss_sum  # stays on the device: no sync per step
             self._loss_count += 1
         if self.slowdown > 1.0:
             time.sleep((self.slowdown - 1.0) * (time.perf_counter() - step_started))
-        if self.after_step is not None:
-            self.after_step(self.role)
+        if self.on_step:
+            for hook in self.on_step:
+                hook(self.role)
 
     def finish(self) -> WorkerOutcome:
         """Wait for the exchange in flight, say DONE (with the final payload), return the figures."""
@@ -275,7 +296,7 @@ class WorkerLoop:
             if self.overlap:
                 self._wait_in_flight()
         finally:
-            self._stop_comm_thread()
+            self.stop_exchange_thread()
         rate = (self.role.step - self._first_step) / max(time.perf_counter() - self._started, 1e-9)
         if self.snapshots is not None:  # before DONE: DONE is this worker's part of any snapshot
             self.snapshots.save_final()
@@ -308,6 +329,6 @@ class WorkerLoop:
                 loss = worker_step(self.role, self.gradient, self._exchange)
                 self.end_step(loss, step_started)
         except BaseException:
-            self._stop_comm_thread()  # no send may race the exchange thread on the way out
+            self.stop_exchange_thread()  # no send may race the exchange thread on the way out
             raise
         return self.finish()

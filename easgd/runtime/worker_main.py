@@ -102,6 +102,8 @@ def run_worker(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
             after_step=after_step,
             snapshots=WorkerSnapshots(checkpointer, capture, after_reply=cfg.server.shards > 1),
         )
+        if ledger is not None:
+            ledger.attach(loop)
         outcome = loop.run()
     except ServerFailed as err:  # the server's traceback ends the run, not this worker's
         log.error("%s; leaving", err)
