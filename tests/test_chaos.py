@@ -6,6 +6,7 @@ Failures are injected with the fault.* config (first attempt only), like torchft
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -32,19 +33,23 @@ def test_sigkill_mid_run_resumes_from_checkpoints_after_restart(
     args = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "--max-restarts=1",
         "-m", "easgd.train", "workers=3", "steps_per_worker=600", "eval_interval_s=0.1", "checkpoint.every_s=0.05", "checkpoint.ledger=true",
-        f"fault.kill_rank={rank}", f"fault.kill_at_step={at_step}", "progress=false", f"hydra.run.dir={tmp_path}",
+        f"fault.kill_rank={rank}", f"fault.kill_at_step={at_step}", "fault.kill_after_commit=true",
+        "progress=false", f"hydra.run.dir={tmp_path}",
     ]  # fmt: skip
     result = run(args)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "sends itself SIGKILL" in result.stderr
+    killed = re.search(r"sends itself SIGKILL at step (\d+)", result.stderr)
+    assert killed is not None  # at the first step >= at_step after the first commit
+    died_at = int(killed.group(1))
+    assert died_at >= at_step
     done = summary(tmp_path)
     assert done["restarts"] == 1
     assert done["worker_steps"] == 3 * 600  # every worker finished its budget in the end
     assert sum(done["resumed_worker_steps"].values()) > 0  # resumed, not restarted from scratch
-    if rank != 0:  # the killed worker computed exactly up to step at_step before it died
+    if rank != 0:  # the killed worker computed exactly up to the step it died at
         assert (
             done["details"]["redone_steps_by_worker"][str(rank)]
-            == at_step - done["resumed_worker_steps"][str(rank)]
+            == died_at - done["resumed_worker_steps"][str(rank)]
         )
     assert done["details"]["redone_worker_steps"] == sum(
         done["details"]["redone_steps_by_worker"].values()

@@ -158,6 +158,37 @@ def test_injector_fires_each_kind_once(kind: str, monkeypatch: pytest.MonkeyPatc
         fired.clear()
 
 
+def test_a_kill_after_commit_waits_for_the_first_committed_snapshot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the kill is due from step 3 on, but fires only at the first step that sees a commit (6)
+    # and only once; without the flag it fires at step 3 exactly, commit or not
+    fired: list[int] = []
+    monkeypatch.setattr(faults_module, "kill_self", lambda who, step: fired.append(step))
+    commits = iter([False] * 3 + [True] * 10)  # asked at steps 3, 4, 5 (no), 6 (yes)
+    fault = FaultConfig(kill_rank=1, kill_at_step=3, kill_after_commit=True)
+    injector = FaultInjector(fault, 1, generation=0, committed=lambda: next(commits))
+    for step in range(1, 7):
+        injector.worker_step(step, torch.ones(2))
+    assert fired == [6]
+    fired.clear()
+    updates = iter([False, True])  # a server rank: ticks at updates 5 (no commit) and 9
+    server = FaultInjector(
+        FaultConfig(kill_rank=0, kill_at_step=4, kill_after_commit=True),
+        0,
+        generation=0,
+        committed=lambda: next(updates),
+    )
+    for count in (2, 5, 9):
+        server.server_tick(count)
+    assert fired == [9]
+    fired.clear()
+    plain = FaultInjector(FaultConfig(kill_rank=1, kill_at_step=3), 1, generation=0)
+    for step in range(1, 7):
+        plain.worker_step(step, torch.ones(2))
+    assert fired == [3]
+
+
 def test_sequential_raise_fires_in_the_run(tmp_path: Path) -> None:
     from easgd.runtime.sequential import run_sequential
 

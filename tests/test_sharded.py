@@ -127,13 +127,15 @@ def test_gloo_job_with_two_shards_equals_the_unsharded_simulator_bit_for_bit(
 def test_a_killed_rank_resumes_every_rank_from_a_consistent_sharded_snapshot(
     tmp_path: Path, algorithm: str, victim: int
 ) -> None:
-    # ranks 0-1 are the shards, 2-3 the workers; a kill -9 of a shard or a worker restarts the
-    # job, which resumes every rank from the newest committed snapshot
+    # ranks 0-1 are the shards, 2-3 the workers; a kill -9 of a shard or a worker (once a
+    # snapshot is committed: an event, not a step count, so a slow machine cannot kill first)
+    # restarts the job, which resumes every rank from the newest committed snapshot
     steps = 400
     result = _torchrun(
         4, "server.shards=2", "workers=2", f"algorithm={algorithm}", f"steps_per_worker={steps}",
         "comm.period=2", "eval_interval_s=0.05", "checkpoint.every_s=0.01", "checkpoint.ledger=true",
-        f"fault.kill_rank={victim}", "fault.kill_at_step=60", f"hydra.run.dir={tmp_path}",
+        f"fault.kill_rank={victim}", "fault.kill_at_step=60", "fault.kill_after_commit=true",
+        f"hydra.run.dir={tmp_path}",
         restarts=1,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

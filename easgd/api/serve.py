@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +34,12 @@ from easgd.comm.groups import LaunchError
 from easgd.comm.heartbeat import HeartbeatMonitor
 from easgd.comm.transport import PairTransport
 from easgd.config.algorithm import AlgorithmConfig
-from easgd.roles import ServerRole, make_server_role
+from easgd.roles import make_server_role
 from easgd.runtime.checkpoint import Checkpointer
 from easgd.runtime.resume import load_server_part
 from easgd.runtime.runlog import RunLog
 from easgd.runtime.server import ParameterServer, Resumed, ServePolicy
+from easgd.runtime.server_main import resumed_from
 from easgd.runtime.snapshot import SnapshotCut, SnapshotLog, SnapshotWriter
 from easgd.runtime.summary import Summary, figures_of, write_summary
 from easgd.runtime.supervisor import ServerOutcome, StopRule, Supervision, Supervisor
@@ -99,63 +99,136 @@ def serve(
         )
     _check(algorithm, worker_failure, eval_interval_s)
     config = AlgorithmConfig(name=algorithm, moving_rate=moving_rate, average_rate=average_rate)
-    params = ModelParams(trainable_params(model))
-    role = make_server_role(config, params.vector().cpu(), num_workers=session.num_workers)
-    signature = {"algorithm": algorithm, "num_params": params.numel, "workers": session.num_workers}
-    directory = Path(run_dir) / "checkpoints" if run_dir is not None else None
-    resumed = _resume(role, directory, signature) if resume else _Resumed()
-    session.publish_run(
-        {
-            "algorithm": algorithm,
-            "numel": params.numel,
-            "dtype": str(params.dtype),
-            **run_description(directory, resumed.number, signature),
-        }
-    )
-    transports = {
-        rank: PairTransport(peer=rank, group=group, numel=params.numel, dtype=params.dtype)
-        for rank, group in session.groups.items()
-    }
-    cut = SnapshotCut(next_number=SnapshotLog(directory).next_number()) if directory else None
+    center = _Center(model, session, config, run_dir, resume=resume)
+    policy = ServePolicy(worker_failure == "continue", max_update_norm=max_update_norm)
+    stop_rule = StopRule(max_wall_s=max_wall_s, target_test_error=target_test_error)
     runlog = RunLog(run_dir, tensorboard=tensorboard)  # run_dir None: records nothing
     try:
-        server = ParameterServer(
-            role,
-            transports,
-            ServePolicy(worker_failure == "continue", max_update_norm=max_update_norm),
-            resumed=Resumed(resumed.exchanges, frozenset(resumed.finished)),
-            snapshots=cut,
+        supervisor = center.supervise(
+            policy, Supervision(eval_interval_s, stop_rule), runlog, evaluate, heartbeat_timeout_s
         )
+        writer = center.snapshot_writer(supervisor, checkpoint_every_s)
+        outcome = supervisor.run()
+        if writer is not None:
+            writer.finish()  # the final snapshot: every worker's part is its final state
+        committed = writer.committed if writer is not None else None
+        summary = center.summary(supervisor.server, outcome, committed, hparams or {})
+        record = {"algorithm": algorithm, "workers": session.num_workers, **(hparams or {})}
+        write_summary(runlog, summary, record)
+    finally:
+        runlog.close()
+    center.params.assign(center.role.evaluated())
+    return model
+
+
+class _Center:
+    """What ``serve`` holds: the center's role (resumed from the committed snapshot, if any) over
+    the user's model, the checkpoint folder and what the workers are told about the run."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        session: Session,
+        config: AlgorithmConfig,
+        run_dir: str | Path | None,
+        *,
+        resume: bool,
+    ) -> None:
+        self.model, self.session, self.algorithm = model, session, config.name
+        self.params = ModelParams(trainable_params(model))
+        workers = session.num_workers
+        self.role = make_server_role(config, self.params.vector().cpu(), num_workers=workers)
+        self.signature = {"algorithm": config.name, "num_params": self.params.numel}
+        self.signature["workers"] = workers
+        self.directory = Path(run_dir) / "checkpoints" if run_dir is not None else None
+        self.number: int | None = None
+        self.restarts, self.resumed = 0, Resumed()
+        if resume and self.directory is not None:
+            self.number = SnapshotLog(self.directory).newest()
+            checkpointer = Checkpointer(self.directory, "server")
+            state = load_server_part(checkpointer, self.number, self.signature)
+            self.number = self.number if state is not None else None
+            self.restarts, self.resumed = resumed_from(self.role, state)
+        description = run_description(self.directory, self.number, self.signature)
+        dtype = str(self.params.dtype)
+        session.publish_run(
+            {"algorithm": config.name, "numel": self.params.numel, "dtype": dtype, **description}
+        )
+
+    def supervise(
+        self,
+        policy: ServePolicy,
+        supervision: Supervision,
+        runlog: RunLog,
+        evaluate: Evaluate | None,
+        heartbeat_timeout_s: float,
+    ) -> Supervisor:
+        """The parameter server over every worker's pair group, and its supervisor."""
+        params, session = self.params, self.session
+        transports = {
+            rank: PairTransport(peer=rank, group=group, numel=params.numel, dtype=params.dtype)
+            for rank, group in session.groups.items()
+        }
+        cut = None
+        if self.directory is not None:
+            cut = SnapshotCut(next_number=SnapshotLog(self.directory).next_number())
+        server = ParameterServer(self.role, transports, policy, resumed=self.resumed, snapshots=cut)
         heartbeat = None
         if session.store is not None:
             heartbeat = HeartbeatMonitor(
                 session.store, timeout_s=heartbeat_timeout_s, first_step_s=session.timeout_s
             )
-        stop_rule = StopRule(max_wall_s=max_wall_s, target_test_error=target_test_error)
-        supervisor = Supervisor(
-            server,
-            _center_evaluator(model, params, evaluate),
-            runlog,
-            Supervision(eval_interval_s, stop_rule),
-            heartbeat=heartbeat,
+        evaluator = _center_evaluator(self.model, params, evaluate)
+        return Supervisor(server, evaluator, runlog, supervision, heartbeat=heartbeat)
+
+    def snapshot_writer(
+        self, supervisor: Supervisor, every_s: float | None
+    ) -> SnapshotWriter | None:
+        """easgd.train's writer on the server's marker cut, ticking with the supervisor (None:
+        no run_dir)."""
+        cut = supervisor.server.snapshots
+        if cut is None or self.directory is None:
+            return None
+        writer = SnapshotWriter(
+            cut,
+            supervisor,
+            self.directory,
+            every_s=every_s or 0.0,
+            names=["server", *(f"worker{r}" for r in supervisor.server.transports)],
+            extra={"restarts": self.restarts, "signature": self.signature},
         )
-        writer = _snapshot_writer(
-            cut, supervisor, directory, checkpoint_every_s, resumed, signature
+        supervisor.on_tick.append(writer.tick)
+        return writer
+
+    def summary(
+        self,
+        server: ParameterServer,
+        outcome: ServerOutcome,
+        committed: int | None,
+        hparams: dict[str, Any],
+    ) -> Summary:
+        """summary.json of an own-loop run."""
+        return Summary(
+            topology="own_loop",
+            mode="distributed",
+            algorithm=self.algorithm,
+            workers=len(server.transports),
+            comm_period=None,
+            steps_per_worker=None,
+            num_params=self.params.numel,
+            figures=figures_of(outcome),
+            restarts=self.restarts,
+            resumed_worker_steps={str(r): s for r, s in server.resumed_steps.items()},
+            failed_workers={str(r): why for r, why in outcome.failed_workers.items()},
+            hyperparameters={"moving_rate": getattr(self.role, "moving_rate", None)},
+            details={
+                "rejected_messages": outcome.rejected,
+                "worker_steps_per_s": {str(r): s.steps_per_s for r, s in server.stats.items()},
+                "resumed_snapshot": self.number,
+                "committed_snapshot": committed,
+                "hparams": hparams,
+            },
         )
-        outcome = supervisor.run()
-        if writer is not None:
-            writer.finish()  # the final snapshot: every worker's part is its final state
-        details = {
-            "committed_snapshot": writer.committed if writer is not None else None,
-            "hparams": hparams or {},
-        }
-        summary = _summary(algorithm, role, params.numel, server, outcome, resumed, details)
-        record = {"algorithm": algorithm, "workers": session.num_workers, **(hparams or {})}
-        write_summary(runlog, summary, record)
-    finally:
-        runlog.close()
-    params.assign(role.evaluated())
-    return model
 
 
 def _center_evaluator(
@@ -171,82 +244,3 @@ def _center_evaluator(
         return metrics
 
     return evaluate_center
-
-
-def _snapshot_writer(
-    cut: SnapshotCut | None,
-    supervisor: Supervisor,
-    directory: Path | None,
-    every_s: float | None,
-    resumed: _Resumed,
-    signature: dict[str, Any],
-) -> SnapshotWriter | None:
-    """easgd.train's writer on the server's marker cut, ticking with the supervisor (None: no
-    run_dir)."""
-    if cut is None or directory is None:
-        return None
-    writer = SnapshotWriter(
-        cut,
-        supervisor,
-        directory,
-        every_s=every_s or 0.0,
-        names=["server", *(f"worker{r}" for r in supervisor.server.transports)],
-        extra={"restarts": resumed.restarts, "signature": signature},
-    )
-    supervisor.on_tick.append(writer.tick)
-    return writer
-
-
-@dataclass
-class _Resumed:
-    """What the server resumed from: committed snapshot ``number`` (None: a fresh start)."""
-
-    number: int | None = None
-    restarts: int = 0
-    exchanges: int = 0
-    finished: set[int] = field(default_factory=set)
-
-
-def _resume(role: ServerRole, directory: Path | None, signature: dict[str, Any]) -> _Resumed:
-    """Load the server's part of the newest committed snapshot in ``directory`` into ``role``."""
-    number = SnapshotLog(directory).newest() if directory is not None else None
-    state = None
-    if directory is not None:
-        state = load_server_part(Checkpointer(directory, "server"), number, signature)
-    if state is None:
-        return _Resumed()
-    role.load_state_dict(state["role"])
-    finished = {int(r) for r in state["finished"]}
-    return _Resumed(number, int(state["restarts"]) + 1, int(state["exchanges"]), finished)
-
-
-def _summary(
-    algorithm: str,
-    role: ServerRole,
-    num_params: int,
-    server: ParameterServer,
-    outcome: ServerOutcome,
-    resumed: _Resumed,
-    details: dict[str, Any],
-) -> Summary:
-    """summary.json of an own-loop run (``details``: the snapshots and the user's hparams)."""
-    return Summary(
-        topology="own_loop",
-        mode="distributed",
-        algorithm=algorithm,
-        workers=len(server.transports),
-        comm_period=None,
-        steps_per_worker=None,
-        num_params=num_params,
-        figures=figures_of(outcome),
-        restarts=resumed.restarts,
-        resumed_worker_steps={str(r): s for r, s in server.resumed_steps.items()},
-        failed_workers={str(r): why for r, why in outcome.failed_workers.items()},
-        hyperparameters={"moving_rate": getattr(role, "moving_rate", None)},
-        details={
-            "rejected_messages": outcome.rejected,
-            "worker_steps_per_s": {str(r): s.steps_per_s for r, s in server.stats.items()},
-            "resumed_snapshot": resumed.number,
-            **details,
-        },
-    )

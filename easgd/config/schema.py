@@ -195,6 +195,9 @@ class FaultConfig:
     """This rank sends itself SIGKILL ..."""
     kill_at_step: int = 0
     """... when its local step counter reaches this value (a server rank: server updates)."""
+    kill_after_commit: bool = False
+    """With ``kill_rank``: from ``kill_at_step`` on, the kill waits until the run has a committed
+    snapshot, so a restart resumes from one whatever the machine's pace (resume drills, tests)."""
     raise_rank: int | None = None
     """This rank raises a RuntimeError (0: the single server, inside its exchange handling) ..."""
     raise_at_step: int = 0

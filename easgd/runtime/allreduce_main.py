@@ -44,7 +44,6 @@ from easgd.runtime.allreduce import (
     sampled_gradient,
 )
 from easgd.runtime.allreduce_snapshots import RankSnapshots
-from easgd.runtime.components import evaluator_for
 from easgd.runtime.parts import RunParts, RunRecord
 from easgd.runtime.process import setup_logging
 from easgd.runtime.resume import checkpoint_dir
@@ -164,7 +163,7 @@ class _Lead:
         self.cfg = parts.cfg
         self.split = parts.split
         self.num_params = num_params
-        self.evaluator = evaluator_for(parts.cfg, parts.split)
+        self.evaluator = parts.flat_model()  # on the CPU
         self.record: RunRecord = parts.record(lead=True)
         p = self.cfg.workers
         self.record.progress.advance(p * resumed_step, exchanges=p * rounds)

@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 
 from easgd.config.schema import validate
 from easgd.runtime.checkpoint import Checkpointer
-from easgd.runtime.components import build_split, evaluator_for
+from easgd.runtime.components import build_split
+from easgd.runtime.parts import RunParts
 from easgd.runtime.resume import load_worker_part
 from easgd.runtime.snapshot import SnapshotLog
 
@@ -38,7 +39,7 @@ def conservation_gap(run_dir: str | os.PathLike[str], number: int | None = None)
             raise ValueError(f"snapshot {number} has no {name} part in {directory}")
         slices.append(part["role"]["center"].to(torch.float64))
     center = torch.cat(slices)
-    initial = evaluator_for(cfg, build_split(cfg.data)).initial_point()
+    initial = RunParts(cfg, build_split(cfg.data)).flat_model().initial_point()
     expected = initial.to(torch.float64)
     for rank in range(shards, shards + cfg.workers):
         part = load_worker_part(Checkpointer(directory, f"worker{rank}"), number)

@@ -13,7 +13,6 @@ from easgd.comm.groups import SERVER_RANK
 from easgd.comm.transport import Delay, PairTransport, WorkerTransport
 from easgd.config.schema import DataConfig, ModelConfig, TrainConfig
 from easgd.data.split import Split
-from easgd.flat import FlatModel
 
 
 def import_object(path: str) -> Any:
@@ -143,10 +142,3 @@ def worker_transport(
         for shard, (lo, hi) in enumerate(bounds)
     ]
     return ShardedTransport(links, bounds)
-
-
-def evaluator_for(cfg: TrainConfig, split: Split) -> FlatModel:
-    """A CPU copy of the model for test-set evaluation."""
-    return FlatModel(
-        build_model(cfg.model, split, seed=cfg.seed), weight_decay=cfg.algorithm.weight_decay
-    )

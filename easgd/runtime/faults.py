@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -44,19 +45,36 @@ class FaultInjector:
     """The faults configured for one rank, checked at each of its steps."""
 
     def __init__(
-        self, fault: FaultConfig, rank: int, *, generation: int, who: str | None = None
+        self,
+        fault: FaultConfig,
+        rank: int,
+        *,
+        generation: int,
+        who: str | None = None,
+        committed: Callable[[], bool] | None = None,
     ) -> None:
         self.fault = fault
         self.rank = rank
         self.first_start = generation == 0
         self.who = who or ("server" if rank == 0 else f"worker {rank}")
+        self.committed = committed
+        """Whether the run has a committed snapshot (for ``fault.kill_after_commit``)."""
+
+    def _kill_due(self, count: int) -> bool:
+        """The kill of this rank is due at step (or update) ``count``."""
+        fault = self.fault
+        if not self.first_start or fault.kill_rank != self.rank or count < fault.kill_at_step:
+            return False
+        if not fault.kill_after_commit:
+            return True
+        return self.committed is not None and self.committed()
 
     def worker_step(self, step: int, params: torch.Tensor) -> None:
         """Fire this worker's faults due at ``step`` (NaN: written into ``params`` in place)."""
         fault, rank = self.fault, self.rank
+        if (step == fault.kill_at_step or fault.kill_after_commit) and self._kill_due(step):
+            kill_self(self.who, step)
         if self.first_start:
-            if fault.kill_rank == rank and step == fault.kill_at_step:
-                kill_self(self.who, step)
             if fault.raise_rank == rank and step == fault.raise_at_step:
                 raise RuntimeError(f"fault injection: {self.who} raises at step {step}")
             if fault.hang_rank == rank and step == fault.hang_at_step:
@@ -84,6 +102,5 @@ class FaultInjector:
 
     def server_tick(self, updates: int) -> None:
         """A server's (or shard's) kill fires at a tick once it has made ``kill_at_step`` updates."""
-        kill = self.fault.kill_rank == self.rank
-        if self.first_start and kill and updates >= self.fault.kill_at_step:
+        if self._kill_due(updates):
             kill_self(self.who, updates)

@@ -35,7 +35,7 @@ from easgd.flat import FlatModel
 from easgd.runtime.components import build_model, build_split, device_for
 from easgd.runtime.faults import FaultInjector
 from easgd.runtime.progress import Progress
-from easgd.runtime.resume import checkpoint_signature
+from easgd.runtime.resume import checkpoint_signature, committed_snapshot
 from easgd.runtime.runlog import RunLog
 from easgd.runtime.summary import Summary, hparams_of, write_summary
 from easgd.runtime.supervisor import StopRule
@@ -177,7 +177,14 @@ class RunParts:
 
     def faults(self, rank: int, *, generation: int, who: str | None = None) -> FaultInjector:
         """The ``fault.*`` injector of ``rank`` (fires only in the job's first start)."""
-        return FaultInjector(self.cfg.fault, rank, generation=generation, who=who)
+        cfg = self.cfg
+        return FaultInjector(
+            cfg.fault,
+            rank,
+            generation=generation,
+            who=who,
+            committed=lambda: committed_snapshot(cfg) is not None,
+        )
 
     def record(
         self, *, lead: bool, total_steps: int | None = None, progress: bool = True

@@ -24,8 +24,7 @@ from easgd.data.split import Split
 from easgd.flat import FlatModel
 from easgd.roles import ServerRole, make_server_role
 from easgd.runtime.checkpoint import Checkpointer
-from easgd.runtime.components import evaluator_for, transport_for
-from easgd.runtime.faults import FaultInjector
+from easgd.runtime.components import transport_for
 from easgd.runtime.parts import RunParts
 from easgd.runtime.resume import checkpoint_dir, checkpoint_signature, resume_server
 from easgd.runtime.runlog import RunLog
@@ -82,9 +81,10 @@ def supervise(
     return Supervisor(server, evaluate, runlog, settings, heartbeat=heartbeat)
 
 
-def run_server(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) -> dict[str, Any]:
+def run_server(parts: RunParts, pairs: PairGroups) -> dict[str, Any]:
     """Rank 0: hold the center, serve the workers, evaluate, snapshot, write the run directory."""
-    flat = evaluator_for(cfg, split)
+    cfg, split = parts.cfg, parts.split
+    flat = parts.flat_model()  # on the CPU: the center and its evaluation
     role = make_server_role(cfg.algorithm, flat.initial_point(), num_workers=cfg.workers)
     signature = checkpoint_signature(cfg, flat.num_params)
     server_files = Checkpointer(checkpoint_dir(cfg), "server", keep=cfg.checkpoint.keep)
@@ -115,7 +115,7 @@ def run_server(cfg: TrainConfig, env: DistEnv, split: Split, pairs: PairGroups) 
         keep=cfg.checkpoint.keep,
         extra={"restarts": restarts, "signature": signature},
     )
-    faults = FaultInjector(cfg.fault, SERVER_RANK, generation=pairs.generation)
+    faults = parts.faults(SERVER_RANK, generation=pairs.generation)
     faults.watch_server(server)
     supervisor.on_tick.append(snapshots.tick)
     # the kill fires after any snapshot that was due at this tick
@@ -153,8 +153,8 @@ def run_server_topology(cfg: TrainConfig) -> dict[str, Any] | None:
     )
     try:
         if env.rank == SERVER_RANK:
-            return run_server(cfg, env, parts.split, pairs)
-        run_worker(cfg, env, parts.split, pairs)
+            return run_server(parts, pairs)
+        run_worker(parts, env, pairs)
         return None
     finally:
         shutdown()

@@ -32,8 +32,7 @@ from easgd.flat import FlatModel
 from easgd.roles import make_server_role
 from easgd.roles.sharded import shard_bounds
 from easgd.runtime.checkpoint import Checkpointer
-from easgd.runtime.components import evaluator_for, transport_for
-from easgd.runtime.faults import FaultInjector
+from easgd.runtime.components import transport_for
 from easgd.runtime.parts import RunParts
 from easgd.runtime.process import setup_logging
 from easgd.runtime.resume import checkpoint_dir, checkpoint_signature, resume_server
@@ -60,24 +59,23 @@ def run_sharded(cfg: TrainConfig) -> dict[str, Any] | None:
             f"torchrun --nproc_per_node={cfg.world_size}"
         )
     setup_logging(f"shard{env.rank}" if env.rank < shards else f"worker{env.rank}")
-    split = RunParts.load(cfg).split
+    parts = RunParts.load(cfg)
     backend = choose_backend(cfg.comm.backend)
     groups = init_shard_groups(env, shards=shards, backend=backend, timeout_s=cfg.comm.timeout_s)
     try:
         if env.rank < shards:
-            return run_shard(cfg, env, split, groups)
-        run_worker(cfg, env, split, PairGroups(groups.shards, groups.store, groups.generation))
+            return run_shard(parts, env, groups)
+        run_worker(parts, env, PairGroups(groups.shards, groups.store, groups.generation))
         return None
     finally:
         shutdown()
 
 
-def run_shard(
-    cfg: TrainConfig, env: DistEnv, split: Split, groups: ShardGroups
-) -> dict[str, Any] | None:
+def run_shard(parts: RunParts, env: DistEnv, groups: ShardGroups) -> dict[str, Any] | None:
     """Shard ``env.rank``: serve its slice of the center; shard 0 also evaluates and records."""
+    cfg, split = parts.cfg, parts.split
     shard, lead = env.rank, env.rank == 0
-    flat = evaluator_for(cfg, split)
+    flat = parts.flat_model()  # on the CPU: the center's slice, and shard 0's evaluation
     bounds = shard_bounds(flat.num_params, cfg.server.shards)
     lo, hi = bounds[shard]
     center = flat.initial_point()[lo:hi].clone()
@@ -111,7 +109,7 @@ def run_shard(
             groups.store, shard=shard, shards=cfg.server.shards, timeout_s=cfg.comm.timeout_s
         ),
     )
-    faults = FaultInjector(cfg.fault, shard, generation=groups.generation, who=f"shard {shard}")
+    faults = parts.faults(shard, generation=groups.generation, who=f"shard {shard}")
     supervisor.on_tick.append(snapshots.tick)
     supervisor.on_tick.append(lambda: faults.server_tick(role.updates))
     try:
