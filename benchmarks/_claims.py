@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 
 from easgd.config.schema import DataConfig, ModelConfig
 from easgd.data.split import Split
-from easgd.runtime.components import build_model, build_split
+from easgd.parts.build import build_model, build_split
 from easgd.sim import ClassifierObjective
 
 Task = tuple[str, dict[str, Any]]

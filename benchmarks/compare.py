@@ -46,9 +46,9 @@ from _common import parser, suffix, write_csv, write_json  # noqa: E402
 
 from easgd.config.algorithm import AlgorithmConfig  # noqa: E402
 from easgd.config.schema import CommConfig, CostConfig, DataConfig, ModelConfig, TrainConfig  # noqa: E402
-from easgd.runtime.components import build_model, build_split  # noqa: E402
-from easgd.runtime.simulate import build_simulation, resolve_cost  # noqa: E402
+from easgd.parts.build import build_model, build_split  # noqa: E402
 from easgd.sim import ClassifierObjective  # noqa: E402
+from easgd.topologies.simulate import build_simulation, resolve_cost  # noqa: E402
 
 PLAIN_RATES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 MOMENTUM_RATES = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3)

@@ -8,7 +8,7 @@ models of 1M, 10M and 25M parameters. Reported: exchanges/s (summed over workers
 through the center (2 x 4 bytes x parameters per exchange), and the ratio to k = 1.
 
 Part B (all-reduce). The same 2 ranks train an MLP on digits with synchronous EASGD over
-all-reduce (easgd.runtime.allreduce's loop, tau = 10) and, in the same processes, with local SGD
+all-reduce (easgd.engine.allreduce's loop, tau = 10) and, in the same processes, with local SGD
 plus torch's PeriodicModelAverager (period 10): steps/s of each, the ratio, and the same with rank 1
 a 2x straggler (after computing each gradient it sleeps as long again: slow compute, not a
 slow network). The two methods alternate, 6 rounds each (--rounds), and the per-round ratios are
@@ -44,21 +44,21 @@ from easgd.config.algorithm import AlgorithmConfig
 from easgd.config.schema import ModelConfig
 from easgd.data.digits import load_digits_split
 from easgd.data.sampling import MinibatchSampler
-from easgd.flat import FlatModel
-from easgd.roles import ElasticServer, ElasticWorker
-from easgd.roles.sharded import shard_bounds
-from easgd.runtime.allreduce import (
+from easgd.engine.allreduce import (
     ReplicatedCenterLoop,
     control_slots,
     rank_worker,
     sampled_gradient,
 )
-from easgd.runtime.components import build_model
-from easgd.runtime.launcher import start_processes
-from easgd.runtime.runlog import RunLog
-from easgd.runtime.server import ParameterServer
-from easgd.runtime.supervisor import Supervision, Supervisor
-from easgd.runtime.worker import WorkerLoop, handshake
+from easgd.engine.server import ParameterServer
+from easgd.engine.supervisor import Supervision, Supervisor
+from easgd.engine.worker import WorkerLoop, handshake
+from easgd.flat import FlatModel
+from easgd.parts.build import build_model
+from easgd.parts.runlog import RunLog
+from easgd.roles import ElasticServer, ElasticWorker
+from easgd.roles.sharded import shard_bounds
+from easgd.topologies.launch import start_processes
 
 WARMUP = 2
 WORKERS = 2

@@ -41,12 +41,12 @@ from easgd import algorithms as alg  # noqa: E402
 from easgd.comm.groups import DistEnv, init_pair_groups  # noqa: E402
 from easgd.comm.message import Header, Op  # noqa: E402
 from easgd.comm.transport import PairTransport  # noqa: E402
+from easgd.engine.server import ParameterServer  # noqa: E402
+from easgd.engine.supervisor import Supervision, Supervisor  # noqa: E402
+from easgd.engine.worker import handshake  # noqa: E402
+from easgd.parts.runlog import RunLog  # noqa: E402
 from easgd.roles import ElasticServer  # noqa: E402
-from easgd.runtime.launcher import start_processes  # noqa: E402
-from easgd.runtime.runlog import RunLog  # noqa: E402
-from easgd.runtime.server import ParameterServer  # noqa: E402
-from easgd.runtime.supervisor import Supervision, Supervisor  # noqa: E402
-from easgd.runtime.worker import handshake  # noqa: E402
+from easgd.topologies.launch import start_processes  # noqa: E402
 
 WARMUP = 2
 TARGET_EXCHANGE, TARGET_UPDATE = 0.9, 0.5

@@ -44,9 +44,9 @@ from easgd.config.schema import CommConfig, DataConfig, ModelConfig, TrainConfig
 from easgd.data.sampling import MinibatchSampler  # noqa: E402
 from easgd.flat import FlatModel  # noqa: E402
 from easgd.models import MLP, Cifar7, LeNet  # noqa: E402
+from easgd.parts.build import build_model, build_split  # noqa: E402
 from easgd.roles import ElasticWorker, worker_step  # noqa: E402
-from easgd.runtime.components import build_model, build_split  # noqa: E402
-from easgd.runtime.launcher import launch  # noqa: E402
+from easgd.topologies.launch import launch  # noqa: E402
 
 LR, MOMENTUM, BATCH = 0.01, 0.99, 128
 TARGET_LOCAL, TARGET_E2E = 0.97, 0.95

@@ -35,7 +35,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from easgd.config.schema import validate  # noqa: E402
 from easgd.config.store import register  # noqa: E402
-from easgd.runtime.sequential import run_sequential  # noqa: E402
+from easgd.topologies.sequential import run_sequential  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EXPERIMENT = CONFIGS / "experiment" / "spread.yaml"

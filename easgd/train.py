@@ -24,8 +24,8 @@ from omegaconf import DictConfig
 from easgd.comm.groups import LaunchError
 from easgd.config.schema import validate
 from easgd.config.store import config_dir, register
-from easgd.runtime.launcher import launch
-from easgd.runtime.preflight import preflight
+from easgd.parts.preflight import preflight
+from easgd.topologies.launch import launch
 
 register()
 
@@ -39,7 +39,7 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
     preflight(config)
     config.run_dir = HydraConfig.get().runtime.output_dir
     if config.mode == "simulate":
-        from easgd.runtime.simulate import run_simulated
+        from easgd.topologies.simulate import run_simulated
 
         return run_simulated(config)
     return launch(config)

@@ -68,7 +68,7 @@ if command -v nvidia-smi > /dev/null 2>&1; then
   CUDA_VISIBLE_DEVICES="" $PY -c "
 import sys
 from pathlib import Path
-from easgd.runtime.checkpoint import Checkpointer
+from easgd.recovery.checkpoint import Checkpointer
 paths = sorted(Path('$HYG/checkpoints').glob('worker1-*.pt'))
 state = Checkpointer.read(paths[-1])
 print('hygiene: CUDA-written checkpoint loads without CUDA:', paths[-1].name, state['role']['params'].device, 'PASS')

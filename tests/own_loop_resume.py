@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from easgd import api
-from easgd.runtime.checkpoint import Checkpointer, CheckpointError
-from easgd.runtime.snapshot import SnapshotLog
+from easgd.recovery.checkpoint import Checkpointer, CheckpointError
+from easgd.recovery.snapshot import SnapshotLog
 
 STEPS = 200
 """Each worker's step budget in the attempt that finishes."""

@@ -10,11 +10,11 @@ import torch
 from easgd.comm.groups import DistEnv, init_pair_groups
 from easgd.comm.message import Header, Op
 from easgd.comm.transport import Delay, PairTransport
+from easgd.engine.server import ParameterServer
+from easgd.engine.supervisor import Supervision, Supervisor
+from easgd.engine.worker import WorkerLoop, handshake
+from easgd.parts.runlog import RunLog
 from easgd.roles import DownpourServer, DownpourWorker, ElasticServer, ElasticWorker
-from easgd.runtime.runlog import RunLog
-from easgd.runtime.server import ParameterServer
-from easgd.runtime.supervisor import Supervision, Supervisor
-from easgd.runtime.worker import WorkerLoop, handshake
 
 NUMEL = 16
 

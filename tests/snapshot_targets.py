@@ -11,14 +11,14 @@ import torch
 
 from easgd.comm.groups import DistEnv, init_pair_groups
 from easgd.comm.transport import PairTransport
+from easgd.engine.server import ParameterServer, Resumed
+from easgd.engine.supervisor import Supervision, Supervisor
+from easgd.engine.worker import WorkerLoop, handshake
+from easgd.parts.runlog import RunLog
+from easgd.recovery.checkpoint import Checkpointer
+from easgd.recovery.resume import load_worker_part
+from easgd.recovery.snapshot import SnapshotCut, SnapshotLog, SnapshotWriter, WorkerSnapshots
 from easgd.roles import DownpourServer, DownpourWorker, ElasticServer, ElasticWorker
-from easgd.runtime.checkpoint import Checkpointer
-from easgd.runtime.resume import load_worker_part
-from easgd.runtime.runlog import RunLog
-from easgd.runtime.server import ParameterServer, Resumed
-from easgd.runtime.snapshot import SnapshotCut, SnapshotLog, SnapshotWriter, WorkerSnapshots
-from easgd.runtime.supervisor import Supervision, Supervisor
-from easgd.runtime.worker import WorkerLoop, handshake
 
 NUMEL = 16
 START = torch.linspace(-1, 1, NUMEL, dtype=torch.float64)

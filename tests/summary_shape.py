@@ -1,4 +1,4 @@
-"""The documented shape of summary.json (README "Outputs", easgd/runtime/summary.py), written out.
+"""The documented shape of summary.json (README "Outputs", easgd/parts/summary.py), written out.
 
 Every real run in the suite that writes a summary checks it here, so each topology and mode is
 held to the same shape: exactly these top-level keys with these types, and the topology's own

@@ -18,8 +18,8 @@ from torch import Tensor
 from easgd import algorithms as alg
 from easgd.config.algorithm import AlgorithmConfig
 from easgd.config.schema import TrainConfig
+from easgd.engine.allreduce import ReduceFn, ReplicatedCenterLoop
 from easgd.roles import ElasticWorker, GradientFn
-from easgd.runtime.allreduce import ReduceFn, ReplicatedCenterLoop
 from easgd.sim import Quadratic, SimConfig, simulate
 from tests.conftest import f64
 from tests.summary_shape import assert_summary_shape
@@ -199,9 +199,9 @@ def test_runtime_ranks_on_a_real_model_match_the_simulator_bit_for_bit(
     # look-ahead clobbered by the exchange, would show here.
     from easgd.data.digits import load_digits_split
     from easgd.data.sampling import MinibatchSampler
+    from easgd.engine.allreduce import rank_worker, sampled_gradient
     from easgd.flat import FlatModel
-    from easgd.runtime.allreduce import rank_worker, sampled_gradient
-    from easgd.runtime.components import build_model
+    from easgd.parts.build import build_model
     from easgd.sim import ClassifierObjective
 
     split = load_digits_split(test_fraction=0.2, seed=0)
@@ -232,8 +232,8 @@ def test_runtime_ranks_on_a_real_model_match_the_simulator_bit_for_bit(
 
 
 def test_rank_worker_refuses_a_non_elastic_algorithm() -> None:
+    from easgd.engine.allreduce import rank_worker
     from easgd.flat import FlatModel
-    from easgd.runtime.allreduce import rank_worker
 
     flat = FlatModel(torch.nn.Linear(3, 2))
     with pytest.raises(ValueError, match="runs synchronous easgd/eamsgd, not 'downpour'"):
@@ -263,9 +263,9 @@ def test_world_size_has_no_server_rank() -> None:
 @pytest.mark.slow
 def test_torchrun_job_killed_restarts_resumes_and_equals_the_simulator(tmp_path: Path) -> None:
     from easgd.data.digits import load_digits_split
-    from easgd.runtime.checkpoint import Checkpointer
-    from easgd.runtime.components import build_model
-    from easgd.runtime.snapshot import SnapshotLog
+    from easgd.parts.build import build_model
+    from easgd.recovery.checkpoint import Checkpointer
+    from easgd.recovery.snapshot import SnapshotLog
     from easgd.sim import ClassifierObjective
     from tests.test_train_e2e import run
 
@@ -314,9 +314,9 @@ def test_torchrun_job_killed_restarts_resumes_and_equals_the_simulator(tmp_path:
 
 # -- snapshots on the run's snapshot log -------------------------------------------------------
 def test_snapshots_are_committed_once_every_rank_has_saved_its_part(tmp_path: Path) -> None:
-    from easgd.runtime.allreduce_snapshots import RankSnapshots
-    from easgd.runtime.checkpoint import Checkpointer
-    from easgd.runtime.snapshot import SnapshotLog
+    from easgd.recovery.allreduce_snapshots import RankSnapshots
+    from easgd.recovery.checkpoint import Checkpointer
+    from easgd.recovery.snapshot import SnapshotLog
 
     directory = tmp_path / "checkpoints"
     Checkpointer(directory, "rank1").save({"stale": True}, 7)  # a crashed attempt's, uncommitted
@@ -361,8 +361,8 @@ def test_snapshots_are_committed_once_every_rank_has_saved_its_part(tmp_path: Pa
 def test_a_snapshot_is_committed_only_when_the_sum_says_every_part_is_saved(
     tmp_path: Path,
 ) -> None:
-    from easgd.runtime.allreduce_snapshots import RankSnapshots
-    from easgd.runtime.snapshot import SnapshotLog
+    from easgd.recovery.allreduce_snapshots import RankSnapshots
+    from easgd.recovery.snapshot import SnapshotLog
 
     snapshots = RankSnapshots(tmp_path, 0, num_workers=2, keep=3, capture=lambda: {"x": 1})
     snapshots.save(5)
@@ -376,9 +376,9 @@ def test_a_snapshot_is_committed_only_when_the_sum_says_every_part_is_saved(
 def test_resume_reads_the_newest_committed_part_and_numbers_above_every_file(
     tmp_path: Path,
 ) -> None:
-    from easgd.runtime.allreduce_snapshots import RankSnapshots
-    from easgd.runtime.checkpoint import Checkpointer, CheckpointError
-    from easgd.runtime.snapshot import SnapshotLog
+    from easgd.recovery.allreduce_snapshots import RankSnapshots
+    from easgd.recovery.checkpoint import Checkpointer, CheckpointError
+    from easgd.recovery.snapshot import SnapshotLog
 
     for number in (3, 4):  # 4 was saved by rank 0 but never committed
         Checkpointer(tmp_path, "rank0").save({"number": number, "signature": {"a": 1}}, number)

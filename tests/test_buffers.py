@@ -15,10 +15,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from easgd.config.schema import DataConfig
 from easgd.flat import FlatModel
-from easgd.runtime.checkpoint import Checkpointer
-from easgd.runtime.components import build_split
-from easgd.runtime.server_main import evaluate_center
-from easgd.runtime.snapshot import SnapshotLog
+from easgd.parts.build import build_split
+from easgd.recovery.checkpoint import Checkpointer
+from easgd.recovery.snapshot import SnapshotLog
+from easgd.topologies.server import evaluate_center
 from tests.bn_models import bn_mlp
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from easgd.runtime.audit import conservation_gap
-from easgd.runtime.checkpoint import Checkpointer
+from easgd.recovery.audit import conservation_gap
+from easgd.recovery.checkpoint import Checkpointer
 from tests.test_train_e2e import ROOT, run, torchrun
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from easgd.runtime.checkpoint import Checkpointer, CheckpointError, check_compatible
+from easgd.recovery.checkpoint import Checkpointer, CheckpointError, check_compatible
 
 
 def state(value: float) -> dict:

@@ -17,7 +17,7 @@ from easgd.data.digits import load_digits_split
 from easgd.data.mnist import DatasetFileError, load_mnist
 from easgd.data.sampling import MinibatchSampler
 from easgd.data.synthetic import make_teacher_student
-from easgd.runtime.components import build_model, build_split
+from easgd.parts.build import build_model, build_split
 
 
 def write_idx(path: Path, array: np.ndarray, magic: int, *, compress: bool) -> None:

@@ -43,8 +43,8 @@ import torch
 
 from easgd.config.algorithm import AlgorithmConfig
 from easgd.config.schema import FaultConfig, ServerConfig, TrainConfig
-from easgd.runtime import faults as faults_module
-from easgd.runtime.faults import FaultInjector
+from easgd.parts import faults as faults_module
+from easgd.parts.faults import FaultInjector
 from tests.test_reliability import kill_all, processes_of, torchrun_continuing_stopped
 from tests.test_reliability import torchrun as reliability_torchrun
 from tests.test_train_e2e import run
@@ -190,7 +190,7 @@ def test_a_kill_after_commit_waits_for_the_first_committed_snapshot(
 
 
 def test_sequential_raise_fires_in_the_run(tmp_path: Path) -> None:
-    from easgd.runtime.sequential import run_sequential
+    from easgd.topologies.sequential import run_sequential
 
     cfg = TrainConfig(
         algorithm=AlgorithmConfig(name="sgd"),

@@ -21,14 +21,14 @@ from torch import Tensor
 
 from easgd.comm.message import ERROR_NON_FINITE, ERROR_SERVER, Header, Op
 from easgd.config.schema import FaultConfig
+from easgd.engine.server import ParameterServer, ServePolicy
+from easgd.engine.supervisor import Supervision, Supervisor
+from easgd.engine.worker import WorkerLoop
+from easgd.parts.faults import FaultInjector
+from easgd.parts.runlog import RunLog
+from easgd.recovery.sharded_snapshot import BarrierCut
+from easgd.recovery.snapshot import Ledger, SnapshotCut, WorkerSnapshots
 from easgd.roles import DownpourServer, DownpourWorker, ElasticServer, ElasticWorker, WorkerRole
-from easgd.runtime.faults import FaultInjector
-from easgd.runtime.runlog import RunLog
-from easgd.runtime.server import ParameterServer, ServePolicy
-from easgd.runtime.sharded_snapshot import BarrierCut
-from easgd.runtime.snapshot import Ledger, SnapshotCut, WorkerSnapshots
-from easgd.runtime.supervisor import Supervision, Supervisor
-from easgd.runtime.worker import WorkerLoop
 
 D = torch.float64
 NUMEL = 4

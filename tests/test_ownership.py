@@ -18,6 +18,9 @@ from torch import Tensor
 from easgd.algorithms import inplace
 from easgd.comm.message import Header, Op
 from easgd.config.algorithm import AlgorithmConfig
+from easgd.engine.server import ParameterServer
+from easgd.engine.supervisor import Supervision, Supervisor
+from easgd.parts.runlog import RunLog
 from easgd.roles import (
     DownpourServer,
     ElasticServer,
@@ -26,9 +29,6 @@ from easgd.roles import (
     make_server_role,
     make_worker_role,
 )
-from easgd.runtime.runlog import RunLog
-from easgd.runtime.server import ParameterServer
-from easgd.runtime.supervisor import Supervision, Supervisor
 
 NUMEL = 3 * inplace.CHUNK + 5  # several chunks: a read in the middle of an update would show
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from easgd.runtime.checkpoint import Checkpointer
+from easgd.recovery.checkpoint import Checkpointer
 from tests.test_train_e2e import ROOT, run
 
 pytestmark = pytest.mark.slow

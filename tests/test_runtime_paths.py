@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from easgd.comm.transport import FRAME_LIMIT
-from easgd.runtime.checkpoint import Checkpointer
-from easgd.runtime.snapshot import SnapshotLog
+from easgd.recovery.checkpoint import Checkpointer
+from easgd.recovery.snapshot import SnapshotLog
 from tests.test_train_e2e import run
 
 pytestmark = pytest.mark.slow

@@ -14,11 +14,11 @@ import torch
 from easgd.config.algorithm import AlgorithmConfig
 from easgd.config.schema import TrainConfig
 from easgd.data.digits import load_digits_split
+from easgd.parts.build import build_model
+from easgd.recovery.audit import conservation_gap
+from easgd.recovery.checkpoint import Checkpointer
 from easgd.roles import make_server_role
 from easgd.roles.sharded import ShardedServer, shard_bounds
-from easgd.runtime.audit import conservation_gap
-from easgd.runtime.checkpoint import Checkpointer
-from easgd.runtime.components import build_model
 from easgd.sim import ClassifierObjective, Quadratic, SimConfig, simulate
 from easgd.sim.simulator import Simulator
 from tests.summary_shape import assert_summary_shape

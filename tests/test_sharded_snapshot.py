@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from easgd.comm.message import Header, Op
-from easgd.runtime.sharded_snapshot import BarrierCut
+from easgd.recovery.sharded_snapshot import BarrierCut
 
 
 class Host:

@@ -13,7 +13,7 @@ import pytest
 
 from easgd.config.algorithm import AlgorithmConfig
 from easgd.config.schema import CommConfig, CostConfig, DataConfig, ModelConfig, TrainConfig
-from easgd.runtime.simulate import run_simulated
+from easgd.topologies.simulate import run_simulated
 from tests.summary_shape import assert_summary_shape
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from easgd.comm.message import Header, Op
-from easgd.runtime.snapshot import SnapshotCut, SnapshotLog, StepMarker
+from easgd.recovery.snapshot import SnapshotCut, SnapshotLog, StepMarker
 from tests import snapshot_targets as targets
 from tests.dist_helpers import spawn_world
 

@@ -20,8 +20,8 @@ and in ``my_train.py`` (a complete, runnable version is ``examples/mnist1d_cnn.p
         optimizer.close()
     session.close()
 
-Both sides run the runtime's own machinery: :class:`~easgd.runtime.worker.WorkerLoop` on the
-workers and :class:`~easgd.runtime.server.ParameterServer` on rank 0. See docs/own_loop.md.
+Both sides run the runtime's own machinery: :class:`~easgd.engine.worker.WorkerLoop` on the
+workers and :class:`~easgd.engine.server.ParameterServer` on rank 0. See docs/own_loop.md.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 ``ElasticOptimizer(model, optimizer, session)`` is a ``torch.optim.Optimizer`` (in the manner of
 torch's ``PostLocalSGDOptimizer``): ``zero_grad``, ``param_groups``, ``state_dict`` and
 ``GradScaler.step`` work as usual. Each ``step()`` is one local step t_i of the algorithm the
-server runs, in the spec's order, driven by the same :class:`~easgd.runtime.worker.WorkerLoop`
+server runs, in the spec's order, driven by the same :class:`~easgd.engine.worker.WorkerLoop`
 as ``easgd.train`` (transport, overlap, divergence-guard resets, stop signal), with heartbeats.
 
 Example::
@@ -38,7 +38,7 @@ from easgd.comm.groups import SERVER_RANK, LaunchError
 from easgd.comm.heartbeat import LoopHeartbeat
 from easgd.comm.message import ServerRejected
 from easgd.comm.transport import PairTransport
-from easgd.runtime.worker import WorkerLoop, WorkerOutcome, handshake
+from easgd.engine.worker import WorkerLoop, WorkerOutcome, handshake
 
 
 def _no_gradient(point: Tensor) -> tuple[float, Tensor]:  # pragma: no cover - never called

@@ -1,6 +1,6 @@
 """Worker roles whose x_i lives in a user's model and whose local step is a user's torch optimizer.
 
-They are :class:`easgd.roles.WorkerRole` s, so :class:`easgd.runtime.worker.WorkerLoop` drives them
+They are :class:`easgd.roles.WorkerRole` s, so :class:`easgd.engine.worker.WorkerLoop` drives them
 exactly as it drives the built-in roles (transport, overlap, divergence-guard resets, stop signal).
 What differs is where the gradient comes from: the user's ``loss.backward()`` ran before
 ``optimizer.step()``, at the model's current parameters. Hence ``gradient_before_exchange``:

@@ -1,12 +1,12 @@
 """The server side of the own-loop API: the runtime's ParameterServer around a user's model.
 
 ``serve(model, session)`` holds the center (initialised from ``model``'s trainable parameters),
-serves every worker with :class:`~easgd.runtime.server.ParameterServer` and supervises the run with
-:class:`~easgd.runtime.supervisor.Supervisor` (the classes ``easgd.train`` uses: divergence guard,
+serves every worker with :class:`~easgd.engine.server.ParameterServer` and supervises the run with
+:class:`~easgd.engine.supervisor.Supervisor` (the classes ``easgd.train`` uses: divergence guard,
 heartbeats, stop rules, run log), evaluates the center with the user's
 callback, and writes metrics.csv, TensorBoard events and summary.json into ``run_dir``. With a
 ``run_dir`` it takes consistent snapshots of the whole run with ``easgd.train``'s marker cut and
-writer (:mod:`easgd.runtime.snapshot`; the workers' side is :mod:`easgd.api.snapshots`), and after
+writer (:mod:`easgd.recovery.snapshot`; the workers' side is :mod:`easgd.api.snapshots`), and after
 a torchrun restart every rank resumes from the newest committed one.
 
 Buffers (BatchNorm running statistics) are not averaged: each worker keeps its own, and the center
@@ -34,15 +34,15 @@ from easgd.comm.groups import LaunchError
 from easgd.comm.heartbeat import HeartbeatMonitor
 from easgd.comm.transport import PairTransport
 from easgd.config.algorithm import AlgorithmConfig
+from easgd.engine.server import ParameterServer, Resumed, ServePolicy
+from easgd.engine.supervisor import ServerOutcome, StopRule, Supervision, Supervisor
+from easgd.parts.runlog import RunLog
+from easgd.parts.summary import Summary, figures_of, write_summary
+from easgd.recovery.checkpoint import Checkpointer
+from easgd.recovery.resume import load_server_part
+from easgd.recovery.snapshot import SnapshotCut, SnapshotLog, SnapshotWriter
 from easgd.roles import make_server_role
-from easgd.runtime.checkpoint import Checkpointer
-from easgd.runtime.resume import load_server_part
-from easgd.runtime.runlog import RunLog
-from easgd.runtime.server import ParameterServer, Resumed, ServePolicy
-from easgd.runtime.server_main import resumed_from
-from easgd.runtime.snapshot import SnapshotCut, SnapshotLog, SnapshotWriter
-from easgd.runtime.summary import Summary, figures_of, write_summary
-from easgd.runtime.supervisor import ServerOutcome, StopRule, Supervision, Supervisor
+from easgd.topologies.server import resumed_from
 
 log = logging.getLogger("easgd")
 

@@ -1,7 +1,7 @@
 """An own-loop worker's part of the run's consistent snapshots, and its restore after a restart.
 
-``api.serve(run_dir=...)`` runs the marker cut of :mod:`easgd.runtime.snapshot` with the same
-:class:`~easgd.runtime.snapshot.SnapshotWriter` as ``easgd.train``'s server, and publishes in its
+``api.serve(run_dir=...)`` runs the marker cut of :mod:`easgd.recovery.snapshot` with the same
+:class:`~easgd.recovery.snapshot.SnapshotWriter` as ``easgd.train``'s server, and publishes in its
 run description where the checkpoints go and which committed snapshot it resumed from. Each
 :class:`~easgd.api.ElasticOptimizer` then saves its part when a reply is marked: the state it had
 when it sent that exchange (the model's trainable parameters as stored, so x_i with torch
@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from easgd.api.roles import OptimizerRole
-from easgd.runtime.checkpoint import Checkpointer
-from easgd.runtime.resume import resume_worker_part
-from easgd.runtime.snapshot import WorkerSnapshots
+from easgd.recovery.checkpoint import Checkpointer
+from easgd.recovery.resume import resume_worker_part
+from easgd.recovery.snapshot import WorkerSnapshots
 
 
 def run_description(

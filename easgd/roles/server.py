@@ -163,7 +163,7 @@ class ElasticServer(ServerRole):
     def handle_round(self, payloads: list[Tensor]) -> list[Tensor]:
         # every worker reads the same center; x~ += sum_i e_i as one addition of the summed
         # differences: the spec's equation and the replicated-center form's order
-        # (easgd.runtime.allreduce), bit for bit
+        # (easgd.engine.allreduce), bit for bit
         read = self.center.clone()
         diffs = [alg.elastic_difference(x, read, moving_rate=self.moving_rate) for x in payloads]
         if diffs:

@@ -4,7 +4,7 @@ Whoever comes first is served first: every worker has a thread blocked on its ow
 and a lock around the server role makes each update atomic (without it the conservation of
 center + sum of workers breaks). Each update passes the divergence guard first (a non-finite or
 oversized update never reaches the center; the worker is reset to it). Running the run (evaluation,
-stop rules, liveness, snapshots, the run log) is :mod:`easgd.runtime.supervisor`'s.
+stop rules, liveness, snapshots, the run log) is :mod:`easgd.engine.supervisor`'s.
 
 Failures are told apart: a worker whose connection breaks, or whose training loop stops
 advancing (the supervisor's heartbeat check calls :meth:`ParameterServer.declare_lost`), is
@@ -49,8 +49,8 @@ from easgd.comm.transport import PairTransport
 from easgd.roles import ServerRole, UpdateRefused
 
 if TYPE_CHECKING:
-    from easgd.runtime.sharded_snapshot import BarrierCut
-    from easgd.runtime.snapshot import SnapshotCut
+    from easgd.recovery.sharded_snapshot import BarrierCut
+    from easgd.recovery.snapshot import SnapshotCut
 
 log = logging.getLogger("easgd.server")
 

@@ -23,7 +23,7 @@ an uncommitted snapshot of a crashed attempt is never mistaken for a committed o
 
 One protocol, one writer: :class:`SnapshotProtocol` is what the server side of any cut does
 (this module's :class:`SnapshotCut`, and the sharded center's
-:class:`~easgd.runtime.sharded_snapshot.BarrierCut`); :class:`SnapshotWriter` drives either on a
+:class:`~easgd.recovery.sharded_snapshot.BarrierCut`); :class:`SnapshotWriter` drives either on a
 :class:`CheckpointPolicy` for ``easgd.train``'s server, its shards and ``easgd.api.serve``.
 :class:`WorkerSnapshots` is a worker's side (``easgd.train`` workers and ``api.ElasticOptimizer``).
 """
@@ -46,11 +46,11 @@ import torch
 
 from easgd.algorithms.registry import spec_of
 from easgd.comm.message import Header, Op
-from easgd.runtime.checkpoint import Checkpointer
-from easgd.runtime.files import atomic_write
+from easgd.parts.files import atomic_write
+from easgd.recovery.checkpoint import Checkpointer
 
 if TYPE_CHECKING:  # sharded_snapshot imports this module
-    from easgd.runtime.sharded_snapshot import ShardPeers
+    from easgd.recovery.sharded_snapshot import ShardPeers
 
 
 @dataclass
@@ -79,7 +79,7 @@ class OpenSnapshot:
 
 class CutHost(Protocol):
     """What a cut needs from its host, the run's supervisor (see :meth:`SnapshotProtocol.bind`
-    and :class:`easgd.runtime.supervisor.Supervisor`)."""
+    and :class:`easgd.engine.supervisor.Supervisor`)."""
 
     lock: threading.Lock
 
@@ -103,7 +103,7 @@ class SnapshotProtocol:
     snapshot n over the running workers (:meth:`begin`); every worker message passes through
     :meth:`on_message`, which says which reply to mark with n; a failed or lost worker is
     :meth:`drop` ped. The server's own part is copied under the lock when the cut decides
-    (:class:`SnapshotCut`: at the start; :class:`~easgd.runtime.sharded_snapshot.BarrierCut`:
+    (:class:`SnapshotCut`: at the start; :class:`~easgd.recovery.sharded_snapshot.BarrierCut`:
     once every worker has crossed) and handed to the writer by :meth:`take_parts`;
     :meth:`complete` reports a snapshot whose parts at this server are all in, and
     :meth:`abandon` ends the run's snapshots (the final one's number). Every method but
@@ -350,7 +350,7 @@ class SnapshotWriter:
 
     One writer serves every topology. The single server (``peers=None``) commits a snapshot once
     its cut reports it complete. A shard reports each part it wrote to its ``peers``; the lead
-    shard commits once every shard has written (:class:`~easgd.runtime.sharded_snapshot.ShardPeers`).
+    shard commits once every shard has written (:class:`~easgd.recovery.sharded_snapshot.ShardPeers`).
     Call :meth:`tick` from the server's main loop, :meth:`finish` after a complete run (the final
     snapshot: every worker's part is its final state, written before its DONE) and :meth:`fail`
     when the run failed.
@@ -468,7 +468,7 @@ class Ledger:
         self._sent: torch.Tensor | None = None
 
     def attach(self, loop: Any) -> None:
-        """Count every exchange of ``loop`` (a :class:`easgd.runtime.worker.WorkerLoop`)."""
+        """Count every exchange of ``loop`` (a :class:`easgd.engine.worker.WorkerLoop`)."""
         if not self._uses_reply:
             loop.on_send.append(self._note_sent)
         loop.role.before_reply.append(self._count)

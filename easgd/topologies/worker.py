@@ -1,9 +1,9 @@
 """A worker rank's part of a parameter-server run (one server or a sharded center).
 
-The shared parts (:mod:`easgd.runtime.parts`) give the model, the minibatch stream, the
+The shared parts (:mod:`easgd.parts.assembly`) give the model, the minibatch stream, the
 signature and the fault injector; what is this module's own: the link to the center, the
 heartbeat and the kill-proof step marker, resuming this worker's part of the committed snapshot,
-and the :class:`~easgd.runtime.worker.WorkerLoop` with its subscribers (marker, heartbeat,
+and the :class:`~easgd.engine.worker.WorkerLoop` with its subscribers (marker, heartbeat,
 faults, snapshots, ledger).
 """
 
@@ -18,13 +18,13 @@ import torch
 from easgd.comm.groups import DistEnv, PairGroups
 from easgd.comm.heartbeat import LoopHeartbeat
 from easgd.comm.message import ServerFailed
+from easgd.engine.worker import WorkerLoop, handshake
+from easgd.parts.assembly import RunParts
+from easgd.parts.build import worker_transport
+from easgd.recovery.checkpoint import Checkpointer
+from easgd.recovery.resume import checkpoint_dir, resume_worker
+from easgd.recovery.snapshot import Ledger, StepMarker, WorkerSnapshots
 from easgd.roles import WorkerRole, make_worker_role
-from easgd.runtime.checkpoint import Checkpointer
-from easgd.runtime.components import worker_transport
-from easgd.runtime.parts import RunParts
-from easgd.runtime.resume import checkpoint_dir, resume_worker
-from easgd.runtime.snapshot import Ledger, StepMarker, WorkerSnapshots
-from easgd.runtime.worker import WorkerLoop, handshake
 
 log = logging.getLogger("easgd")
 

@@ -15,11 +15,11 @@ import torch
 from omegaconf import OmegaConf
 
 from easgd.config.schema import validate
-from easgd.runtime.checkpoint import Checkpointer
-from easgd.runtime.components import build_split
-from easgd.runtime.parts import RunParts
-from easgd.runtime.resume import load_worker_part
-from easgd.runtime.snapshot import SnapshotLog
+from easgd.parts.assembly import RunParts
+from easgd.parts.build import build_split
+from easgd.recovery.checkpoint import Checkpointer
+from easgd.recovery.resume import load_worker_part
+from easgd.recovery.snapshot import SnapshotLog
 
 
 def conservation_gap(run_dir: str | os.PathLike[str], number: int | None = None) -> float:

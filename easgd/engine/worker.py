@@ -37,8 +37,8 @@ from easgd.comm.message import (
     ServerRejected,
 )
 from easgd.comm.transport import WorkerTransport
+from easgd.recovery.snapshot import WorkerSnapshots
 from easgd.roles import GradientFn, WorkerRole, exchange_if_due, worker_step
-from easgd.runtime.snapshot import WorkerSnapshots
 
 SendHook = Callable[[Tensor | None], None]
 """Called with an exchange's payload as it leaves (valid until that exchange's reply is applied)."""

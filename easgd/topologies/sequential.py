@@ -2,7 +2,7 @@
 
 Its own part is only the loop: one worker role stepping on one minibatch stream. Data, model,
 run log, stop rules, evaluation cadence and summary are the shared parts of
-:mod:`easgd.runtime.parts`, so the baselines compare like with like with the distributed runs.
+:mod:`easgd.parts.assembly`, so the baselines compare like with like with the distributed runs.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from torch import Tensor
 from easgd.comm.groups import DistEnv
 from easgd.config.schema import TrainConfig
 from easgd.flat import FlatModel
+from easgd.parts.assembly import RunParts, RunRecord
+from easgd.parts.summary import RunFigures, Summary
 from easgd.roles import WorkerRole, gradient_step, make_worker_role
-from easgd.runtime.parts import RunParts, RunRecord
-from easgd.runtime.summary import RunFigures, Summary
 
 
 class SequentialRun:

@@ -3,7 +3,7 @@
 A topology is one way of laying out a run's ranks and exchanges (the parameter server, a sharded
 center, all-reduce, a sequential baseline). Each has a main in its own module taking the
 validated config; the shared parts (data, model, run log, stop rules, faults, summary) come from
-:mod:`easgd.runtime.parts`. Adding a topology means writing its module and one line in
+:mod:`easgd.parts.assembly`. Adding a topology means writing its module and one line in
 :data:`TOPOLOGY_MAINS`. (``mode=simulate`` runs in the launching process: :mod:`.simulate`.)
 """
 
@@ -18,10 +18,10 @@ from easgd.comm.groups import SERVER_RANK
 from easgd.config.schema import TrainConfig
 
 TOPOLOGY_MAINS = {
-    "server": "easgd.runtime.server_main:run_server_topology",
-    "sharded": "easgd.runtime.sharded_main:run_sharded",
-    "allreduce": "easgd.runtime.allreduce_main:run_allreduce",
-    "sequential": "easgd.runtime.sequential:run_sequential",
+    "server": "easgd.topologies.server:run_server_topology",
+    "sharded": "easgd.topologies.sharded:run_sharded",
+    "allreduce": "easgd.topologies.allreduce:run_allreduce",
+    "sequential": "easgd.topologies.sequential:run_sequential",
 }
 """Topology name -> ``module:function`` of its process main (imported only when it runs)."""
 

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from easgd.comm.allreduce import all_ranks_max, all_ranks_min
-from easgd.runtime.checkpoint import Checkpointer, CheckpointError, check_compatible
-from easgd.runtime.snapshot import SnapshotLog
+from easgd.recovery.checkpoint import Checkpointer, CheckpointError, check_compatible
+from easgd.recovery.snapshot import SnapshotLog
 
 log = logging.getLogger("easgd")
 

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from easgd.comm.groups import under_launcher
 from easgd.config.schema import TrainConfig, to_dict, validate
-from easgd.runtime.process import run_process
+from easgd.topologies.registry import run_process
 
 
 def _child(config: dict[str, Any]) -> dict[str, Any] | None:

@@ -10,7 +10,7 @@ Control values ride in the all-reduce buffer (no extra messages): rank 0 decides
 saves a snapshot and when everyone stops, every rank reports the newest snapshot it has saved
 (so rank 0 knows when one is complete), its mean train loss and its elastic distance, so every
 rank acts on the same exchange and the ranks stay in lockstep. The process main that runs this
-loop with rank 0's duties is :mod:`easgd.runtime.allreduce_main`.
+loop with rank 0's duties is :mod:`easgd.topologies.allreduce`.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from easgd.algorithms import inplace
 from easgd.config.algorithm import AlgorithmConfig
 from easgd.data.sampling import MinibatchSampler
 from easgd.flat import FlatModel
+from easgd.recovery.allreduce_snapshots import RankSnapshots
 from easgd.roles import ElasticWorker, GradientFn, worker_step
-from easgd.runtime.allreduce_snapshots import RankSnapshots
 
 log = logging.getLogger("easgd")
 

@@ -21,17 +21,17 @@ from easgd.comm.groups import (
 from easgd.comm.heartbeat import HeartbeatMonitor
 from easgd.config.schema import TrainConfig
 from easgd.data.split import Split
+from easgd.engine.server import ParameterServer, Resumed, ServePolicy
+from easgd.engine.supervisor import Evaluate, StopRule, Supervision, Supervisor
 from easgd.flat import FlatModel
+from easgd.parts.assembly import RunParts
+from easgd.parts.build import transport_for
+from easgd.parts.runlog import RunLog
+from easgd.parts.summary import hparams_of, server_summary, write_summary
+from easgd.recovery.checkpoint import Checkpointer
+from easgd.recovery.resume import checkpoint_dir, checkpoint_signature, resume_server
+from easgd.recovery.snapshot import SnapshotCut, SnapshotLog, SnapshotWriter
 from easgd.roles import ServerRole, make_server_role
-from easgd.runtime.checkpoint import Checkpointer
-from easgd.runtime.components import transport_for
-from easgd.runtime.parts import RunParts
-from easgd.runtime.resume import checkpoint_dir, checkpoint_signature, resume_server
-from easgd.runtime.runlog import RunLog
-from easgd.runtime.server import ParameterServer, Resumed, ServePolicy
-from easgd.runtime.snapshot import SnapshotCut, SnapshotLog, SnapshotWriter
-from easgd.runtime.summary import hparams_of, server_summary, write_summary
-from easgd.runtime.supervisor import Evaluate, StopRule, Supervision, Supervisor
 
 log = logging.getLogger("easgd")
 
@@ -141,8 +141,8 @@ def run_server(parts: RunParts, pairs: PairGroups) -> dict[str, Any]:
 def run_server_topology(cfg: TrainConfig) -> dict[str, Any] | None:
     """This process's part of a parameter-server run: rank 0 serves (and returns the summary),
     ranks 1..p work."""
-    from easgd.runtime.process import role_name, setup_logging
-    from easgd.runtime.worker_main import run_worker
+    from easgd.topologies.registry import role_name, setup_logging
+    from easgd.topologies.worker import run_worker
 
     env = DistEnv.from_environ()
     check_world(env, expected_world_size=cfg.world_size, workers=cfg.workers)

@@ -1,13 +1,13 @@
 """Consistent snapshots of a sharded center (``server.shards = k``): the barrier cut.
 
 :class:`BarrierCut` is one shard's side of the cut (how it differs from the single server's
-:class:`easgd.runtime.snapshot.SnapshotCut` is in its docstring); both implement
-:class:`easgd.runtime.snapshot.SnapshotProtocol` and are driven by the same
-:class:`easgd.runtime.snapshot.SnapshotWriter`. :class:`ShardPeers` is what a sharded snapshot
+:class:`easgd.recovery.snapshot.SnapshotCut` is in its docstring); both implement
+:class:`easgd.recovery.snapshot.SnapshotProtocol` and are driven by the same
+:class:`easgd.recovery.snapshot.SnapshotWriter`. :class:`ShardPeers` is what a sharded snapshot
 adds to that writer: each shard reports the newest part it wrote through the run's rendezvous
 store, and the lead shard commits a snapshot once every shard has written its part. Restarted
 shards and workers resume from the newest committed snapshot, as in an unsharded run
-(:mod:`easgd.runtime.resume`).
+(:mod:`easgd.recovery.resume`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 import torch.distributed as dist
 
 from easgd.comm.message import Header, Op
-from easgd.runtime.snapshot import CutHost, OpenSnapshot, SnapshotProtocol
+from easgd.recovery.snapshot import CutHost, OpenSnapshot, SnapshotProtocol
 
 log = logging.getLogger("easgd")
 
@@ -28,7 +28,7 @@ log = logging.getLogger("easgd")
 class BarrierCut(SnapshotProtocol):
     """One shard's side of a consistent snapshot of a sharded center (``server.shards = k``).
 
-    With k shards the single server's cut (:class:`easgd.runtime.snapshot.SnapshotCut`) does not
+    With k shards the single server's cut (:class:`easgd.recovery.snapshot.SnapshotCut`) does not
     work: each shard would copy its slice at its own moment, so "the first message after the
     start" would be a different exchange of the same worker on different shards. Here the cut is
     drawn by the workers' own exchanges:

@@ -31,14 +31,14 @@ from torch import nn
 from easgd.config.schema import TrainConfig
 from easgd.data.sampling import MinibatchSampler
 from easgd.data.split import Split
+from easgd.engine.supervisor import StopRule
 from easgd.flat import FlatModel
-from easgd.runtime.components import build_model, build_split, device_for
-from easgd.runtime.faults import FaultInjector
-from easgd.runtime.progress import Progress
-from easgd.runtime.resume import checkpoint_signature, committed_snapshot
-from easgd.runtime.runlog import RunLog
-from easgd.runtime.summary import Summary, hparams_of, write_summary
-from easgd.runtime.supervisor import StopRule
+from easgd.parts.build import build_model, build_split, device_for
+from easgd.parts.faults import FaultInjector
+from easgd.parts.progress import Progress
+from easgd.parts.runlog import RunLog
+from easgd.parts.summary import Summary, hparams_of, write_summary
+from easgd.recovery.resume import checkpoint_signature, committed_snapshot
 
 
 @dataclass

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from easgd.config.schema import TrainConfig, to_dict
-from easgd.runtime.runlog import RunLog
+from easgd.parts.runlog import RunLog
 
 if TYPE_CHECKING:
-    from easgd.runtime.server import ParameterServer
-    from easgd.runtime.supervisor import ServerOutcome
+    from easgd.engine.server import ParameterServer
+    from easgd.engine.supervisor import ServerOutcome
 
 log = logging.getLogger("easgd")
 

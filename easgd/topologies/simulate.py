@@ -22,10 +22,10 @@ import torch
 
 from easgd.config.algorithm import AlgorithmConfig
 from easgd.config.schema import TrainConfig, to_dict
+from easgd.parts.assembly import RunParts
+from easgd.parts.runlog import RunLog
+from easgd.parts.summary import RunFigures, Summary
 from easgd.roles import gradient_step, make_server_role, make_worker_role
-from easgd.runtime.parts import RunParts
-from easgd.runtime.runlog import RunLog
-from easgd.runtime.summary import RunFigures, Summary
 from easgd.sim import ClassifierObjective, SimConfig, SimResult, Simulator
 from easgd.sim.cost import ExchangeCost, cached, exchange_cost, measure_gloo_exchange, median_time_s
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from easgd.config.schema import TrainConfig
-from easgd.runtime.checkpoint import Checkpointer, CheckpointError, check_compatible
-from easgd.runtime.snapshot import SnapshotLog
+from easgd.recovery.checkpoint import Checkpointer, CheckpointError, check_compatible
+from easgd.recovery.snapshot import SnapshotLog
 
 log = logging.getLogger("easgd")
 

@@ -6,7 +6,7 @@ the stop rules (:class:`StopRule`); the liveness check of the workers' heartbeat
 loop stops advancing is declared lost); hosting consistent snapshots (the cut's host: start one,
 copy the server's state, tell when it is complete); the progress bar; the run log; and the main
 loop, whose :attr:`Supervisor.on_tick` hooks (snapshot writers, the fault injector's server kill)
-run after every pass. Serving and guarding is :class:`easgd.runtime.server.ParameterServer`'s;
+run after every pass. Serving and guarding is :class:`easgd.engine.server.ParameterServer`'s;
 an exception in the supervisor's own code is a server error there, as in a serve thread.
 """
 
@@ -22,9 +22,9 @@ from torch import Tensor
 
 from easgd.comm.heartbeat import HeartbeatMonitor
 from easgd.comm.message import Header
-from easgd.runtime.progress import Progress
-from easgd.runtime.runlog import RunLog
-from easgd.runtime.server import ParameterServer
+from easgd.engine.server import ParameterServer
+from easgd.parts.progress import Progress
+from easgd.parts.runlog import RunLog
 
 Evaluate = Callable[[Tensor], dict[str, float]]
 

@@ -7,7 +7,7 @@ mistakes fail in the launching shell with one clear line instead of in p + 1 chi
 from __future__ import annotations
 
 from easgd.config.schema import TrainConfig
-from easgd.runtime.components import import_object
+from easgd.parts.build import import_object
 
 
 def preflight(cfg: TrainConfig) -> None:

@@ -4,7 +4,7 @@
     torchrun --standalone --nproc_per_node=4 -m easgd.train topology=allreduce workers=4
     python -m easgd.train topology=allreduce workers=4        # the same, self-launched
 
-Each rank runs :class:`~easgd.runtime.allreduce.ReplicatedCenterLoop` (the replicated center, the
+Each rank runs :class:`~easgd.engine.allreduce.ReplicatedCenterLoop` (the replicated center, the
 exchange and the control slots). Rank 0 also leads: it evaluates x~ between exchanges (the others
 wait for it at the next all-reduce), applies the stop rules, times the snapshots and writes
 summary.json, metrics.csv and TensorBoard files like the server topology. Each rank saves its
@@ -14,7 +14,7 @@ newest committed snapshot.
 
 This module declares only what is the topology's own (every rank a worker, the all-reduce
 exchange, rank 0's lead duties); data, model, sampler, signature, faults, run log, stop rules,
-evaluation cadence and summary are the shared parts of :mod:`easgd.runtime.parts`.
+evaluation cadence and summary are the shared parts of :mod:`easgd.parts.assembly`.
 """
 
 from __future__ import annotations
@@ -33,9 +33,7 @@ from easgd.comm.groups import DistEnv, LaunchError, shutdown
 from easgd.comm.transport import Delay
 from easgd.config.schema import TrainConfig
 from easgd.data.sampling import MinibatchSampler
-from easgd.flat import FlatModel
-from easgd.roles import ElasticWorker
-from easgd.runtime.allreduce import (
+from easgd.engine.allreduce import (
     ExchangeReport,
     LoopOutcome,
     ReplicatedCenterLoop,
@@ -43,11 +41,13 @@ from easgd.runtime.allreduce import (
     rank_worker,
     sampled_gradient,
 )
-from easgd.runtime.allreduce_snapshots import RankSnapshots
-from easgd.runtime.parts import RunParts, RunRecord
-from easgd.runtime.process import setup_logging
-from easgd.runtime.resume import checkpoint_dir
-from easgd.runtime.summary import RunFigures, Summary
+from easgd.flat import FlatModel
+from easgd.parts.assembly import RunParts, RunRecord
+from easgd.parts.summary import RunFigures, Summary
+from easgd.recovery.allreduce_snapshots import RankSnapshots
+from easgd.recovery.resume import checkpoint_dir
+from easgd.roles import ElasticWorker
+from easgd.topologies.registry import setup_logging
 
 log = logging.getLogger("easgd")
 

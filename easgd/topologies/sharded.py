@@ -3,11 +3,11 @@
     # 4 workers, 2 shards: ranks 0-1 hold the two halves of the center, ranks 2-5 are workers
     torchrun --standalone --nproc_per_node=6 -m easgd.train server.shards=2 workers=4
 
-Shard j serves with :class:`~easgd.runtime.server.ParameterServer` and the algorithm's own server
+Shard j serves with :class:`~easgd.engine.server.ParameterServer` and the algorithm's own server
 role built on its contiguous slice of the center (every server rule is elementwise: see
 :mod:`easgd.roles.sharded`), serving every worker's exchange of that slice; workers reach all
 shards in parallel through :class:`easgd.comm.sharded.ShardedTransport`. Snapshots are consistent
-across shards and workers (:mod:`easgd.runtime.sharded_snapshot`: each shard writes its slice as
+across shards and workers (:mod:`easgd.recovery.sharded_snapshot`: each shard writes its slice as
 ``shard{j}-<n>.pt``, shard 0 commits) and a restarted job resumes every rank from the newest
 committed one; shard 0 evaluates the whole center (pulling the other slices), applies the stop
 rules and writes summary.json, metrics.csv and TensorBoard files.
@@ -28,22 +28,22 @@ from easgd.comm.groups import DistEnv, LaunchError, PairGroups, choose_backend, 
 from easgd.comm.sharded import ShardGroups, SliceGather, init_shard_groups, serve_slices
 from easgd.config.schema import TrainConfig
 from easgd.data.split import Split
+from easgd.engine.server import ParameterServer
+from easgd.engine.supervisor import Evaluate, ServerOutcome, Supervisor
 from easgd.flat import FlatModel
+from easgd.parts.assembly import RunParts
+from easgd.parts.build import transport_for
+from easgd.parts.runlog import RunLog
+from easgd.parts.summary import hparams_of, server_summary, write_summary
+from easgd.recovery.checkpoint import Checkpointer
+from easgd.recovery.resume import checkpoint_dir, checkpoint_signature, resume_server
+from easgd.recovery.sharded_snapshot import BarrierCut, ShardPeers
+from easgd.recovery.snapshot import SnapshotLog, SnapshotWriter
 from easgd.roles import make_server_role
 from easgd.roles.sharded import shard_bounds
-from easgd.runtime.checkpoint import Checkpointer
-from easgd.runtime.components import transport_for
-from easgd.runtime.parts import RunParts
-from easgd.runtime.process import setup_logging
-from easgd.runtime.resume import checkpoint_dir, checkpoint_signature, resume_server
-from easgd.runtime.runlog import RunLog
-from easgd.runtime.server import ParameterServer
-from easgd.runtime.server_main import resumed_from, serve_policy, supervise
-from easgd.runtime.sharded_snapshot import BarrierCut, ShardPeers
-from easgd.runtime.snapshot import SnapshotLog, SnapshotWriter
-from easgd.runtime.summary import hparams_of, server_summary, write_summary
-from easgd.runtime.supervisor import Evaluate, ServerOutcome, Supervisor
-from easgd.runtime.worker_main import run_worker
+from easgd.topologies.registry import setup_logging
+from easgd.topologies.server import resumed_from, serve_policy, supervise
+from easgd.topologies.worker import run_worker
 
 log = logging.getLogger("easgd")
 

@@ -87,7 +87,7 @@ class FaultInjector:
         """fault.raise_rank=0: the server raises in its exchange handling (a serve thread) once its
         role has made ``raise_at_step`` updates, as a bug in the server's own code would.
 
-        Subscribes to ``server.before_update`` (:class:`easgd.runtime.server.ParameterServer`):
+        Subscribes to ``server.before_update`` (:class:`easgd.engine.server.ParameterServer`):
         the update that would be number ``raise_at_step + 1`` raises instead of being applied.
         """
         if not (self.first_start and self.fault.raise_rank == 0):

@@ -1,1 +1,0 @@
-"""The distributed runtime: the parameter server, the worker loop, process entry and launch."""
