@@ -27,7 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import parser, suffix, write_json  # noqa: E402
-from easgd.recovery.audit import conservation_gap  # noqa: E402
+from easgd.analysis.audit import conservation_gap  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = 3

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from easgd.recovery.audit import conservation_gap
+from easgd.analysis.audit import conservation_gap
 from easgd.recovery.checkpoint import Checkpointer
 from tests.test_train_e2e import ROOT, run, torchrun
 

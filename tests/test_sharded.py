@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from easgd.analysis.audit import conservation_gap
 from easgd.config.algorithm import AlgorithmConfig
 from easgd.config.schema import TrainConfig
 from easgd.data.digits import load_digits_split
 from easgd.parts.build import build_model
-from easgd.recovery.audit import conservation_gap
 from easgd.recovery.checkpoint import Checkpointer
 from easgd.roles import make_server_role
 from easgd.roles.sharded import ShardedServer, shard_bounds

@@ -35,9 +35,10 @@ from easgd.comm.heartbeat import HeartbeatMonitor
 from easgd.comm.transport import PairTransport
 from easgd.config.algorithm import AlgorithmConfig
 from easgd.engine.server import ParameterServer, Resumed, ServePolicy
-from easgd.engine.supervisor import ServerOutcome, StopRule, Supervision, Supervisor
+from easgd.engine.supervisor import ServerOutcome, Supervision, Supervisor
+from easgd.parts.assembly import StopRule
 from easgd.parts.runlog import RunLog
-from easgd.parts.summary import Summary, figures_of, write_summary
+from easgd.parts.summary import Summary, write_summary
 from easgd.recovery.checkpoint import Checkpointer
 from easgd.recovery.resume import load_server_part
 from easgd.recovery.snapshot import SnapshotCut, SnapshotLog, SnapshotWriter
@@ -216,7 +217,7 @@ class _Center:
             comm_period=None,
             steps_per_worker=None,
             num_params=self.params.numel,
-            figures=figures_of(outcome),
+            figures=outcome.figures(),
             restarts=self.restarts,
             resumed_worker_steps={str(r): s for r, s in server.resumed_steps.items()},
             failed_workers={str(r): why for r, why in outcome.failed_workers.items()},

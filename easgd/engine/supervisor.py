@@ -23,30 +23,15 @@ from torch import Tensor
 from easgd.comm.heartbeat import HeartbeatMonitor
 from easgd.comm.message import Header
 from easgd.engine.server import ParameterServer
+from easgd.parts.assembly import StopRule
 from easgd.parts.progress import Progress
 from easgd.parts.runlog import RunLog
+from easgd.parts.summary import RunFigures
 
 Evaluate = Callable[[Tensor], dict[str, float]]
 
 HEARTBEAT_CHECK_S = 0.25
 """The least time between two liveness checks (each reads the store once per watched worker)."""
-
-
-@dataclass
-class StopRule:
-    """When the server tells the workers to stop (besides their own step budget)."""
-
-    max_wall_s: float | None = None
-    target_test_error: float | None = None
-
-    def reason(self, *, elapsed_s: float, test_error: float | None = None) -> str | None:
-        """Why to stop now: the target on a fresh ``test_error``, or the wall-clock budget; else None."""
-        target = self.target_test_error
-        if test_error is not None and target is not None and test_error <= target:
-            return "target_test_error"
-        if self.max_wall_s is not None and elapsed_s >= self.max_wall_s:
-            return "max_wall_s"
-        return None
 
 
 @dataclass(frozen=True)
@@ -77,6 +62,18 @@ class ServerOutcome:
     rejected: int
     failed_workers: dict[int, str] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
+
+    def figures(self) -> RunFigures:
+        """The run figures of summary.json."""
+        return RunFigures(
+            wall_time_s=self.wall_time_s,
+            worker_steps=self.worker_steps,
+            exchanges=self.exchanges,
+            server_updates=self.server_updates,
+            test_loss=self.test_loss,
+            test_error=self.test_error,
+            stop_reason=self.stop_reason,
+        )
 
 
 class Supervisor:

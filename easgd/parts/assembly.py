@@ -31,7 +31,6 @@ from torch import nn
 from easgd.config.schema import TrainConfig
 from easgd.data.sampling import MinibatchSampler
 from easgd.data.split import Split
-from easgd.engine.supervisor import StopRule
 from easgd.flat import FlatModel
 from easgd.parts.build import build_model, build_split, device_for
 from easgd.parts.faults import FaultInjector
@@ -39,6 +38,23 @@ from easgd.parts.progress import Progress
 from easgd.parts.runlog import RunLog
 from easgd.parts.summary import Summary, hparams_of, write_summary
 from easgd.recovery.resume import checkpoint_signature, committed_snapshot
+
+
+@dataclass
+class StopRule:
+    """When the server tells the workers to stop (besides their own step budget)."""
+
+    max_wall_s: float | None = None
+    target_test_error: float | None = None
+
+    def reason(self, *, elapsed_s: float, test_error: float | None = None) -> str | None:
+        """Why to stop now: the target on a fresh ``test_error``, or the wall-clock budget; else None."""
+        target = self.target_test_error
+        if test_error is not None and target is not None and test_error <= target:
+            return "target_test_error"
+        if self.max_wall_s is not None and elapsed_s >= self.max_wall_s:
+            return "max_wall_s"
+        return None
 
 
 @dataclass

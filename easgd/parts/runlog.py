@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from easgd.parts.files import atomic_write
+from easgd.recovery.files import atomic_write
 
 METRIC_FIELDS = ("wall_s", "exchanges", "server_updates", "worker_steps", "test_loss", "test_error")
 

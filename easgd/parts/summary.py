@@ -20,14 +20,10 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from easgd.config.schema import TrainConfig, to_dict
 from easgd.parts.runlog import RunLog
-
-if TYPE_CHECKING:
-    from easgd.engine.server import ParameterServer
-    from easgd.engine.supervisor import ServerOutcome
 
 log = logging.getLogger("easgd")
 
@@ -190,46 +186,4 @@ def log_done(summary: dict[str, Any], path: Path | None) -> None:
         summary["exchanges"],
         summary["exchanges_per_s"],
         where,
-    )
-
-
-def figures_of(outcome: ServerOutcome) -> RunFigures:
-    """The run figures of a parameter server's outcome."""
-    return RunFigures(
-        wall_time_s=outcome.wall_time_s,
-        worker_steps=outcome.worker_steps,
-        exchanges=outcome.exchanges,
-        server_updates=outcome.server_updates,
-        test_loss=outcome.test_loss,
-        test_error=outcome.test_error,
-        stop_reason=outcome.stop_reason,
-    )
-
-
-def server_summary(
-    cfg: TrainConfig,
-    outcome: ServerOutcome,
-    server: ParameterServer,
-    *,
-    num_params: int,
-    restarts: int,
-    committed_snapshot: int | None,
-) -> Summary:
-    """The summary of a parameter-server run (one server, or shard 0 of a sharded center)."""
-    return Summary.of_run(
-        cfg,
-        figures_of(outcome),
-        topology="server",
-        num_params=num_params,
-        restarts=restarts,
-        resumed_worker_steps={str(r): s for r, s in server.resumed_steps.items()},
-        failed_workers={str(r): why for r, why in outcome.failed_workers.items()},
-        details={
-            "shards": cfg.server.shards,
-            "rejected_messages": outcome.rejected,
-            "worker_steps_per_s": {str(r): s.steps_per_s for r, s in server.stats.items()},
-            "redone_worker_steps": sum(s.redone_steps for s in server.stats.values()),
-            "redone_steps_by_worker": {str(r): s.redone_steps for r, s in server.stats.items()},
-            "committed_snapshot": committed_snapshot,
-        },
     )

@@ -4,7 +4,7 @@ A checkpoint file holds ``{"format", "sha256", "payload"}`` where ``payload`` is
 ``torch.save`` of the state; the digest is checked before the payload is parsed, and both levels
 are read with ``torch.load(weights_only=True)`` (tensors, numbers, strings, lists and dicts only:
 no code runs), onto the CPU whatever device wrote them (``map_location``). Files are written with
-:func:`easgd.parts.files.atomic_write`, so a crash never leaves a half-written file under a
+:func:`easgd.recovery.files.atomic_write`, so a crash never leaves a half-written file under a
 checkpoint's name. Files are numbered (the snapshot id); a worker also keeps one ``-final`` file,
 its state when it said DONE.
 """
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from easgd.parts.files import atomic_write
+from easgd.recovery.files import atomic_write
 
 log = logging.getLogger("easgd.checkpoint")
 

@@ -40,17 +40,14 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 
 from easgd.algorithms.registry import spec_of
 from easgd.comm.message import Header, Op
-from easgd.parts.files import atomic_write
 from easgd.recovery.checkpoint import Checkpointer
-
-if TYPE_CHECKING:  # sharded_snapshot imports this module
-    from easgd.recovery.sharded_snapshot import ShardPeers
+from easgd.recovery.files import atomic_write
 
 
 @dataclass
@@ -344,6 +341,31 @@ class CheckpointPolicy:
         self._last = time.perf_counter()
 
 
+class Peers(Protocol):
+    """The other shards of a sharded center, as the writer sees them
+    (:class:`~easgd.recovery.sharded_snapshot.ShardPeers`: through the rendezvous store)."""
+
+    def report(self, number: int) -> None:
+        """This shard has written its part of snapshot ``number``."""
+        ...
+
+    def all_written(self, number: int) -> bool:
+        """Whether every shard has written its part of ``number`` (no wait)."""
+        ...
+
+    def wait_written(self, number: int) -> bool:
+        """Wait (bounded) until every shard has written ``number``; whether they did."""
+        ...
+
+    def announce_final(self, number: int) -> None:
+        """Lead: the final snapshot's number (0: the run failed, there is none)."""
+        ...
+
+    def final_number(self) -> int:
+        """The final snapshot's number the lead announced (0: none)."""
+        ...
+
+
 class SnapshotWriter:
     """Drives a cut: starts snapshots on a :class:`CheckpointPolicy`, writes this server's parts,
     and commits complete snapshots to the :class:`SnapshotLog`.
@@ -367,7 +389,7 @@ class SnapshotWriter:
         name: str = "server",
         keep: int = 3,
         extra: dict[str, Any] | None = None,
-        peers: ShardPeers | None = None,
+        peers: Peers | None = None,
     ) -> None:
         self.cut, self.host, self.peers = cut, host, peers
         self.directory = Path(directory)

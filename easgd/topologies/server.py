@@ -22,12 +22,12 @@ from easgd.comm.heartbeat import HeartbeatMonitor
 from easgd.config.schema import TrainConfig
 from easgd.data.split import Split
 from easgd.engine.server import ParameterServer, Resumed, ServePolicy
-from easgd.engine.supervisor import Evaluate, StopRule, Supervision, Supervisor
+from easgd.engine.supervisor import Evaluate, ServerOutcome, Supervision, Supervisor
 from easgd.flat import FlatModel
-from easgd.parts.assembly import RunParts
+from easgd.parts.assembly import RunParts, StopRule
 from easgd.parts.build import transport_for
 from easgd.parts.runlog import RunLog
-from easgd.parts.summary import hparams_of, server_summary, write_summary
+from easgd.parts.summary import Summary, hparams_of, write_summary
 from easgd.recovery.checkpoint import Checkpointer
 from easgd.recovery.resume import checkpoint_dir, checkpoint_signature, resume_server
 from easgd.recovery.snapshot import SnapshotCut, SnapshotLog, SnapshotWriter
@@ -158,3 +158,32 @@ def run_server_topology(cfg: TrainConfig) -> dict[str, Any] | None:
         return None
     finally:
         shutdown()
+
+
+def server_summary(
+    cfg: TrainConfig,
+    outcome: ServerOutcome,
+    server: ParameterServer,
+    *,
+    num_params: int,
+    restarts: int,
+    committed_snapshot: int | None,
+) -> Summary:
+    """The summary of a parameter-server run (one server, or shard 0 of a sharded center)."""
+    return Summary.of_run(
+        cfg,
+        outcome.figures(),
+        topology="server",
+        num_params=num_params,
+        restarts=restarts,
+        resumed_worker_steps={str(r): s for r, s in server.resumed_steps.items()},
+        failed_workers={str(r): why for r, why in outcome.failed_workers.items()},
+        details={
+            "shards": cfg.server.shards,
+            "rejected_messages": outcome.rejected,
+            "worker_steps_per_s": {str(r): s.steps_per_s for r, s in server.stats.items()},
+            "redone_worker_steps": sum(s.redone_steps for s in server.stats.values()),
+            "redone_steps_by_worker": {str(r): s.redone_steps for r, s in server.stats.items()},
+            "committed_snapshot": committed_snapshot,
+        },
+    )

@@ -34,7 +34,7 @@ from easgd.flat import FlatModel
 from easgd.parts.assembly import RunParts
 from easgd.parts.build import transport_for
 from easgd.parts.runlog import RunLog
-from easgd.parts.summary import hparams_of, server_summary, write_summary
+from easgd.parts.summary import hparams_of, write_summary
 from easgd.recovery.checkpoint import Checkpointer
 from easgd.recovery.resume import checkpoint_dir, checkpoint_signature, resume_server
 from easgd.recovery.sharded_snapshot import BarrierCut, ShardPeers
@@ -42,7 +42,7 @@ from easgd.recovery.snapshot import SnapshotLog, SnapshotWriter
 from easgd.roles import make_server_role
 from easgd.roles.sharded import shard_bounds
 from easgd.topologies.registry import setup_logging
-from easgd.topologies.server import resumed_from, serve_policy, supervise
+from easgd.topologies.server import resumed_from, serve_policy, server_summary, supervise
 from easgd.topologies.worker import run_worker
 
 log = logging.getLogger("easgd")
