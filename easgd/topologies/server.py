@@ -126,13 +126,9 @@ def run_server(parts: RunParts, pairs: PairGroups) -> dict[str, Any]:
         outcome = supervisor.run()
         snapshots.finish()
         summary = server_summary(
-            cfg,
-            outcome,
-            server,
-            num_params=flat.num_params,
-            restarts=restarts,
-            committed_snapshot=snapshots.committed,
+            cfg, outcome, server, num_params=flat.num_params, restarts=restarts
         )
+        summary.details["committed_snapshot"] = snapshots.committed
         return write_summary(runlog, summary, hparams_of(cfg))
     finally:
         runlog.close()
@@ -167,7 +163,6 @@ def server_summary(
     *,
     num_params: int,
     restarts: int,
-    committed_snapshot: int | None,
 ) -> Summary:
     """The summary of a parameter-server run (one server, or shard 0 of a sharded center)."""
     return Summary.of_run(
@@ -184,6 +179,6 @@ def server_summary(
             "worker_steps_per_s": {str(r): s.steps_per_s for r, s in server.stats.items()},
             "redone_worker_steps": sum(s.redone_steps for s in server.stats.values()),
             "redone_steps_by_worker": {str(r): s.redone_steps for r, s in server.stats.items()},
-            "committed_snapshot": committed_snapshot,
+            "committed_snapshot": None,  # set by the caller once the final snapshot is in
         },
     )

@@ -117,13 +117,9 @@ def run_shard(parts: RunParts, env: DistEnv, groups: ShardGroups) -> dict[str, A
         if outcome is None:
             return None
         summary = server_summary(
-            cfg,
-            outcome,
-            server,
-            num_params=flat.num_params,
-            restarts=restarts,
-            committed_snapshot=snapshots.committed,
+            cfg, outcome, server, num_params=flat.num_params, restarts=restarts
         )
+        summary.details["committed_snapshot"] = snapshots.committed
         return write_summary(runlog, summary, hparams_of(cfg))
     finally:
         runlog.close()
