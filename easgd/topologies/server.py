@@ -24,9 +24,8 @@ from easgd.data.split import Split
 from easgd.engine.server import ParameterServer, Resumed, ServePolicy
 from easgd.engine.supervisor import Evaluate, ServerOutcome, Supervision, Supervisor
 from easgd.flat import FlatModel
-from easgd.parts.assembly import RunParts, StopRule
+from easgd.parts.assembly import RunParts, RunRecord
 from easgd.parts.build import transport_for
-from easgd.parts.runlog import RunLog
 from easgd.parts.summary import Summary, hparams_of, write_summary
 from easgd.recovery.checkpoint import Checkpointer
 from easgd.recovery.resume import checkpoint_dir, checkpoint_signature, resume_server
@@ -59,26 +58,21 @@ def serve_policy(cfg: TrainConfig) -> ServePolicy:
 
 
 def supervise(
-    cfg: TrainConfig,
-    server: ParameterServer,
-    evaluate: Evaluate,
-    runlog: RunLog,
-    store: Store,
-    *,
-    lead: bool = True,
+    record: RunRecord, server: ParameterServer, evaluate: Evaluate, store: Store
 ) -> Supervisor:
-    """The supervisor of a parameter-server run (one server, or a shard: only the lead shows
-    the progress bar)."""
+    """The supervisor of a parameter-server run (one server, or a shard) on the run's record:
+    its run log, stop rule and evaluation interval; the lead shows the progress bar."""
+    cfg = record.cfg
     settings = Supervision(
-        eval_interval_s=cfg.eval_interval_s,
-        stop_rule=StopRule(max_wall_s=cfg.max_wall_s, target_test_error=cfg.target_test_error),
+        eval_interval_s=record.cadence.interval_s,
+        stop_rule=record.stop_rule,
         total_steps=cfg.workers * cfg.steps_per_worker,
-        progress=cfg.progress and lead,
+        progress=cfg.progress and record.lead,
     )
     heartbeat = HeartbeatMonitor(
         store, timeout_s=cfg.comm.heartbeat_timeout_s, first_step_s=cfg.comm.timeout_s
     )
-    return Supervisor(server, evaluate, runlog, settings, heartbeat=heartbeat)
+    return Supervisor(server, evaluate, record.runlog, settings, heartbeat=heartbeat)
 
 
 def run_server(parts: RunParts, pairs: PairGroups) -> dict[str, Any]:
@@ -93,7 +87,8 @@ def run_server(parts: RunParts, pairs: PairGroups) -> dict[str, Any]:
         rank: transport_for(cfg, rank, group, flat.num_params, SERVER_RANK)
         for rank, group in pairs.groups.items()
     }
-    runlog = RunLog(cfg.run_dir, tensorboard=cfg.tensorboard)
+    record = parts.record(lead=True, progress=False)  # the supervisor shows the bar
+    runlog = record.runlog
     log.info(
         "%s with %d workers, tau=%d, %d parameters; run directory %s",
         cfg.algorithm.name,
@@ -105,7 +100,7 @@ def run_server(parts: RunParts, pairs: PairGroups) -> dict[str, Any]:
     cut = SnapshotCut(next_number=SnapshotLog(checkpoint_dir(cfg)).next_number())
     server = ParameterServer(role, transports, serve_policy(cfg), resumed=resumed, snapshots=cut)
     evaluate = lambda point: evaluate_center(flat, split, point)  # noqa: E731
-    supervisor = supervise(cfg, server, evaluate, runlog, pairs.store)
+    supervisor = supervise(record, server, evaluate, pairs.store)
     snapshots = SnapshotWriter(
         cut,
         supervisor,

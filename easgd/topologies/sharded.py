@@ -27,13 +27,11 @@ import torch
 from easgd.comm.groups import DistEnv, LaunchError, PairGroups, choose_backend, shutdown
 from easgd.comm.sharded import ShardGroups, SliceGather, init_shard_groups, serve_slices
 from easgd.config.schema import TrainConfig
-from easgd.data.split import Split
 from easgd.engine.server import ParameterServer
 from easgd.engine.supervisor import Evaluate, ServerOutcome, Supervisor
 from easgd.flat import FlatModel
-from easgd.parts.assembly import RunParts
+from easgd.parts.assembly import RunParts, RunRecord
 from easgd.parts.build import transport_for
-from easgd.parts.runlog import RunLog
 from easgd.parts.summary import hparams_of, write_summary
 from easgd.recovery.checkpoint import Checkpointer
 from easgd.recovery.resume import checkpoint_dir, checkpoint_signature, resume_server
@@ -73,7 +71,7 @@ def run_sharded(cfg: TrainConfig) -> dict[str, Any] | None:
 
 def run_shard(parts: RunParts, env: DistEnv, groups: ShardGroups) -> dict[str, Any] | None:
     """Shard ``env.rank``: serve its slice of the center; shard 0 also evaluates and records."""
-    cfg, split = parts.cfg, parts.split
+    cfg = parts.cfg
     shard, lead = env.rank, env.rank == 0
     flat = parts.flat_model()  # on the CPU: the center's slice, and shard 0's evaluation
     bounds = shard_bounds(flat.num_params, cfg.server.shards)
@@ -94,8 +92,9 @@ def run_shard(parts: RunParts, env: DistEnv, groups: ShardGroups) -> dict[str, A
     policy = replace(serve_policy(cfg), max_update_norm=None)
     server = ParameterServer(role, transports, policy, resumed=resumed, snapshots=cut)
     gather = _gather(groups, bounds, server) if lead else None
-    evaluate, runlog = _record(cfg, flat, split, gather)
-    supervisor = supervise(cfg, server, evaluate, runlog, groups.store, lead=lead)
+    evaluate, record = _record(parts, flat, gather)
+    runlog = record.runlog
+    supervisor = supervise(record, server, evaluate, groups.store)
     snapshots = SnapshotWriter(
         cut,
         supervisor,
@@ -137,12 +136,14 @@ def _gather(
 
 
 def _record(
-    cfg: TrainConfig, flat: FlatModel, split: Split, gather: SliceGather | None
-) -> tuple[Evaluate, RunLog]:
+    parts: RunParts, flat: FlatModel, gather: SliceGather | None
+) -> tuple[Evaluate, RunRecord]:
     """How this shard evaluates and where it records: the lead the whole center into the run
     directory, the others nothing."""
+    cfg, split = parts.cfg, parts.split
+    record = parts.record(lead=gather is not None, progress=False)  # the supervisor shows the bar
     if gather is None:
-        return lambda own: {"test_loss": math.nan, "test_error": math.nan}, RunLog(None)
+        return lambda own: {"test_loss": math.nan, "test_error": math.nan}, record
     log.info(
         "%s with %d workers and %d shards, tau=%d, %d parameters; run directory %s",
         cfg.algorithm.name,
@@ -153,7 +154,7 @@ def _record(
         os.path.abspath(cfg.run_dir),
     )
     evaluate = lambda own: flat.evaluate(gather(own), split.test_x, split.test_y)  # noqa: E731
-    return evaluate, RunLog(cfg.run_dir, tensorboard=cfg.tensorboard)
+    return evaluate, record
 
 
 def _serve_shard(
