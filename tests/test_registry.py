@@ -10,21 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from easgd import roles
 from easgd.algorithms.registry import names, spec_of
 from easgd.api.roles import DownpourOptimizerRole, ElasticOptimizerRole, ModelParams
 from easgd.config.algorithm import AlgorithmConfig
 from easgd.config.schema import TrainConfig
-from easgd.roles import (
-    DownpourServer,
-    DownpourWorker,
-    ElasticServer,
-    ElasticWorker,
-    MDownpourServer,
-    MDownpourWorker,
-    SequentialWorker,
-    make_server_role,
-    make_worker_role,
-)
 
 ALL = ("easgd", "eamsgd", "downpour", "adownpour", "mvadownpour", "mdownpour")
 ALL += ("sgd", "msgd", "asgd", "mvasgd")
@@ -82,25 +72,25 @@ def test_the_factories_build_the_role_the_family_names(name: str) -> None:
     config = AlgorithmConfig(name, momentum=momentum, average_rate=rate)
     start = torch.zeros(4)
     expected_worker = {
-        "easgd": ElasticWorker,
-        "eamsgd": ElasticWorker,
-        "downpour": DownpourWorker,
-        "adownpour": DownpourWorker,
-        "mvadownpour": DownpourWorker,
-        "mdownpour": MDownpourWorker,
-    }.get(name, SequentialWorker)
-    assert type(make_worker_role(config, start, comm_period=1)) is expected_worker
+        "easgd": roles.ElasticWorker,
+        "eamsgd": roles.ElasticWorker,
+        "downpour": roles.DownpourWorker,
+        "adownpour": roles.DownpourWorker,
+        "mvadownpour": roles.DownpourWorker,
+        "mdownpour": roles.MDownpourWorker,
+    }.get(name, roles.SequentialWorker)
+    assert type(roles.make_worker_role(config, start, comm_period=1)) is expected_worker
     if name in ("sgd", "msgd", "asgd", "mvasgd"):
         with pytest.raises(ValueError, match="runs without a server"):
-            make_server_role(config, start, num_workers=2)
+            roles.make_server_role(config, start, num_workers=2)
         return
-    server = make_server_role(config, start, num_workers=2)
+    server = roles.make_server_role(config, start, num_workers=2)
     expected_server = {
-        "easgd": ElasticServer,
-        "eamsgd": ElasticServer,
-        "mdownpour": MDownpourServer,
+        "easgd": roles.ElasticServer,
+        "eamsgd": roles.ElasticServer,
+        "mdownpour": roles.MDownpourServer,
     }
-    assert type(server) is expected_server.get(name, DownpourServer)
+    assert type(server) is expected_server.get(name, roles.DownpourServer)
 
 
 # -- the own-loop API's roles return copies too ------------------------------------------------

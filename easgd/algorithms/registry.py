@@ -142,15 +142,15 @@ def names(**where: object) -> tuple[str, ...]:
     )
 
 
+# the elastic family: a late reply is still a valid move, a replicated center works, the
+# ledger sums the differences received, and a wrapped optimizer can run it
+_ELASTIC = {"overlap": True, "allreduce": True, "ledger": "reply", "own_loop": True}
 register(
     AlgorithmSpec(
         "easgd",
         "elastic",
         "EASGD (Algorithm 1): SGD workers pulled elastically toward the center",
-        overlap=True,
-        allreduce=True,
-        ledger="reply",
-        own_loop=True,
+        **_ELASTIC,  # type: ignore[arg-type]
     )
 )
 register(
@@ -159,10 +159,7 @@ register(
         "elastic",
         "EAMSGD (Algorithm 2): Nesterov-momentum workers with the elastic pull",
         worker_momentum=True,
-        overlap=True,
-        allreduce=True,
-        ledger="reply",
-        own_loop=True,
+        **_ELASTIC,  # type: ignore[arg-type]
     )
 )
 register(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from torch import Tensor
@@ -65,15 +65,7 @@ class ServerOutcome:
 
     def figures(self) -> RunFigures:
         """The run figures of summary.json."""
-        return RunFigures(
-            wall_time_s=self.wall_time_s,
-            worker_steps=self.worker_steps,
-            exchanges=self.exchanges,
-            server_updates=self.server_updates,
-            test_loss=self.test_loss,
-            test_error=self.test_error,
-            stop_reason=self.stop_reason,
-        )
+        return RunFigures(**{f.name: getattr(self, f.name) for f in fields(RunFigures)})
 
 
 class Supervisor:

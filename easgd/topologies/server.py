@@ -120,11 +120,8 @@ def run_server(parts: RunParts, pairs: PairGroups) -> dict[str, Any]:
     try:
         outcome = supervisor.run()
         snapshots.finish()
-        summary = server_summary(
-            cfg, outcome, server, num_params=flat.num_params, restarts=restarts
-        )
-        summary.details["committed_snapshot"] = snapshots.committed
-        return write_summary(runlog, summary, hparams_of(cfg))
+        committed = snapshots.committed
+        return record_server_run(record, outcome, server, committed, restarts, flat.num_params)
     finally:
         runlog.close()
 
@@ -151,16 +148,18 @@ def run_server_topology(cfg: TrainConfig) -> dict[str, Any] | None:
         shutdown()
 
 
-def server_summary(
-    cfg: TrainConfig,
+def record_server_run(
+    record: RunRecord,
     outcome: ServerOutcome,
     server: ParameterServer,
-    *,
-    num_params: int,
+    committed: int | None,
     restarts: int,
-) -> Summary:
-    """The summary of a parameter-server run (one server, or shard 0 of a sharded center)."""
-    return Summary.of_run(
+    num_params: int,
+) -> dict[str, Any]:
+    """Write summary.json (and the HParams entry) of a parameter-server run, one server or shard
+    0 of a sharded center, whose final committed snapshot is ``committed``; returns it."""
+    cfg = record.cfg
+    summary = Summary.of_run(
         cfg,
         outcome.figures(),
         topology="server",
@@ -174,6 +173,7 @@ def server_summary(
             "worker_steps_per_s": {str(r): s.steps_per_s for r, s in server.stats.items()},
             "redone_worker_steps": sum(s.redone_steps for s in server.stats.values()),
             "redone_steps_by_worker": {str(r): s.redone_steps for r, s in server.stats.items()},
-            "committed_snapshot": None,  # set by the caller once the final snapshot is in
+            "committed_snapshot": committed,
         },
     )
+    return write_summary(record.runlog, summary, hparams_of(cfg))

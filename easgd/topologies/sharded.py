@@ -32,7 +32,6 @@ from easgd.engine.supervisor import Evaluate, ServerOutcome, Supervisor
 from easgd.flat import FlatModel
 from easgd.parts.assembly import RunParts, RunRecord
 from easgd.parts.build import transport_for
-from easgd.parts.summary import hparams_of, write_summary
 from easgd.recovery.checkpoint import Checkpointer
 from easgd.recovery.resume import checkpoint_dir, checkpoint_signature, resume_server
 from easgd.recovery.sharded_snapshot import BarrierCut, ShardPeers
@@ -40,7 +39,7 @@ from easgd.recovery.snapshot import SnapshotLog, SnapshotWriter
 from easgd.roles import make_server_role
 from easgd.roles.sharded import shard_bounds
 from easgd.topologies.registry import setup_logging
-from easgd.topologies.server import resumed_from, serve_policy, server_summary, supervise
+from easgd.topologies.server import record_server_run, resumed_from, serve_policy, supervise
 from easgd.topologies.worker import run_worker
 
 log = logging.getLogger("easgd")
@@ -115,11 +114,8 @@ def run_shard(parts: RunParts, env: DistEnv, groups: ShardGroups) -> dict[str, A
         outcome = _serve_shard(supervisor, snapshots, groups, gather, timeout_s=cfg.comm.timeout_s)
         if outcome is None:
             return None
-        summary = server_summary(
-            cfg, outcome, server, num_params=flat.num_params, restarts=restarts
-        )
-        summary.details["committed_snapshot"] = snapshots.committed
-        return write_summary(runlog, summary, hparams_of(cfg))
+        committed = snapshots.committed
+        return record_server_run(record, outcome, server, committed, restarts, flat.num_params)
     finally:
         runlog.close()
 

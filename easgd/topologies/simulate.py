@@ -179,14 +179,14 @@ def run_simulated(cfg: TrainConfig) -> dict[str, Any]:
         record.close()
         raise
     final = result.final
-    run = RunFigures(
-        wall_time_s=simulator.now * unit,
-        worker_steps=result.steps,
-        exchanges=result.exchanges,
-        server_updates=final.server_updates,
-        test_loss=final.test_loss,
-        test_error=final.test_error,
-        stop_reason=STOP_REASONS[result.stop_reason],
+    run = RunFigures(  # wall time, worker steps, exchanges, server updates, loss, error, why
+        simulator.now * unit,
+        result.steps,
+        result.exchanges,
+        final.server_updates,
+        final.test_loss,
+        final.test_error,
+        STOP_REASONS[result.stop_reason],
     )
     details = {
         "clock": "virtual (cost model)",
