@@ -5,6 +5,7 @@ Targets run in spawned processes, so they live here at module level (importable 
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import socket
@@ -30,7 +31,12 @@ def _entry(
     )
     torch.set_num_threads(1)
     try:
-        queue.put((rank, "ok", target(rank, world, *args)))
+        # as bytes: a tensor put on the queue as is travels as a shared-memory handle that the
+        # parent must fetch from this process, which may have exited by then (a rare, load-
+        # dependent "Connection reset by peer" in the parent)
+        buffer = io.BytesIO()
+        torch.save(target(rank, world, *args), buffer)
+        queue.put((rank, "ok", buffer.getvalue()))
     except BaseException as err:  # reported to the test, which fails with the traceback
         queue.put((rank, "error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
     finally:
@@ -67,7 +73,7 @@ def spawn_world(
         for _ in range(world if dead is None else world - 1):
             rank, status, value = queue.get(timeout=timeout)
             if status == "ok":
-                results[rank] = value
+                results[rank] = torch.load(io.BytesIO(value), weights_only=False)
             else:
                 errors.append(f"rank {rank}: {value}")
     finally:
