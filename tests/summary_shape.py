@@ -29,6 +29,7 @@ TOP_LEVEL: dict[str, tuple[type, ...]] = {
     "stop_reason": (str,),
     "restarts": (int,),
     "resumed_worker_steps": (dict,),
+    "resumed_exchanges": (int,),
     "failed_workers": (dict,),
     "learning_rate": (float, int, type(None)),
     "momentum": (float, int, type(None)),

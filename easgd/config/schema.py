@@ -308,6 +308,9 @@ class TrainConfig:
     """Write TensorBoard event files into the run directory."""
     run_dir: str = "."
     """Where summary.json, metrics.csv, checkpoints and TensorBoard files go (Hydra sets it)."""
+    resume: str = "none"
+    """none: a fresh run folder; latest: resume the run runs/latest points to; or a run folder
+    (runs/<name>) to resume. A finished run is never resumed or overwritten."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -326,6 +329,8 @@ class TrainConfig:
             raise ValueError(f"device={self.device!r}; allowed: {', '.join(DEVICES)}")
         if self.max_update_norm is not None and self.max_update_norm <= 0:
             raise ValueError(f"max_update_norm must be > 0 or null, got {self.max_update_norm!r}")
+        if not isinstance(self.resume, str) or not self.resume.strip():
+            raise ValueError("resume must be none, latest or a run folder (runs/<name>)")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads!r}")
         if self.worker_failure not in FAILURE_POLICIES:
