@@ -17,8 +17,8 @@ python -m easgd.train --help
 from __future__ import annotations
 
 import json
-import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,8 +43,6 @@ from easgd.parts.preflight import preflight
 from easgd.topologies.launch import launch
 
 register()
-log = logging.getLogger("easgd")
-
 SWEEP_UNDER_TORCHRUN = (
     "a sweep (-m) cannot run under torchrun: torchrun starts the processes of one run; run the "
     "sweep without torchrun (python -m easgd.train -m ...), which launches every run itself"
@@ -71,22 +69,23 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
     env = DistEnv.from_environ()
     state = check_run_dir(folder, config, restart=env.restart_count > 0)
     if state.finished:  # a torchrun restart after the run had ended: nothing left to do
-        log.info("the run in %s has finished already", folder)
+        print(f"easgd: the run in {folder} has finished already", file=sys.stderr)
         return state.summary if env.rank == 0 else None
     preflight(config)
     config.run_dir = str(folder)
     if env.rank == 0 and record_start(folder, config, OmegaConf.to_yaml(cfg), _overrides()):
-        log.info("resuming the run in %s", folder)
+        print(f"easgd: resuming the run in {folder}", file=sys.stderr, flush=True)
     if config.mode == "simulate":
         from easgd.topologies.simulate import run_simulated
 
         return run_simulated(config)
     try:
         summary = launch(config)
-    except BaseException:  # the launcher's SignalException, KeyboardInterrupt, a failure
+    except BaseException as err:  # the launcher's SignalException, KeyboardInterrupt, a failure
         if _interrupted(folder):
             _hint_resume(config, folder)
-            raise SystemExit(130) from None  # the run ended cleanly; no traceback
+            signum = int(getattr(err, "sigval", signal.SIGINT))
+            raise SystemExit(128 + signum) from None  # the run ended cleanly: no traceback
         raise
     if summary is not None and summary.get("stop_reason") == INTERRUPTED:
         _hint_resume(config, folder)
