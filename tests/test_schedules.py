@@ -172,7 +172,9 @@ def test_sequential_msgd_steps_with_eta_t() -> None:
 
 def gradient_pieces(scale: float) -> list[Tensor]:
     generator = torch.Generator().manual_seed(3)
-    return [scale * torch.randn(shape, generator=generator, dtype=torch.float64) for shape in (7, 12, 1)]
+    return [
+        scale * torch.randn(shape, generator=generator, dtype=torch.float64) for shape in (7, 12, 1)
+    ]
 
 
 @pytest.mark.parametrize(("scale", "max_norm"), [(5.0, 1.0), (0.01, 1.0), (3.0, 2.5)])
@@ -226,7 +228,10 @@ def test_gradient_step_clips_the_gradient_with_weight_decay_before_the_step() ->
 @pytest.mark.parametrize(
     ("optim", "message"),
     [
-        ({"lr_schedule": "linear"}, "optim.lr_schedule='linear'; allowed: constant, cosine, step, power"),
+        (
+            {"lr_schedule": "linear"},
+            "optim.lr_schedule='linear'; allowed: constant, cosine, step, power",
+        ),
         ({"warmup_steps": -1}, "optim.warmup_steps=-1; allowed: an integer >= 0"),
         ({"decay_steps": 0}, "optim.decay_steps=0; allowed: an integer >= 1, or null"),
         ({"min_lr_ratio": 1.5}, "optim.min_lr_ratio=1.5; allowed: [0, 1]"),
@@ -250,20 +255,29 @@ def test_every_bad_optim_value_is_refused_with_its_key(optim: dict, message: str
     ("overrides", "message"),
     [
         (
-            {"algorithm": {"name": "mdownpour", "momentum": 0.9}, "comm": {"period": 1},
-             "optim": {"lr_schedule": "cosine"}},
+            {
+                "algorithm": {"name": "mdownpour", "momentum": 0.9},
+                "comm": {"period": 1},
+                "optim": {"lr_schedule": "cosine"},
+            },
             "optim.lr_schedule='cosine' (warmup_steps=0) acts on a worker's local step",
         ),
         (
-            {"algorithm": {"name": "mdownpour", "momentum": 0.9}, "comm": {"period": 1},
-             "optim": {"warmup_steps": 5}},
+            {
+                "algorithm": {"name": "mdownpour", "momentum": 0.9},
+                "comm": {"period": 1},
+                "optim": {"warmup_steps": 5},
+            },
             "optim.lr_schedule='constant' (warmup_steps=5) acts on a worker's local step",
         ),
         (
             {"steps_per_worker": 10, "optim": {"lr_schedule": "cosine", "warmup_steps": 10}},
             "optim.warmup_steps=10 leaves no step of steps_per_worker=10 for the cosine decay",
         ),
-        ({"device": "cpu", "optim": {"precision": "bf16"}}, "optim.precision=bf16 is CUDA autocast and device=cpu"),
+        (
+            {"device": "cpu", "optim": {"precision": "bf16"}},
+            "optim.precision=bf16 is CUDA autocast and device=cpu",
+        ),
         (
             {"mode": "simulate", "optim": {"precision": "bf16"}},
             "optim.precision=bf16 is CUDA autocast and mode=simulate (CPU)",
@@ -276,7 +290,9 @@ def test_optim_values_this_run_cannot_honour_are_refused(overrides: dict, messag
     assert str(err.value).startswith(message)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA"
+)
 def test_bf16_without_cuda_is_refused() -> None:
     with pytest.raises(ValueError, match="optim.precision=bf16 needs a CUDA GPU with bf16"):
         TrainConfig(optim=OptimConfig(precision="bf16"))

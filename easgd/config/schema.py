@@ -326,7 +326,9 @@ class OptimConfig:
                 "or null (no clipping)"
             )
         if self.precision not in PRECISIONS:
-            raise ValueError(f"optim.precision={self.precision!r}; allowed: {', '.join(PRECISIONS)}")
+            raise ValueError(
+                f"optim.precision={self.precision!r}; allowed: {', '.join(PRECISIONS)}"
+            )
 
     def schedule(self, steps_per_worker: int) -> LearningRateSchedule | None:
         """The learning-rate schedule of a worker that takes ``steps_per_worker`` local steps
@@ -361,12 +363,12 @@ def _check_optim(cfg: TrainConfig) -> None:
             f"a worker's local step, and {cfg.algorithm.name}'s gradient step is the server's; "
             "use optim.lr_schedule=constant optim.warmup_steps=0"
         )
-    if optim.lr_schedule == "cosine" and optim.decay_steps is None:
-        if cfg.steps_per_worker <= optim.warmup_steps:
-            raise ValueError(
-                f"optim.warmup_steps={optim.warmup_steps} leaves no step of steps_per_worker="
-                f"{cfg.steps_per_worker} for the cosine decay; lower it or set optim.decay_steps"
-            )
+    cosine = optim.lr_schedule == "cosine" and optim.decay_steps is None
+    if cosine and cfg.steps_per_worker <= optim.warmup_steps:
+        raise ValueError(
+            f"optim.warmup_steps={optim.warmup_steps} leaves no step of steps_per_worker="
+            f"{cfg.steps_per_worker} for the cosine decay; lower it or set optim.decay_steps"
+        )
     if optim.precision == "bf16":
         if cfg.mode == "simulate" or cfg.device == "cpu":
             where = "mode=simulate (CPU)" if cfg.mode == "simulate" else "device=cpu"
