@@ -14,9 +14,14 @@ from easgd.algorithms.clipping import clip_grad_norm_
 from easgd.algorithms.schedules import LearningRateSchedule
 from easgd.config.algorithm import AlgorithmConfig
 from easgd.config.schema import OptimConfig, TrainConfig, validate
+from easgd.data.digits import load_digits_split
+from easgd.data.sampling import MinibatchSampler
+from easgd.engine.allreduce import rank_worker, sampled_gradient
 from easgd.flat import FlatModel
-from easgd.roles import gradient_step, make_worker_role
-from easgd.sim import Quadratic, SimConfig, simulate
+from easgd.parts.build import build_model
+from easgd.roles import ElasticWorker, GradientFn, gradient_step, make_worker_role
+from easgd.sim import ClassifierObjective, Quadratic, SimConfig, simulate
+from tests.test_allreduce import run_loops
 
 ETA = 0.1
 
@@ -35,29 +40,32 @@ def rates(schedule: LearningRateSchedule, steps: range) -> list[float]:
         (LearningRateSchedule(warmup_steps=4), [0.025, 0.05, 0.075, 0.1, 0.1, 0.1]),
         # cosine over T = 4 to the floor 0: eta (1 + cos(pi t / 4)) / 2, then 0
         (
-            LearningRateSchedule("cosine", decay_steps=4),
+            LearningRateSchedule("cosine", 0, {"decay_steps": 4, "final_ratio": 0.0}),
             [0.1, 0.1 * (2 + 2**0.5) / 4, 0.05, 0.1 * (2 - 2**0.5) / 4, 0.0, 0.0],
         ),
         # cosine to the floor r = 0.2: eta (0.2 + 0.8 * (1 + cos(pi t / 2)) / 2)
         (
-            LearningRateSchedule("cosine", decay_steps=2, final_ratio=0.2),
+            LearningRateSchedule("cosine", 0, {"decay_steps": 2, "final_ratio": 0.2}),
             [0.1, 0.06, 0.02, 0.02, 0.02, 0.02],
         ),
         # warm-up W = 2, then cosine over T = 2: the decay starts when the warm-up ends
         (
-            LearningRateSchedule("cosine", warmup_steps=2, decay_steps=2),
+            LearningRateSchedule("cosine", 2, {"decay_steps": 2, "final_ratio": 0.0}),
             [0.05, 0.1, 0.1, 0.05, 0.0, 0.0],
         ),
         # step: x 0.5 every 2 steps
-        (LearningRateSchedule("step", every=2, factor=0.5), [0.1, 0.1, 0.05, 0.05, 0.025, 0.025]),
+        (
+            LearningRateSchedule("step", 0, {"every": 2, "factor": 0.5}),
+            [0.1, 0.1, 0.05, 0.05, 0.025, 0.025],
+        ),
         # the authors' eta / (1 + t lrd)^lrp with lrd = 0.5, lrp = 2: 0.1 / (1, 2.25, 4, 6.25, 9, 12.25)
         (
-            LearningRateSchedule("power", decay_rate=0.5, decay_power=2.0),
+            LearningRateSchedule("power", 0, {"decay_rate": 0.5, "decay_power": 2.0}),
             [0.1, 0.1 / 2.25, 0.025, 0.016, 0.1 / 9, 0.1 / 12.25],
         ),
         # lrp = 1 is Torch7's learningRateDecay: eta / (1 + t lrd), lrd = 1
         (
-            LearningRateSchedule("power", decay_rate=1.0, decay_power=1.0),
+            LearningRateSchedule("power", 0, {"decay_rate": 1.0, "decay_power": 1.0}),
             [0.1, 0.05, 0.1 / 3, 0.025, 0.02, 0.1 / 6],
         ),
     ],
@@ -83,19 +91,30 @@ def test_constant_schedule_is_eta_itself_and_is_stored_as_none() -> None:
 def test_config_builds_the_schedule_with_the_default_decay_length() -> None:
     optim = OptimConfig(lr_schedule="cosine", warmup_steps=10, min_lr_ratio=0.1)
     schedule = optim.schedule(steps_per_worker=110)
-    assert schedule == LearningRateSchedule(
-        "cosine", warmup_steps=10, decay_steps=100, final_ratio=0.1, every=1000, factor=0.1
-    )
+    assert schedule == LearningRateSchedule("cosine", 10, {"decay_steps": 100, "final_ratio": 0.1})
     # the floor is reached exactly at the last local step, t = steps_per_worker - 1 + 1
     assert schedule.learning_rate(110, learning_rate=1.0) == pytest.approx(0.1, rel=1e-15)
-    assert OptimConfig(lr_schedule="cosine", decay_steps=7).schedule(110).decay_steps == 7  # type: ignore[union-attr]
+    assert (
+        OptimConfig(lr_schedule="cosine", decay_steps=7).schedule(110).options["decay_steps"] == 7
+    )  # type: ignore[union-attr]
+    power = OptimConfig(lr_schedule="power", decay_rate=0.5, decay_power=2.0).schedule(5)
+    assert power == LearningRateSchedule("power", 0, {"decay_rate": 0.5, "decay_power": 2.0})
+    step = OptimConfig(lr_schedule="step", warmup_steps=2, step_every=3, step_factor=0.5)
+    assert step.schedule(5) == LearningRateSchedule("step", 2, {"every": 3, "factor": 0.5})
+
+
+def test_a_schedule_with_options_of_another_kind_is_refused() -> None:
+    with pytest.raises(ValueError, match="the step schedule's options"):
+        LearningRateSchedule("step", 0, {"decay_steps": 3})
+    with pytest.raises(ValueError, match="schedule kind='linear'; allowed: constant, cosine"):
+        LearningRateSchedule("linear")
 
 
 # -- worker steps with eta_t against the spec's equations, computed independently ----------------
 
 CURVATURE = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
 START = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
-SCHEDULE = LearningRateSchedule("step", warmup_steps=3, every=4, factor=0.5)
+SCHEDULE = LearningRateSchedule("step", 3, {"every": 4, "factor": 0.5})
 
 
 def spec_eamsgd(
@@ -309,32 +328,28 @@ def test_mdownpour_role_refuses_a_schedule_but_takes_clipping() -> None:
 # -- the runtime's ranks and the simulator agree bit for bit with a schedule and clipping -------
 
 
-@pytest.mark.parametrize(("name", "momentum"), [("easgd", 0.0), ("eamsgd", 0.9)])
+@pytest.mark.parametrize("name", ["easgd", "eamsgd"])
 def test_runtime_ranks_with_schedule_and_clipping_match_the_simulator_bit_for_bit(
-    name: str, momentum: float
+    name: str,
 ) -> None:
     # the runtime takes per-parameter gradient pieces (and, for EASGD, keeps x_i in the model's
     # own parameters); the simulator takes flat gradients at copies: eta_t and the clipping
     # coefficient must come out the same in both
-    from easgd.data.digits import load_digits_split
-    from easgd.data.sampling import MinibatchSampler
-    from easgd.engine.allreduce import rank_worker, sampled_gradient
-    from easgd.parts.build import build_model
-    from easgd.roles import ElasticWorker, GradientFn
-    from easgd.sim import ClassifierObjective
-    from tests.test_allreduce import run_loops
-
     split = load_digits_split(test_fraction=0.2, seed=0)
     model_config = TrainConfig().model
+    momentum = 0.9 if name == "eamsgd" else 0.0
     config = AlgorithmConfig(name=name, learning_rate=0.05, momentum=momentum, moving_rate=0.2)
-    schedule = LearningRateSchedule("cosine", warmup_steps=3, decay_steps=8, final_ratio=0.1)
+    schedule = LearningRateSchedule("cosine", 3, {"decay_steps": 8, "final_ratio": 0.1})
     p, tau, steps, clip = 2, 3, 13, 0.05
-    ranks: list[tuple[ElasticWorker, GradientFn]] = []
-    for rank in range(p):
-        flat = FlatModel(build_model(model_config, split, seed=0))
-        sampler = MinibatchSampler(split, batch_size=128, worker_index=rank, num_workers=p)
-        role = rank_worker(config, flat, comm_period=tau, schedule=schedule, max_grad_norm=clip)
-        ranks.append((role, sampled_gradient(flat, sampler)))
+
+    def rank(index: int) -> tuple[ElasticWorker, GradientFn]:
+        model = FlatModel(build_model(model_config, split, seed=0))
+        role = rank_worker(config, model, comm_period=tau)
+        role.set_local_step(schedule=schedule, max_grad_norm=clip)
+        stream = MinibatchSampler(split, batch_size=128, worker_index=index, num_workers=p)
+        return role, sampled_gradient(model, stream)
+
+    ranks = [rank(index) for index in range(p)]
     start = ranks[0][0].params.clone()
     loops = run_loops(ranks, start, moving_rate=0.2, steps=steps)
     objective = ClassifierObjective(build_model(model_config, split, seed=0), split)

@@ -29,10 +29,8 @@ these schedules do not apply to it (refused at config time).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
-SCHEDULES = ("constant", "cosine", "step", "power")
-"""The decay shapes; any of them may start with a linear warm-up."""
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 
 def warmup_factor(step: int, *, warmup_steps: int) -> float:
@@ -58,55 +56,57 @@ def power_decay_factor(step: int, *, decay_rate: float, decay_power: float) -> f
     return (1.0 + step * decay_rate) ** (-decay_power)
 
 
+def _no_decay(step: int) -> float:
+    return 1.0
+
+
+DECAYS: dict[str, Callable[..., float]] = {
+    "constant": _no_decay,
+    "cosine": cosine_factor,
+    "step": step_decay_factor,
+    "power": power_decay_factor,
+}
+"""Each schedule's decay(s), called with the schedule's ``options`` as keyword arguments."""
+
+
 @dataclass(frozen=True)
 class LearningRateSchedule:
     """eta_t for a worker's local step t (see the module docstring for the equations).
 
-    Only the fields of ``kind`` are read. Checked values come from ``easgd.config.schema``
-    (``optim.*``), which names the key of a bad value; the checks here guard direct use.
+    ``kind`` names the decay (:data:`DECAYS`) and ``options`` are its keyword arguments: cosine
+    ``decay_steps`` (T) and ``final_ratio`` (r); step ``every`` (k) and ``factor`` (gamma);
+    power ``decay_rate`` (lrd) and ``decay_power`` (lrp); constant none. ``warmup_steps`` is W
+    (0: none). The values come checked from ``easgd.config.schema`` (``optim.*``), which names
+    the key of a bad value; the checks here guard direct use.
     """
 
     kind: str = "constant"
-    """constant, cosine, step or power."""
     warmup_steps: int = 0
-    """W: steps of linear warm-up before the decay starts (0: none)."""
-    decay_steps: int = 1
-    """cosine: T, the steps from the end of the warm-up to the floor r * eta."""
-    final_ratio: float = 0.0
-    """cosine: r, the floor as a fraction of eta."""
-    every: int = 1
-    """step: k, steps between two multiplications by ``factor``."""
-    factor: float = 1.0
-    """step: gamma, in (0, 1]."""
-    decay_rate: float = 0.0
-    """power: lrd >= 0."""
-    decay_power: float = 1.0
-    """power: lrp >= 0."""
+    options: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.kind not in SCHEDULES:
-            raise ValueError(f"schedule kind={self.kind!r}; allowed: {', '.join(SCHEDULES)}")
-        if self.warmup_steps < 0 or self.decay_steps < 1 or self.every < 1:
-            raise ValueError("warmup_steps must be >= 0, decay_steps and every >= 1")
+        if self.kind not in DECAYS:
+            raise ValueError(f"schedule kind={self.kind!r}; allowed: {', '.join(DECAYS)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        try:
+            self.factor_at(0)
+        except TypeError as err:
+            raise ValueError(
+                f"the {self.kind} schedule's options {dict(self.options)}: {err}"
+            ) from None
 
     def factor_at(self, step: int) -> float:
-        """eta_t / eta at local step t."""
+        """eta_t / eta at local step t: warmup(t) * decay(max(0, t - W))."""
         warmup = warmup_factor(step, warmup_steps=self.warmup_steps)
-        since = max(0, step - self.warmup_steps)
-        if self.kind == "cosine":
-            decay = cosine_factor(since, decay_steps=self.decay_steps, final_ratio=self.final_ratio)
-        elif self.kind == "step":
-            decay = step_decay_factor(since, every=self.every, factor=self.factor)
-        elif self.kind == "power":
-            decay = power_decay_factor(
-                since, decay_rate=self.decay_rate, decay_power=self.decay_power
-            )
-        else:
-            decay = 1.0
-        return warmup * decay
+        return warmup * DECAYS[self.kind](max(0, step - self.warmup_steps), **self.options)
 
     def learning_rate(self, step: int, *, learning_rate: float) -> float:
         """eta_t = eta * factor(t) at local step t (t >= 0)."""
         if step < 0:
             raise ValueError(f"the local step t must be >= 0, got {step}")
         return learning_rate * self.factor_at(step)
+
+
+SCHEDULES = tuple(DECAYS)
+"""The decay shapes; any of them may start with a linear warm-up."""

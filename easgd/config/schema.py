@@ -335,17 +335,16 @@ class OptimConfig:
         (None: the constant eta, exactly as without a schedule)."""
         if self.lr_schedule == "constant" and self.warmup_steps == 0:
             return None
-        decay = self.decay_steps or max(1, steps_per_worker - self.warmup_steps)
-        return LearningRateSchedule(
-            kind=self.lr_schedule,
-            warmup_steps=self.warmup_steps,
-            decay_steps=decay,
-            final_ratio=self.min_lr_ratio,
-            every=self.step_every,
-            factor=self.step_factor,
-            decay_rate=self.decay_rate,
-            decay_power=self.decay_power,
-        )
+        options = {
+            "constant": {},
+            "cosine": {
+                "decay_steps": self.decay_steps or max(1, steps_per_worker - self.warmup_steps),
+                "final_ratio": self.min_lr_ratio,
+            },
+            "step": {"every": self.step_every, "factor": self.step_factor},
+            "power": {"decay_rate": self.decay_rate, "decay_power": self.decay_power},
+        }[self.lr_schedule]
+        return LearningRateSchedule(self.lr_schedule, self.warmup_steps, options)
 
 
 def _check_int(key: str, value: object, *, low: int, null: bool = False) -> None:

@@ -25,7 +25,6 @@ import torch
 from torch import Tensor
 
 from easgd.algorithms import inplace
-from easgd.algorithms.schedules import LearningRateSchedule
 from easgd.config.algorithm import AlgorithmConfig
 from easgd.data.sampling import MinibatchSampler
 from easgd.flat import FlatModel
@@ -213,24 +212,16 @@ class ReplicatedCenterLoop:
 
 
 # -- one rank's worker ------------------------------------------------------------------------
-def rank_worker(
-    config: AlgorithmConfig,
-    flat: FlatModel,
-    *,
-    comm_period: int,
-    schedule: LearningRateSchedule | None = None,
-    max_grad_norm: float | None = None,
-) -> ElasticWorker:
+def rank_worker(config: AlgorithmConfig, flat: FlatModel, *, comm_period: int) -> ElasticWorker:
     """This rank's elastic worker, starting at the model's parameters, with no copy per step.
 
     The gradient point is written straight into the model's parameters (``scratch``, as the
     server topology's workers do); for EASGD (momentum 0) the gradient point is x_i itself, so x_i
     lives there (``params_in_scratch``) and a step copies nothing at all. The loop below calls
-    ``local_step`` right after each exchange, as ``params_in_scratch`` requires. ``schedule``
-    and ``max_grad_norm``: the local step's extras (:meth:`easgd.roles.WorkerRole.set_local_step`).
+    ``local_step`` right after each exchange, as ``params_in_scratch`` requires.
     """
     config.spec.check_allreduce()
-    role = ElasticWorker(
+    return ElasticWorker(
         flat.initial_point(),
         comm_period=comm_period,
         learning_rate=config.learning_rate,
@@ -238,8 +229,6 @@ def rank_worker(
         scratch=flat.flat_params,
         params_in_scratch=config.momentum == 0,
     )
-    role.set_local_step(schedule=schedule, max_grad_norm=max_grad_norm)
-    return role
 
 
 def sampled_gradient(flat: FlatModel, sampler: MinibatchSampler) -> GradientFn:

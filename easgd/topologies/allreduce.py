@@ -109,12 +109,9 @@ def _run_rank(
     cfg, rank, p = parts.cfg, env.rank, parts.cfg.workers
     flat = parts.flat_model(device)
     sampler = parts.sampler(rank, device=device)
-    role = rank_worker(
-        cfg.algorithm,
-        flat,
-        comm_period=cfg.comm.period,
-        schedule=cfg.optim.schedule(cfg.steps_per_worker),
-        max_grad_norm=cfg.optim.clip_grad_norm,
+    role = rank_worker(cfg.algorithm, flat, comm_period=cfg.comm.period)
+    role.set_local_step(
+        schedule=cfg.optim.schedule(cfg.steps_per_worker), max_grad_norm=cfg.optim.clip_grad_norm
     )
     signature = parts.signature(flat.num_params, topology="allreduce")
     snapshots = RankSnapshots(
