@@ -3,7 +3,10 @@ spec's equations with eta_t, torch's clip_grad_norm_, and every bad value refuse
 
 from __future__ import annotations
 
+import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -367,3 +370,48 @@ def test_runtime_ranks_with_schedule_and_clipping_match_the_simulator_bit_for_bi
         assert torch.equal(loop.role.params, want)
     plain = simulate(config, SimConfig(**{**sim.__dict__, "max_grad_norm": None}), objective)
     assert not torch.equal(plain.workers[0], result.workers[0])  # the clip was active
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_torchrun_job_with_schedule_and_clipping_equals_the_simulator(
+    tmp_path: Path,
+) -> None:
+    # eta_t is a function of t_i alone: a rank restarted from a snapshot resumes t_i and so the
+    # schedule where it left off; the whole job then equals the uninterrupted simulation
+    from easgd.recovery.checkpoint import Checkpointer
+    from easgd.recovery.snapshot import SnapshotLog
+    from tests.test_train_e2e import run
+
+    steps, tau = 60, 4
+    settings = {"lr_schedule": "step", "warmup_steps": 8, "step_every": 16, "step_factor": 0.5}
+    settings["clip_grad_norm"] = 0.05
+    optim = OptimConfig(**settings)  # type: ignore[arg-type]
+    overrides = [f"optim.{key}={value}" for key, value in settings.items()]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = run(
+        [*launch, "--max-restarts=1", "-m", "easgd.train", "topology=allreduce", "workers=2",
+         f"steps_per_worker={steps}", f"comm.period={tau}", "checkpoint.every_s=0.0001",
+         "fault.kill_rank=1", "fault.kill_at_step=40", "fault.kill_after_commit=true",
+         "progress=false", "tensorboard=false", f"hydra.run.dir={tmp_path}", *overrides]
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["restarts"] == 1 and 0 < summary["details"]["resumed_step"] < steps
+    directory = tmp_path / "checkpoints"
+    final = Checkpointer(directory, "rank0").load(SnapshotLog(directory).committed()[-1])
+    assert final is not None and final["role"]["step"] == steps
+    split = load_digits_split(test_fraction=0.2, seed=0)
+    sim = SimConfig(
+        num_workers=2,
+        comm_period=tau,
+        schedule="synchronous",
+        duration=steps,
+        lr_schedule=optim.schedule(steps),
+        max_grad_norm=optim.clip_grad_norm,
+    )
+    config = AlgorithmConfig(name="eamsgd", learning_rate=0.01, momentum=0.99)
+    want = simulate(
+        config, sim, ClassifierObjective(build_model(TrainConfig().model, split, seed=0), split)
+    )
+    assert torch.equal(final["center"], want.evaluated)
+    assert torch.equal(final["role"]["params"], want.workers[0])
