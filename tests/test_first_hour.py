@@ -72,7 +72,7 @@ def test_runs_started_together_never_share_a_folder_and_a_finished_one_is_kept(
         assert (folder / ".hydra" / "overrides.yaml").read_text().endswith(
             f"- algorithm={algorithm}\n"
         )
-        rows = list(csv.DictReader(open(folder / "metrics.csv")))
+        rows = metric_rows(folder)
         steps = [int(r["worker_steps"]) for r in rows]
         assert steps == sorted(steps) and steps[-1] == 2 * 60  # one run's rows only
     # a finished run is never written into again, through hydra.run.dir or resume=
@@ -92,7 +92,10 @@ def test_runs_started_together_never_share_a_folder_and_a_finished_one_is_kept(
 
 def metric_rows(folder: Path) -> list[dict[str, str]]:
     path = folder / "metrics.csv"
-    return list(csv.DictReader(open(path))) if path.exists() else []
+    if not path.exists():
+        return []
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
 
 
 def test_sigterm_commits_a_snapshot_and_an_interrupted_summary_then_resume_latest_goes_on_exactly(
