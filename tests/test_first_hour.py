@@ -69,8 +69,10 @@ def test_runs_started_together_never_share_a_folder_and_a_finished_one_is_kept(
         algorithm = folder.name.split("_")[2]
         summary = json.loads((folder / "summary.json").read_text())
         assert summary["algorithm"] == algorithm
-        assert (folder / ".hydra" / "overrides.yaml").read_text().endswith(
-            f"- algorithm={algorithm}\n"
+        assert (
+            (folder / ".hydra" / "overrides.yaml")
+            .read_text()
+            .endswith(f"- algorithm={algorithm}\n")
         )
         rows = metric_rows(folder)
         steps = [int(r["worker_steps"]) for r in rows]
@@ -114,7 +116,9 @@ def test_sigterm_commits_a_snapshot_and_an_interrupted_summary_then_resume_lates
     rc, err = finished(run)
     folder = folders(tmp_path)[0]
     assert rc == 128 + signal.SIGTERM, err[-3000:]
-    assert f"easgd: interrupted; resume with:\n  python -m easgd.train {' '.join(overrides)} " in err
+    assert (
+        f"easgd: interrupted; resume with:\n  python -m easgd.train {' '.join(overrides)} " in err
+    )
     assert err.rstrip().endswith(f"steps_per_worker=1000000 resume=runs/{folder.name}")
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["stop_reason"] == "interrupted"
@@ -124,11 +128,17 @@ def test_sigterm_commits_a_snapshot_and_an_interrupted_summary_then_resume_lates
     server = Checkpointer(folder / "checkpoints", "server").load(number)
     assert server is not None and server["finished"] == []  # both workers stopped short
     steps = {int(r): s for r, s in server["steps"].items()}
-    assert sum(steps.values()) == summary["worker_steps"] and server["exchanges"] == summary["exchanges"]
+    assert (
+        sum(steps.values()) == summary["worker_steps"]
+        and server["exchanges"] == summary["exchanges"]
+    )
     cfg = composed(*overrides)
     parts = RunParts.load(cfg)
     center = server["role"]["center"]
-    assert evaluate_center(parts.flat_model(), parts.split, center)["test_loss"] == summary["test_loss"]
+    assert (
+        evaluate_center(parts.flat_model(), parts.split, center)["test_loss"]
+        == summary["test_loss"]
+    )
     # resume=latest: the same folder, every worker from its step, to a budget a little further on
     budget = max(steps.values()) + 40
     interrupted_rows = len(metric_rows(folder))

@@ -31,7 +31,9 @@ from easgd.parts import preflight
 from easgd.parts.runlog import RunLog
 from tests.test_configs import composed
 
-NAME = re.compile(r"^\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_(?P<algorithm>\w+?)_(?P<suffix>[0-9a-f]{4})$")
+NAME = re.compile(
+    r"^\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_(?P<algorithm>\w+?)_(?P<suffix>[0-9a-f]{4})$"
+)
 
 
 @pytest.fixture
@@ -170,9 +172,13 @@ def test_data_files_that_do_not_parse_are_refused(tmp_path: Path) -> None:
     names += ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
     for name in names:  # the right names and magic numbers, truncated payloads
         images = "images" in name
-        _idx(tmp_path / name, 2051 if images else 2049, (10, 28, 28) if images else (10,), b"\0" * 7)
+        _idx(
+            tmp_path / name, 2051 if images else 2049, (10, 28, 28) if images else (10,), b"\0" * 7
+        )
     cfg = composed("data=mnist", f"data.root={tmp_path}")
-    with pytest.raises(ValueError, match="train-images-idx3-ubyte declares .* truncated or corrupt"):
+    with pytest.raises(
+        ValueError, match="train-images-idx3-ubyte declares .* truncated or corrupt"
+    ):
         preflight.load_data(cfg)
     cifar = tmp_path / "cifar-10-batches-py"
     cifar.mkdir()
@@ -194,7 +200,9 @@ def three_logits(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
 def test_a_model_factory_that_raises_or_has_the_wrong_shape_is_refused() -> None:
     split = preflight.load_data(composed())
     target = "tests.test_run_folders.raising_model"
-    with pytest.raises(ValueError, match=r"model.target=.*raising_model: .*RuntimeError: the factory"):
+    with pytest.raises(
+        ValueError, match=r"model.target=.*raising_model: .*RuntimeError: the factory"
+    ):
         preflight.check_model(composed("model.name=custom", f"model.target={target}"), split)
     target = "tests.test_run_folders.three_logits"
     with pytest.raises(ValueError, match=r"has shape \(2, 3\), expected \(2, 10\)"):
