@@ -8,7 +8,7 @@ process; SLURM preemption sends SIGTERM first, then SIGKILL after its grace peri
 signal are ignored (torchrun forwards the terminal's SIGINT a second time).
 
 A worker must not outlive the signal if it cannot stop: one that :func:`watch` es its training
-loop ends on the signal after all (the default action) once the loop has not advanced for
+loop ends on the signal after all (exit code 128 + signal) once the loop has not advanced for
 ``stuck_after_s`` since the signal, the same allowance after which the server declares a worker
 hung. A stuck worker therefore still ends on torchrun's SIGTERM, as it did without this module.
 """
@@ -54,9 +54,8 @@ def _end_if_stuck(signum: int, progress: Callable[[], int], stuck_after_s: float
             last, since = now, time.monotonic()
         elif time.monotonic() - since >= stuck_after_s:
             log.error("%s: the loop is stuck; ending now", signal.Signals(signum).name)
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
+            logging.shutdown()
+            os._exit(128 + signum)  # what the signal's default action would have done
 
 
 def _handle(signum: int, frame: FrameType | None) -> None:
