@@ -102,15 +102,22 @@ def test_resuming_with_another_model_is_refused_and_keeps_the_checkpoint(
     first_dir, first = nan_run
     assert first.returncode == 0, first.stderr[-3000:]
     shutil.copytree(first_dir, tmp_path, dirs_exist_ok=True)  # the finished run's folder
+    (tmp_path / "summary.json").unlink()  # as if it had crashed: a folder to resume
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert before  # the first run left checkpoints to resume from
-    second = torchrun(
-        3, "workers=2", "steps_per_worker=50", "model=lenet", f"hydra.run.dir={tmp_path}"
-    )
+    args = ("workers=2", "steps_per_worker=50", "model=lenet", f"hydra.run.dir={tmp_path}")
+    second = torchrun(3, *args)  # refused before launch by the folder's run.json
     assert second.returncode != 0
     assert (
-        "was written by a different run" in second.stderr
-        and "checkpoint.resume=false" in second.stderr
+        f"cannot resume {tmp_path}: it holds a run with model=mlp, this config has model=lenet"
+        in second.stderr
+    )
+    (tmp_path / "run.json").unlink()  # without it, the checkpoint's own signature refuses
+    third = torchrun(3, *args)
+    assert third.returncode != 0
+    assert (
+        "was written by a different run" in third.stderr
+        and "checkpoint.resume=false" in third.stderr
     )
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
 
