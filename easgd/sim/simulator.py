@@ -67,7 +67,9 @@ class SimConfig:
     push_delay: float = 0.0
     """Virtual time a worker's message takes to reach the server."""
     eval_interval: float = 25.0
-    """Virtual time between evaluations of the evaluated variable."""
+    """Virtual time between evaluations of the evaluated variable (inf: by steps only)."""
+    eval_interval_steps: int | None = None
+    """Also evaluate when the workers' total steps first reach each multiple of this."""
     seed: int = 0
     """Seeds every worker's minibatch generator."""
     cost: ExchangeCost | None = None
@@ -105,6 +107,10 @@ class SimConfig:
                 )
         elif self.overlap:
             raise ValueError("sim.overlap needs a sim.cost (without costs nothing is in flight)")
+        if self.eval_interval_steps is not None and self.eval_interval_steps < 1:
+            raise ValueError(
+                f"sim.eval_interval_steps must be >= 1, got {self.eval_interval_steps!r}"
+            )
         if self.steps_per_worker is not None and self.steps_per_worker < 1:
             raise ValueError(f"sim.steps_per_worker must be >= 1, got {self.steps_per_worker!r}")
         if self.duration == float("inf") and self.steps_per_worker is None:
@@ -176,6 +182,7 @@ class Simulator:
             self._center_history.append(self.server.center.clone())
         self._stop_reason: str | None = None
         self._next_eval = sim.eval_interval
+        self._next_eval_steps = sim.eval_interval_steps or 0
         self._finished_at = 0.0
         self._exchange_log: list[ExchangeTimes] = []
 
@@ -289,6 +296,14 @@ class Simulator:
                 self._arrive_until(self._next_eval)
             self._evaluate(history)
             self._next_eval += self.sim.eval_interval
+        every = self.sim.eval_interval_steps
+        steps = sum(role.step for role in self.workers)
+        if every is not None and self._stop_reason is None and steps >= self._next_eval_steps:
+            self.now = time
+            if arrive:
+                self._arrive_until(time)
+            self._evaluate(history)
+            self._next_eval_steps = (steps // every + 1) * every
 
     def run(self) -> SimResult:
         """Run until ``duration`` (or a step budget or target) and return the evaluation history."""

@@ -4,7 +4,9 @@ with the outputs of a real run (summary.json, metrics.csv, TensorBoard events).
 The virtual clock counts seconds of the cost profile: a worker's step takes the model's step time
 (measured here unless ``cost.step_time_s`` is set), an exchange what :mod:`easgd.sim.cost` charges.
 ``eval_interval_s`` and ``max_wall_s`` are read on that clock, so a sweep compares methods in
-virtual time the way real runs compare in wall time::
+virtual time the way real runs compare in wall time; with neither ``eval_interval_s`` nor
+``eval_interval_steps`` set, a run evaluates every 1/50 of its worker steps (a curve of 51
+points and the final one)::
 
     python -m easgd.train mode=simulate data=mnist1d model=cnn1d cost=ethernet_1g
     python -m easgd.train -m mode=simulate algorithm=eamsgd,downpour comm.period=1,4,16
@@ -22,7 +24,7 @@ import torch
 
 from easgd.config.algorithm import AlgorithmConfig
 from easgd.config.schema import TrainConfig, to_dict
-from easgd.parts.assembly import RunParts
+from easgd.parts.assembly import RunParts, eval_every
 from easgd.parts.runlog import RunLog
 from easgd.parts.summary import RunFigures, Summary
 from easgd.roles import gradient_step, make_server_role, make_worker_role
@@ -148,13 +150,15 @@ def build_simulation(
     )
     figures = resolve_cost(cfg, objective)
     unit = figures.step_time_s
+    every_s, every_steps = eval_every(cfg)
     sim = SimConfig(
         num_workers=cfg.workers if cfg.algorithm.uses_server else 1,
         comm_period=cfg.comm.period if cfg.algorithm.uses_server else 1,
         schedule="asynchronous",
         duration=math.inf if cfg.max_wall_s is None else cfg.max_wall_s / unit,
         slowdown=list(cfg.comm.slowdown) if cfg.algorithm.uses_server else [],
-        eval_interval=cfg.eval_interval_s / unit,
+        eval_interval=math.inf if every_s is None else every_s / unit,
+        eval_interval_steps=every_steps,
         seed=cfg.seed,
         cost=figures.charges,
         overlap=cfg.comm.overlap,
