@@ -185,6 +185,8 @@ class Simulator:
         self._next_eval_steps = sim.eval_interval_steps or 0
         self._finished_at = 0.0
         self._exchange_log: list[ExchangeTimes] = []
+        self.on_gradient: list[Callable[[int, float], None]] = []
+        """Called with (worker index, minibatch loss) after every gradient (run logs subscribe)."""
 
     # -- the channel between a worker and the server ---------------------------------------
     def _delayed(self) -> bool:
@@ -234,9 +236,17 @@ class Simulator:
         )
 
     def _gradient(self, worker: int) -> GradientFn:
-        """Worker ``worker``'s gradient function: the objective on its own minibatch stream."""
+        """Worker ``worker``'s gradient function: the objective on its own minibatch stream (the
+        :attr:`on_gradient` observers see each minibatch loss)."""
         generator = self.generators[worker]
-        return lambda point: self.objective.gradient(point, generator)
+
+        def gradient(point: Tensor) -> tuple[float, Tensor]:
+            loss, grad = self.objective.gradient(point, generator)
+            for hook in self.on_gradient:
+                hook(worker, float(loss))
+            return loss, grad
+
+        return gradient
 
     def _synchronous_tick(self) -> None:
         server = self.server

@@ -1,5 +1,8 @@
 """``mode=simulate``: any training config run by the simulator on its virtual clock, in one process,
-with the outputs of a real run (summary.json, metrics.csv, TensorBoard events).
+with the outputs of a real run: a log line naming its run directory, summary.json, metrics.csv and
+TensorBoard events (the evaluations and the worker tags of :mod:`.simulate_tags`). It writes no
+``checkpoints/``: a simulated run is not snapshotted or resumed (it is deterministic: rerun it from
+its seed), and ``checkpoint.*`` has no effect in this mode.
 
 The virtual clock counts seconds of the cost profile: a worker's step takes the model's step time
 (measured here unless ``cost.step_time_s`` is set), an exchange what :mod:`easgd.sim.cost` charges.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -30,6 +34,7 @@ from easgd.parts.summary import RunFigures, Summary
 from easgd.roles import gradient_step, make_server_role, make_worker_role
 from easgd.sim import ClassifierObjective, SimConfig, SimResult, Simulator
 from easgd.sim.cost import ExchangeCost, cached, exchange_cost, measure_gloo_exchange, median_time_s
+from easgd.topologies.simulate_tags import WorkerTags
 
 log = logging.getLogger("easgd")
 
@@ -172,12 +177,23 @@ def run_simulated(cfg: TrainConfig) -> dict[str, Any]:
     """Run ``cfg`` on the virtual clock; write and return the summary (as a real run would)."""
     parts = RunParts.load(cfg)
     simulator, figures = build_simulation(cfg, parts)
-    started = time.perf_counter()
-    result = simulator.run()
-    elapsed = time.perf_counter() - started
     unit = figures.step_time_s
+    num_params = simulator.objective.flat.num_params  # type: ignore[attr-defined]
+    log.info(
+        "%s simulated (cost profile %s) with %d workers, tau=%d, %d parameters; run directory %s",
+        cfg.algorithm.name,
+        figures.profile,
+        simulator.sim.num_workers,
+        simulator.sim.comm_period,
+        num_params,
+        os.path.abspath(cfg.run_dir),
+    )
     record = parts.record(lead=True, progress=False)
     try:
+        WorkerTags(simulator, record.runlog, unit)
+        started = time.perf_counter()
+        result = simulator.run()
+        elapsed = time.perf_counter() - started
         write_history(record.runlog, result, unit)
     except BaseException:
         record.close()
@@ -203,7 +219,6 @@ def run_simulated(cfg: TrainConfig) -> dict[str, Any]:
         "simulation_s": elapsed,
     }
     topology = "server" if cfg.algorithm.uses_server else "sequential"
-    num_params = simulator.objective.flat.num_params  # type: ignore[attr-defined]
     summary = Summary.of_run(cfg, run, topology=topology, num_params=num_params, details=details)
     return record.finish(summary)
 
