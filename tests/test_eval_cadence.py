@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import queue
+import sys
 import threading
 from pathlib import Path
 
@@ -119,3 +120,36 @@ def test_the_supervisor_evaluates_at_each_multiple_of_the_worker_steps(tmp_path:
     with open(tmp_path / "metrics.csv") as handle:
         steps = [int(r["worker_steps"]) for r in csv.DictReader(handle)]
     assert steps == [0, 5, 10, 12]  # no evaluation between the multiples, however long it took
+
+
+def metrics_steps(run: Path) -> list[int]:
+    with open(run / "metrics.csv") as handle:
+        return [int(r["worker_steps"]) for r in csv.DictReader(handle)]
+
+
+@pytest.mark.slow
+def test_a_sequential_baseline_evaluates_exactly_at_each_multiple(tmp_path: Path) -> None:
+    from tests.test_train_e2e import run
+
+    result = run(
+        [sys.executable, "-m", "easgd.train", "algorithm=sgd", "steps_per_worker=100",
+         "eval_interval_steps=25", "progress=false", f"hydra.run.dir={tmp_path}"],
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert metrics_steps(tmp_path) == [0, 25, 50, 75, 100]
+
+
+@pytest.mark.slow
+def test_all_reduce_evaluates_at_the_exchange_that_reaches_each_multiple(tmp_path: Path) -> None:
+    from tests.test_train_e2e import run
+
+    # 2 ranks exchange every 5 steps: 10 worker steps a round; a multiple of 20 every 2 rounds
+    result = run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "easgd.train", "topology=allreduce", "workers=2", "algorithm=easgd",
+         "steps_per_worker=40", "comm.period=5", "eval_interval_steps=20", "progress=false",
+         f"hydra.run.dir={tmp_path}"],
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert metrics_steps(tmp_path) == [0, 20, 40, 60, 80]
