@@ -50,8 +50,8 @@ COLUMNS = (
     "mode",
 )
 RUN_COLUMNS = (*COLUMNS, "seed", "best_test_error", "time_to_target_s")
-FIGURES = ("runs", "final_error_mean", "final_error_min", "final_error_max", "best_error_mean")
-FIGURES += ("time_to_target_s", "reached")
+FIGURES: tuple[str, ...] = ("runs", "final_error_mean", "final_error_min", "final_error_max")
+FIGURES += ("best_error_mean", "time_to_target_s", "reached")
 
 
 @dataclass(frozen=True)
@@ -138,8 +138,9 @@ def choose_target(
     stop_rules = {
         ((run.summary or {}).get("config") or {}).get("target_test_error") for run in runs
     }
-    if len(stop_rules) == 1 and None not in stop_rules:
-        return float(stop_rules.pop())
+    shared = stop_rules.pop() if len(stop_rules) == 1 else None
+    if shared is not None:
+        return float(shared)
     return default_target(curves)
 
 

@@ -36,7 +36,7 @@ def algorithm_ran(declared: str, optimizers: Sequence[dict[str, Any]]) -> str:
     momenta = [description.get("momentum") for description in optimizers]
     if not spec_of(declared).elastic or not momenta or None in momenta:
         return declared
-    return "eamsgd" if any(m > 0 for m in momenta) else "easgd"
+    return "eamsgd" if any(float(m) > 0 for m in momenta if m is not None) else "easgd"
 
 
 def publish_optimizer(
