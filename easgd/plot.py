@@ -2,6 +2,10 @@
 
 python -m easgd.plot runs/<id> runs/<other> --out compare.png
 python -m easgd.plot multirun/2026-11-27_10-00-00          # every run of a sweep
+
+Each curve's legend names what tells it apart from the others: the overrides whose values differ
+between the plotted runs (``learning_rate=0.05 seed=1``; :mod:`easgd.compare`). A lone run, or
+runs that differ in nothing, are labelled by their algorithm, workers and period.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import json
 from pathlib import Path
 
 import matplotlib
+
+from easgd.compare import legend_labels, load_run, settings
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -25,6 +31,7 @@ def find_runs(paths: list[Path]) -> list[Path]:
             runs.append(path)
         else:
             runs.extend(sorted(p.parent for p in path.glob("*/metrics.csv")))
+    runs = list({run.resolve(): run for run in runs}.values())  # a link (runs/latest) once
     if not runs:
         raise SystemExit(
             f"easgd.plot: no metrics.csv in {', '.join(map(str, paths))} or their subfolders"
@@ -44,6 +51,12 @@ def label(run: Path) -> str:
     if summary.get("latency_ms"):
         text += f" {summary['latency_ms']:g}ms"
     return text
+
+
+def labels(runs: list[Path]) -> list[str]:
+    """The legend of each run: the overrides that differ between ``runs`` (else :func:`label`)."""
+    infos = [load_run(run) for run in runs]
+    return legend_labels(settings(infos), [label(run) for run in runs])
 
 
 def _mode(run: Path) -> str:
@@ -66,13 +79,13 @@ def plot(
 ) -> Path:
     """Two panels: test error (%) against wall-clock seconds and against exchanges."""
     fig, (by_time, by_exchanges) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for run in runs:
+    for run, legend in zip(runs, labels(runs), strict=True):
         metrics = read_metrics(run)
         if not metrics:
             continue
         error = [100 * e for e in metrics["test_error"]]
-        by_time.plot(metrics["wall_s"], error, label=label(run))
-        by_exchanges.plot(metrics["exchanges"], error, label=label(run))
+        by_time.plot(metrics["wall_s"], error, label=legend)
+        by_exchanges.plot(metrics["exchanges"], error, label=legend)
     simulated = [_mode(run) == "simulate" for run in runs]
     by_time.set_xlabel(
         "virtual time (s, cost model)"

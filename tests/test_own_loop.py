@@ -69,6 +69,7 @@ def test_example_a_trains_a_cnn_from_a_dataloader_and_records_the_run(tmp_path: 
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert_summary_shape(summary, topology="own_loop")
+    assert summary["algorithm"] == "eamsgd"  # serve's default rule, Nesterov-momentum workers
     batches = -(-4000 // 64)  # one epoch of MNIST-1D's 4,000 training sequences per worker
     assert summary["worker_steps"] == 2 * batches
     assert summary["exchanges"] == 2 * len(range(0, batches, 4))  # t = 0, 4, ... on each worker

@@ -123,3 +123,15 @@ def test_hydra_sweep_in_simulate_mode_writes_runs_table_events_and_plot(tmp_path
     )  # fmt: skip
     assert plotted.returncode == 0, plotted.stderr[-2000:]
     assert (tmp_path / "p.png").stat().st_size > 10_000
+    # the legends name what the sweep varied, nothing else
+    from easgd.plot import find_runs, labels
+
+    assert sorted(labels(find_runs([sweep]))) == [
+        "algorithm=downpour period=1", "algorithm=downpour period=4",
+        "algorithm=eamsgd period=1", "algorithm=eamsgd period=4",
+    ]  # fmt: skip
+    with open(sweep / "sweep_by_seed.csv") as handle:
+        by_seed = list(csv.DictReader(handle))
+    assert sorted((r["algorithm"], r["comm.period"], r["runs"]) for r in by_seed) == [
+        ("downpour", "1", "1"), ("downpour", "4", "1"), ("eamsgd", "1", "1"), ("eamsgd", "4", "1"),
+    ]  # fmt: skip

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from easgd.algorithms.hyperparams import check_comm_period
 from easgd.algorithms.registry import spec_of
+from easgd.api.naming import publish_optimizer
 from easgd.api.roles import DownpourOptimizerRole, ElasticOptimizerRole, ModelParams, OptimizerRole
 from easgd.api.session import Session
 from easgd.api.snapshots import WorkerPart, restore
@@ -105,6 +106,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
     ) -> None:
         model_params = ModelParams(trainable_params(model))
         run = self._checked_run(model, optimizer, session, model_params, comm_period, overlap)
+        publish_optimizer(session.store, session.env.rank, optimizer)  # the summary's name
         algorithm = str(run.get("algorithm", "easgd"))
         spec = spec_of(algorithm)
         self.optimizer = optimizer

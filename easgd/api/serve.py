@@ -26,6 +26,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from easgd.algorithms.registry import spec_of
+from easgd.api.naming import algorithm_ran, read_optimizers
 from easgd.api.optimizer import trainable_params
 from easgd.api.roles import ModelParams
 from easgd.api.session import Session
@@ -84,7 +85,8 @@ def serve(
 ) -> nn.Module:
     """Rank 0: hold the center until every worker has closed; return ``model`` holding it.
 
-    ``algorithm``: easgd or eamsgd (elastic; the workers' optimizer makes the difference),
+    ``algorithm``: easgd or eamsgd (elastic; the workers' optimizer makes the difference, and
+    summary.json names what they ran: eamsgd when a worker's optimizer has momentum > 0),
     downpour, adownpour or mvadownpour (``average_rate`` as in easgd.train). ``moving_rate``:
     alpha, default 0.9 / p. ``evaluate(model)`` returns ``test_loss`` and ``test_error`` of the
     center (missing keys are NaN); it runs at the start, every ``eval_interval_s`` and at the end.
@@ -113,8 +115,10 @@ def serve(
         if writer is not None:
             writer.finish()  # the final snapshot: every worker's part is its final state
         committed = writer.committed if writer is not None else None
+        described = read_optimizers(session.store, supervisor.server.transports)
+        center.algorithm = algorithm_ran(algorithm, described)  # eamsgd: workers with momentum
         summary = center.summary(supervisor.server, outcome, committed, hparams or {})
-        record = {"algorithm": algorithm, "workers": session.num_workers, **(hparams or {})}
+        record = {"algorithm": center.algorithm, "workers": session.num_workers, **(hparams or {})}
         write_summary(runlog, summary, record)
     finally:
         runlog.close()

@@ -411,8 +411,15 @@ class TrainConfig:
     """Stop when this many seconds have passed since training started (null: no limit)."""
     target_test_error: float | None = None
     """Stop once the evaluated variable's test error is at most this (null: never)."""
-    eval_interval_s: float = 1.0
-    """Seconds between evaluations of the center (or z) on the test set."""
+    eval_interval_s: float | None = None
+    """Seconds between evaluations of the center (or z) on the test set (virtual seconds with
+    mode=simulate); null: 1 s, or with mode=simulate every 1/50 of the run's total worker steps
+    (easgd.parts.assembly.eval_every), so that a simulated run's curve has points."""
+    eval_interval_steps: int | None = None
+    """Total worker steps (summed over every worker: metrics.csv's worker_steps) between
+    evaluations; replaces eval_interval_s when set. A server evaluates at the first check (about
+    every 0.1 s) at or past each multiple, all-reduce at the first exchange past it; the
+    simulator and a sequential baseline exactly at it."""
     seed: int = 0
     """Seeds the initial weights (identical on every rank) and each worker's minibatches."""
     device: str = "auto"
@@ -425,7 +432,8 @@ class TrainConfig:
     worker_failure: str = "fail_fast"
     """fail_fast: a failed worker stops the run; continue: the server goes on with the others."""
     progress: bool = True
-    """Show a progress bar on the server's console."""
+    """Show a progress bar on the server's console when it is a terminal (false: never; a batch
+    log or pipe never gets one, easgd/parts/progress.py)."""
     tensorboard: bool = True
     """Write TensorBoard event files into the run directory."""
     run_dir: str = "."
@@ -445,8 +453,15 @@ class TrainConfig:
             raise ValueError(f"max_wall_s must be > 0 or null, got {self.max_wall_s!r}")
         if self.target_test_error is not None and not 0 <= self.target_test_error <= 1:
             raise ValueError(f"target_test_error must be in [0, 1], got {self.target_test_error!r}")
-        if self.eval_interval_s <= 0:
-            raise ValueError(f"eval_interval_s must be > 0, got {self.eval_interval_s!r}")
+        if self.eval_interval_s is not None and not self.eval_interval_s > 0:
+            raise ValueError(f"eval_interval_s must be > 0 or null, got {self.eval_interval_s!r}")
+        if self.eval_interval_steps is not None and (
+            isinstance(self.eval_interval_steps, bool) or self.eval_interval_steps < 1
+        ):
+            raise ValueError(
+                f"eval_interval_steps must be an integer >= 1 (total worker steps) or null, "
+                f"got {self.eval_interval_steps!r}"
+            )
         if self.device not in DEVICES:
             raise ValueError(f"device={self.device!r}; allowed: {', '.join(DEVICES)}")
         if self.max_update_norm is not None and self.max_update_norm <= 0:

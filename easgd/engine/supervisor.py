@@ -1,7 +1,7 @@
 """Run supervision of a parameter server: what the main thread does while the workers are served.
 
 :class:`Supervisor` owns everything about a run that is not serving one message: the evaluation
-of the center (or z) every ``eval_interval_s`` without stopping the workers, and its history;
+of the center (or z) every ``eval_interval_s`` (or ``eval_interval_steps``) without stopping the workers, and its history;
 the stop rules (:class:`StopRule`); the liveness check of the workers' heartbeats (a worker whose
 loop stops advancing is declared lost); hosting consistent snapshots (the cut's host: start one,
 copy the server's state, tell when it is complete); the progress bar; the run log; and the main
@@ -24,7 +24,7 @@ from easgd.comm.heartbeat import HeartbeatMonitor
 from easgd.comm.message import Header
 from easgd.engine.server import ParameterServer, WorkerStats
 from easgd.parts import interrupt
-from easgd.parts.assembly import StopRule
+from easgd.parts.assembly import EvalCadence, StopRule
 from easgd.parts.progress import Progress
 from easgd.parts.runlog import RunLog
 from easgd.parts.summary import RunFigures
@@ -39,8 +39,9 @@ HEARTBEAT_CHECK_S = 0.25
 class Supervision:
     """How a run is supervised: the settings of :class:`Supervisor`."""
 
-    eval_interval_s: float
-    """Seconds between two evaluations of the center (also at the start and the end)."""
+    eval_interval_s: float | None
+    """Seconds between two evaluations of the center (also at the start and the end); None:
+    by ``eval_interval_steps``."""
     stop_rule: StopRule = field(default_factory=StopRule)
     """The wall-clock budget and the target test error."""
     total_steps: int = 0
@@ -50,6 +51,9 @@ class Supervision:
     steps_per_worker: int = 0
     """A worker's step budget: a worker interrupted before it is not finished in a snapshot
     (0: every worker that said DONE is finished)."""
+    eval_interval_steps: int | None = None
+    """Instead of seconds: evaluate at each multiple of this many worker steps (all workers'),
+    at the first pass of the main loop (about every 0.1 s) at or past it."""
 
 
 @dataclass
@@ -227,24 +231,29 @@ class Supervisor:
 
     def _supervise(self, history: list[dict[str, float]]) -> None:
         """The main loop: stop rules, liveness, evaluations on schedule, the tick hooks."""
-        server = self.server
-        next_eval = time.perf_counter() + self.settings.eval_interval_s
+        server, settings = self.server, self.settings
+        cadence = EvalCadence(settings.eval_interval_s, settings.eval_interval_steps)
+        cadence.done(self._elapsed(), steps=int(history[-1]["worker_steps"]))
         while server.serving():
             with self._wake:  # woken when a serve thread ends
-                self._wake.wait(timeout=min(0.1, max(0.0, next_eval - time.perf_counter())))
+                self._wake.wait(timeout=min(0.1, cadence.wait_s(self._elapsed())))
             if server.server_error is not None:
                 break
             if interrupt.requested() and not server.stop.is_set():
                 server.stop_run("interrupted")
             self._check_stop()
             self._check_heartbeats()
-            if time.perf_counter() >= next_eval:
+            steps = sum(s.steps for s in server.stats.values())
+            if cadence.due(self._elapsed(), steps=steps):
                 history.append(self._evaluate())
                 self._check_stop(history[-1]["test_error"])
-                next_eval = time.perf_counter() + self.settings.eval_interval_s
+                cadence.done(self._elapsed(), steps=int(history[-1]["worker_steps"]))
             self._show_progress()
             for tick in self.on_tick:
                 tick()
+
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self._started
 
     def _outcome(self, history: list[dict[str, float]]) -> ServerOutcome:
         server, final = self.server, history[-1]

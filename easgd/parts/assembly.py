@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,21 +59,55 @@ class StopRule:
         return None
 
 
+SIMULATE_EVAL_POINTS = 50
+"""Evaluations of a ``mode=simulate`` run that sets neither interval (besides the final one)."""
+
+
+def eval_every(cfg: TrainConfig) -> tuple[float | None, int | None]:
+    """(seconds, total worker steps) between evaluations of a run of ``cfg``; one is None.
+
+    ``eval_interval_steps`` if set; else ``eval_interval_s``; else 1 s, or with ``mode=simulate``
+    every 1/:data:`SIMULATE_EVAL_POINTS` of the run's worker steps (a curve, whatever the
+    virtual clock's unit).
+    """
+    if cfg.eval_interval_steps is not None:
+        return None, cfg.eval_interval_steps
+    if cfg.eval_interval_s is not None:
+        return cfg.eval_interval_s, None
+    if cfg.mode == "simulate":
+        workers = cfg.workers if cfg.algorithm.uses_server else 1
+        return None, max(1, -(-workers * cfg.steps_per_worker // SIMULATE_EVAL_POINTS))
+    return 1.0, None
+
+
 @dataclass
 class EvalCadence:
-    """When the evaluated variable is evaluated next: at the start, then every ``interval_s``."""
+    """When the evaluated variable is evaluated next: at the start, then every ``interval_s``
+    seconds of the run's clock after the previous evaluation, or, with ``interval_steps``, at
+    every multiple of that many worker steps (summed over every worker)."""
 
-    interval_s: float
+    interval_s: float | None = 1.0
+    interval_steps: int | None = None
     next_at: float = 0.0
-    """Elapsed seconds (of the run's clock) at which the next evaluation is due."""
+    """Elapsed seconds (of the run's clock), or total worker steps, at which the next evaluation
+    is due."""
 
-    def due(self, elapsed_s: float) -> bool:
-        """Whether an evaluation is due at ``elapsed_s``."""
-        return elapsed_s >= self.next_at
+    def due(self, elapsed_s: float, *, steps: int = 0) -> bool:
+        """Whether an evaluation is due at ``elapsed_s`` with ``steps`` worker steps taken."""
+        return (elapsed_s if self.interval_steps is None else steps) >= self.next_at
 
-    def done(self, elapsed_s: float) -> None:
-        """An evaluation was made at ``elapsed_s``; the next is one interval later."""
-        self.next_at = elapsed_s + self.interval_s
+    def done(self, elapsed_s: float, *, steps: int = 0) -> None:
+        """An evaluation was made at ``elapsed_s`` after ``steps`` worker steps; the next is one
+        interval later (by steps: at the next multiple of the interval)."""
+        if self.interval_steps is not None:
+            self.next_at = (steps // self.interval_steps + 1) * self.interval_steps
+        else:
+            assert self.interval_s is not None
+            self.next_at = elapsed_s + self.interval_s
+
+    def wait_s(self, elapsed_s: float) -> float:
+        """Seconds until the next evaluation on a time cadence (inf on a step cadence)."""
+        return math.inf if self.interval_steps is not None else max(0.0, self.next_at - elapsed_s)
 
 
 @dataclass
@@ -119,7 +154,7 @@ class RunRecord:
             test_error=metrics["test_error"],
         )
         self.progress.note(test_error=metrics["test_error"])
-        self.cadence.done(elapsed)
+        self.cadence.done(elapsed, steps=worker_steps)
         self.check_stop(test_error=metrics["test_error"])
 
     def check_stop(self, *, test_error: float | None = None) -> bool:
@@ -220,6 +255,6 @@ class RunParts:
             cfg,
             RunLog(cfg.run_dir if lead else None, tensorboard=cfg.tensorboard),
             StopRule(max_wall_s=cfg.max_wall_s, target_test_error=cfg.target_test_error),
-            EvalCadence(cfg.eval_interval_s),
+            EvalCadence(*eval_every(cfg)),
             Progress(total, enabled=cfg.progress and lead and progress),
         )

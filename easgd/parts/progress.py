@@ -1,29 +1,54 @@
-"""A progress bar for the server's console (tqdm): worker steps, exchanges/s, latest test error."""
+"""A progress bar for the server's console (tqdm): worker steps, exchanges/s, latest test error.
+
+The bar shows only on a terminal: when the stream it writes to (stderr) is not a TTY (a batch
+log, ``> log 2>&1``, SLURM's output file, a pipe) it turns itself off, so logs hold no carriage
+returns. ``progress=false`` turns it off on a terminal too; ``progress=true`` does not force it
+on for a non-TTY (a bar redrawn in a file is noise, and the run's log lines say the same).
+"""
 
 from __future__ import annotations
 
 import sys
 import threading
 import time
+from typing import TextIO
 
 from tqdm import tqdm
 
 
-class Progress:
-    """Thread-safe progress over the total number of worker steps; a no-op when disabled."""
+def is_terminal(stream: TextIO) -> bool:
+    """Whether ``stream`` is an interactive terminal (False for files, pipes, closed streams)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
-    def __init__(self, total_steps: int, *, enabled: bool = True) -> None:
+
+class Progress:
+    """Thread-safe progress over the total number of worker steps; a no-op when disabled.
+
+    ``enabled``: the run asks for a bar (``progress``); it shows only if ``stream`` (default:
+    stderr) is a terminal.
+    """
+
+    def __init__(
+        self, total_steps: int, *, enabled: bool = True, stream: TextIO | None = None
+    ) -> None:
+        stream = sys.stderr if stream is None else stream
         self._lock = threading.Lock()
         self._bar = (
-            tqdm(
-                total=total_steps, unit="step", dynamic_ncols=True, file=sys.stderr, mininterval=0.5
-            )
-            if enabled
+            tqdm(total=total_steps, unit="step", dynamic_ncols=True, file=stream, mininterval=0.5)
+            if enabled and is_terminal(stream)
             else None
         )
         self._started = time.perf_counter()
         self._exchanges = 0
         self._test_error: float | None = None
+
+    @property
+    def shown(self) -> bool:
+        """Whether a bar is drawn."""
+        return self._bar is not None
 
     def advance(self, steps: int, *, exchanges: int) -> None:
         """Count ``steps`` more worker steps; ``exchanges`` is the running total."""

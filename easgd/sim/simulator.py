@@ -68,7 +68,9 @@ class SimConfig:
     push_delay: float = 0.0
     """Virtual time a worker's message takes to reach the server."""
     eval_interval: float = 25.0
-    """Virtual time between evaluations of the evaluated variable."""
+    """Virtual time between evaluations of the evaluated variable (inf: by steps only)."""
+    eval_interval_steps: int | None = None
+    """Also evaluate when the workers' total steps first reach each multiple of this."""
     seed: int = 0
     """Seeds every worker's minibatch generator."""
     cost: ExchangeCost | None = None
@@ -110,6 +112,10 @@ class SimConfig:
                 )
         elif self.overlap:
             raise ValueError("sim.overlap needs a sim.cost (without costs nothing is in flight)")
+        if self.eval_interval_steps is not None and self.eval_interval_steps < 1:
+            raise ValueError(
+                f"sim.eval_interval_steps must be >= 1, got {self.eval_interval_steps!r}"
+            )
         if self.steps_per_worker is not None and self.steps_per_worker < 1:
             raise ValueError(f"sim.steps_per_worker must be >= 1, got {self.steps_per_worker!r}")
         if self.duration == float("inf") and self.steps_per_worker is None:
@@ -187,8 +193,11 @@ class Simulator:
             self._center_history.append(self.server.center.clone())
         self._stop_reason: str | None = None
         self._next_eval = sim.eval_interval
+        self._next_eval_steps = sim.eval_interval_steps or 0
         self._finished_at = 0.0
         self._exchange_log: list[ExchangeTimes] = []
+        self.on_gradient: list[Callable[[int, float], None]] = []
+        """Called with (worker index, minibatch loss) after every gradient (run logs subscribe)."""
 
     # -- the channel between a worker and the server ---------------------------------------
     def _delayed(self) -> bool:
@@ -238,9 +247,17 @@ class Simulator:
         )
 
     def _gradient(self, worker: int) -> GradientFn:
-        """Worker ``worker``'s gradient function: the objective on its own minibatch stream."""
+        """Worker ``worker``'s gradient function: the objective on its own minibatch stream (the
+        :attr:`on_gradient` observers see each minibatch loss)."""
         generator = self.generators[worker]
-        return lambda point: self.objective.gradient(point, generator)
+
+        def gradient(point: Tensor) -> tuple[float, Tensor]:
+            loss, grad = self.objective.gradient(point, generator)
+            for hook in self.on_gradient:
+                hook(worker, float(loss))
+            return loss, grad
+
+        return gradient
 
     def _synchronous_tick(self) -> None:
         server = self.server
@@ -300,6 +317,14 @@ class Simulator:
                 self._arrive_until(self._next_eval)
             self._evaluate(history)
             self._next_eval += self.sim.eval_interval
+        every = self.sim.eval_interval_steps
+        steps = sum(role.step for role in self.workers)
+        if every is not None and self._stop_reason is None and steps >= self._next_eval_steps:
+            self.now = time
+            if arrive:
+                self._arrive_until(time)
+            self._evaluate(history)
+            self._next_eval_steps = (steps // every + 1) * every
 
     def run(self) -> SimResult:
         """Run until ``duration`` (or a step budget or target) and return the evaluation history."""

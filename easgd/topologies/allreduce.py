@@ -250,7 +250,7 @@ class _Lead:
                     f"{tag}/elastic_distance", report.distances[index], report.step
                 )
             record.runlog.scalar("allreduce/latency_ms", report.latency_ms, report.step)
-        if record.cadence.due(record.elapsed()):
+        if record.cadence.due(record.elapsed(), steps=p * report.step):
             self.evaluate()
 
     def _summary(

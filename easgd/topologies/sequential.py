@@ -57,7 +57,7 @@ class SequentialRun:
         record.start()
         try:
             while role.step < self.parts.cfg.steps_per_worker:
-                if record.cadence.due(record.elapsed()):
+                if record.cadence.due(record.elapsed(), steps=role.step):
                     self._evaluation()
                 if record.check_stop():
                     break

@@ -66,6 +66,7 @@ def supervise(
     cfg = record.cfg
     settings = Supervision(
         eval_interval_s=record.cadence.interval_s,
+        eval_interval_steps=record.cadence.interval_steps,
         stop_rule=record.stop_rule,
         total_steps=cfg.workers * cfg.steps_per_worker,
         progress=cfg.progress and record.lead,

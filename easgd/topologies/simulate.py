@@ -1,10 +1,15 @@
 """``mode=simulate``: any training config run by the simulator on its virtual clock, in one process,
-with the outputs of a real run (summary.json, metrics.csv, TensorBoard events).
+with the outputs of a real run: a log line naming its run directory, summary.json, metrics.csv and
+TensorBoard events (the evaluations and the worker tags of :mod:`.simulate_tags`). It writes no
+``checkpoints/``: a simulated run is not snapshotted or resumed (it is deterministic: rerun it from
+its seed), and ``checkpoint.*`` has no effect in this mode.
 
 The virtual clock counts seconds of the cost profile: a worker's step takes the model's step time
 (measured here unless ``cost.step_time_s`` is set), an exchange what :mod:`easgd.sim.cost` charges.
 ``eval_interval_s`` and ``max_wall_s`` are read on that clock, so a sweep compares methods in
-virtual time the way real runs compare in wall time::
+virtual time the way real runs compare in wall time; with neither ``eval_interval_s`` nor
+``eval_interval_steps`` set, a run evaluates every 1/50 of its worker steps (a curve of 51
+points and the final one)::
 
     python -m easgd.train mode=simulate data=mnist1d model=cnn1d cost=ethernet_1g
     python -m easgd.train -m mode=simulate algorithm=eamsgd,downpour comm.period=1,4,16
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -22,12 +28,13 @@ import torch
 
 from easgd.config.algorithm import AlgorithmConfig
 from easgd.config.schema import TrainConfig, to_dict
-from easgd.parts.assembly import RunParts
+from easgd.parts.assembly import RunParts, eval_every
 from easgd.parts.runlog import RunLog
 from easgd.parts.summary import RunFigures, Summary
 from easgd.roles import gradient_step, make_server_role, make_worker_role
 from easgd.sim import ClassifierObjective, SimConfig, SimResult, Simulator
 from easgd.sim.cost import ExchangeCost, cached, exchange_cost, measure_gloo_exchange, median_time_s
+from easgd.topologies.simulate_tags import WorkerTags
 
 log = logging.getLogger("easgd")
 
@@ -148,13 +155,15 @@ def build_simulation(
     )
     figures = resolve_cost(cfg, objective)
     unit = figures.step_time_s
+    every_s, every_steps = eval_every(cfg)
     sim = SimConfig(
         num_workers=cfg.workers if cfg.algorithm.uses_server else 1,
         comm_period=cfg.comm.period if cfg.algorithm.uses_server else 1,
         schedule="asynchronous",
         duration=math.inf if cfg.max_wall_s is None else cfg.max_wall_s / unit,
         slowdown=list(cfg.comm.slowdown) if cfg.algorithm.uses_server else [],
-        eval_interval=cfg.eval_interval_s / unit,
+        eval_interval=math.inf if every_s is None else every_s / unit,
+        eval_interval_steps=every_steps,
         seed=cfg.seed,
         cost=figures.charges,
         overlap=cfg.comm.overlap,
@@ -170,12 +179,23 @@ def run_simulated(cfg: TrainConfig) -> dict[str, Any]:
     """Run ``cfg`` on the virtual clock; write and return the summary (as a real run would)."""
     parts = RunParts.load(cfg)
     simulator, figures = build_simulation(cfg, parts)
-    started = time.perf_counter()
-    result = simulator.run()
-    elapsed = time.perf_counter() - started
     unit = figures.step_time_s
+    num_params = simulator.objective.flat.num_params  # type: ignore[attr-defined]
+    log.info(
+        "%s simulated (cost profile %s) with %d workers, tau=%d, %d parameters; run directory %s",
+        cfg.algorithm.name,
+        figures.profile,
+        simulator.sim.num_workers,
+        simulator.sim.comm_period,
+        num_params,
+        os.path.abspath(cfg.run_dir),
+    )
     record = parts.record(lead=True, progress=False)
     try:
+        WorkerTags(simulator, record.runlog, unit)
+        started = time.perf_counter()
+        result = simulator.run()
+        elapsed = time.perf_counter() - started
         write_history(record.runlog, result, unit)
     except BaseException:
         record.close()
@@ -201,7 +221,6 @@ def run_simulated(cfg: TrainConfig) -> dict[str, Any]:
         "simulation_s": elapsed,
     }
     topology = "server" if cfg.algorithm.uses_server else "sequential"
-    num_params = simulator.objective.flat.num_params  # type: ignore[attr-defined]
     summary = Summary.of_run(cfg, run, topology=topology, num_params=num_params, details=details)
     return record.finish(summary)
 
