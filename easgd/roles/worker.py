@@ -459,6 +459,16 @@ def make_worker_role(
             momentum=config.momentum,
             scratch=scratch,
         )
+    if spec.family == "averaging":  # its module imports this one: imported here
+        from easgd.roles.averaging import AveragingWorker
+
+        return AveragingWorker(
+            params,
+            comm_period=comm_period,
+            learning_rate=config.learning_rate,
+            momentum=config.momentum,
+            scratch=scratch,
+        )
     if spec.server_momentum:  # the server steps from the gradients its workers push
         return MDownpourWorker(params)
     if spec.family == "downpour":
