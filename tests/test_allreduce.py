@@ -236,7 +236,7 @@ def test_rank_worker_refuses_a_non_elastic_algorithm() -> None:
     from easgd.flat import FlatModel
 
     flat = FlatModel(torch.nn.Linear(3, 2))
-    with pytest.raises(ValueError, match="runs synchronous easgd/eamsgd, not 'downpour'"):
+    with pytest.raises(ValueError, match="runs synchronous easgd/eamsgd/localsgd/diloco, not 'downpour'"):
         rank_worker(AlgorithmConfig(name="downpour"), flat, comm_period=2)
 
 

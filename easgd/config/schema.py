@@ -371,6 +371,8 @@ def _check_topology(cfg: TrainConfig) -> None:
     """The keys that topology=allreduce and server.shards > 1 cannot honour, with the fix."""
     if cfg.topology not in TOPOLOGIES:
         raise ValueError(f"topology={cfg.topology!r}; allowed: {', '.join(TOPOLOGIES)}")
+    if cfg.topology == "server":
+        cfg.algorithm.spec.check_parameter_server()
     if cfg.topology == "allreduce":
         cfg.algorithm.spec.check_allreduce()
         if cfg.server.shards != 1:
