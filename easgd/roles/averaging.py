@@ -104,8 +104,10 @@ class AveragingCenter:
             periodic.check_outer_momentum(self.outer_momentum)
         self.momentum_buffer = torch.zeros_like(center) if self.diloco else None
         self._scratch = torch.empty_like(center)
+        self.measure = False
+        """Whether :meth:`exchange` measures ||x~_new - x~_old|| (one more pass over x~)."""
         self.last_update_norm = 0.0
-        """||x~_new - x~_old|| of the last round (measured only with ``measure=True``)."""
+        """||x~_new - x~_old|| of the last round (when measured)."""
 
     @classmethod
     def of(cls, config: AlgorithmConfig, center: Tensor, *, num_workers: int) -> AveragingCenter:
@@ -140,8 +142,12 @@ class AveragingCenter:
     def exchange(self, sent: Tensor, reduce_sum: Callable[[Tensor], Tensor]) -> Tensor:
         """One rank's round: the sum of every rank's x_j, then the new x~, which is returned
         (live: the worker copies it at once)."""
-        self.apply_sum(reduce_sum(sent))
+        self.apply_sum(reduce_sum(sent), measure=self.measure)
         return self.center
+
+    def drift(self, worker: Tensor) -> float:
+        """||x_i - x~||: how far a worker drifted from the last center (x~ not yet moved)."""
+        return float(torch.dist(worker, self.center))
 
     def tensors(self) -> dict[str, Tensor]:
         """The live state besides x~ (DiLoCo's outer momentum), by key."""

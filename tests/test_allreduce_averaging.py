@@ -1,0 +1,152 @@
+"""Local SGD and DiLoCo over all-reduce (topology=allreduce): the replicated-center loop against the
+simulator's synchronous schedule, bit for bit, as ranks in threads, on a real model, and as a
+real torchrun job (the pattern of tests/test_allreduce.py for EASGD)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from easgd.config.algorithm import AlgorithmConfig
+from easgd.config.schema import TrainConfig
+from easgd.engine.allreduce import rank_round
+from easgd.roles import GradientFn, WorkerRole
+from easgd.roles.averaging import AveragingWorker
+from easgd.sim import Quadratic, SimConfig, simulate
+from tests.summary_shape import assert_summary_shape
+from tests.test_allreduce import run_loops
+
+CASES = [
+    AlgorithmConfig(name="localsgd", learning_rate=0.05),
+    AlgorithmConfig(name="localsgd", learning_rate=0.05, momentum=0.9),
+    AlgorithmConfig(name="diloco", learning_rate=0.05),
+    AlgorithmConfig(name="diloco", learning_rate=0.05, momentum=0.5, outer_momentum=0.3),
+]
+
+
+@pytest.mark.parametrize("config", CASES, ids=lambda c: f"{c.name}-{c.momentum}")
+def test_threads_match_the_simulators_synchronous_schedule_bit_for_bit(
+    config: AlgorithmConfig,
+) -> None:
+    start = torch.linspace(-2, 2, 5, dtype=torch.float64)
+    objective = Quadratic(start, curvature=torch.linspace(0.5, 1.5, 5), noise_std=0.5)
+    p, tau, steps = 3, 2, 41
+    sim = SimConfig(num_workers=p, comm_period=tau, schedule="synchronous", duration=steps, seed=4)
+    result = simulate(config, sim, objective)
+    ranks: list[tuple[WorkerRole, GradientFn]] = []
+    for rank in range(p):
+        generator = torch.Generator().manual_seed(4 * 1_000_003 + rank)  # the simulator's
+        role = AveragingWorker(start, comm_period=tau, learning_rate=0.05, momentum=config.momentum)
+        ranks.append((role, lambda point, g=generator: objective.gradient(point, g)))
+    loops = run_loops(
+        ranks,
+        start,
+        moving_rate=0.0,
+        steps=steps,
+        options=lambda rank: {
+            "rule": rank_round(config, start, num_workers=p, measure=True),
+            "measure_distance": True,
+        },
+    )
+    assert loops[0].rounds == 21  # t = 0, 2, ..., 40
+    assert not torch.equal(loops[0].center, start)
+    for loop, want in zip(loops, result.workers, strict=True):
+        assert torch.equal(loop.center, result.evaluated)
+        assert torch.equal(loop.role.params, want)
+    outcome = loops[0].run()  # the budget is spent: returns the figures at once
+    assert outcome.mean_drift is not None and outcome.mean_center_update_norm is not None
+    assert outcome.mean_drift > 0 and outcome.mean_center_update_norm > 0
+
+
+@pytest.mark.parametrize("name", ["localsgd", "diloco"])
+def test_runtime_ranks_on_a_real_model_match_the_simulator_bit_for_bit(name: str) -> None:
+    # what run_allreduce builds: x_i in the model's own parameters (SGD inside), gradients as
+    # per-parameter pieces, the round applied in place; the simulator takes flat gradients at
+    # copies of the point
+    from easgd.data.digits import load_digits_split
+    from easgd.data.sampling import MinibatchSampler
+    from easgd.engine.allreduce import rank_worker, sampled_gradient
+    from easgd.flat import FlatModel
+    from easgd.parts.build import build_model
+    from easgd.sim import ClassifierObjective
+
+    split = load_digits_split(test_fraction=0.2, seed=0)
+    model_config = TrainConfig().model
+    config = AlgorithmConfig(name=name, learning_rate=0.05)
+    p, tau, steps = 2, 3, 13
+    ranks: list[tuple[WorkerRole, GradientFn]] = []
+    for rank in range(p):
+        flat = FlatModel(build_model(model_config, split, seed=0))
+        sampler = MinibatchSampler(split, batch_size=128, worker_index=rank, num_workers=p)
+        role = rank_worker(config, flat, comm_period=tau)
+        assert role.params.data_ptr() == flat.flat_params.data_ptr()  # no copy per step
+        ranks.append((role, sampled_gradient(flat, sampler)))
+    start = ranks[0][0].params.clone()
+    loops = run_loops(
+        ranks,
+        start,
+        moving_rate=0.0,
+        steps=steps,
+        options=lambda rank: {"rule": rank_round(config, start, num_workers=p, measure=False)},
+    )
+    objective = ClassifierObjective(build_model(model_config, split, seed=0), split)
+    sim = simulate(
+        config,
+        SimConfig(num_workers=p, comm_period=tau, schedule="synchronous", duration=steps),
+        objective,
+    )
+    assert loops[0].rounds == 5  # t = 0, 3, 6, 9, 12
+    assert not torch.equal(loops[0].center, start)
+    for loop, want in zip(loops, sim.workers, strict=True):
+        assert torch.equal(loop.center, sim.evaluated)
+        assert torch.equal(loop.role.params, want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["localsgd", "diloco"])
+def test_torchrun_job_equals_the_simulator_and_records_drift(name: str, tmp_path: Path) -> None:
+    from easgd.data.digits import load_digits_split
+    from easgd.parts.build import build_model
+    from easgd.recovery.checkpoint import Checkpointer
+    from easgd.recovery.snapshot import SnapshotLog
+    from easgd.sim import ClassifierObjective
+    from tests.test_train_e2e import run
+
+    steps, tau = 40, 4
+    args = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "easgd.train", "topology=allreduce", "workers=2", f"algorithm={name}",
+        f"steps_per_worker={steps}", f"comm.period={tau}", "eval_interval_s=0.05",
+        "progress=false", f"hydra.run.dir={tmp_path}",
+    ]  # fmt: skip
+    result = run(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert_summary_shape(summary, topology="allreduce")
+    assert summary["algorithm"] == name and summary["exchanges"] == 2 * (steps // tau)
+    details = summary["details"]
+    assert details["worker_drift"] > 0 and details["center_update_norm"] > 0
+    # the final snapshot (saved by every rank after the loop) against the synchronous schedule
+    directory = tmp_path / "checkpoints"
+    final = Checkpointer(directory, "rank1").load(SnapshotLog(directory).committed()[-1])
+    assert final is not None and final["role"]["step"] == steps
+    split = load_digits_split(test_fraction=0.2, seed=0)
+    objective = ClassifierObjective(build_model(TrainConfig().model, split, seed=0), split)
+    config = AlgorithmConfig(name=name, learning_rate=0.1)  # configs/algorithm/<name>.yaml
+    sim = simulate(
+        config,
+        SimConfig(num_workers=2, comm_period=tau, schedule="synchronous", duration=steps),
+        objective,
+    )
+    assert torch.equal(final["center"], sim.evaluated)
+    assert torch.equal(final["role"]["params"], sim.workers[1])
+    if name == "diloco":  # the outer momentum travels with the snapshot
+        assert set(final["round"]) == {"outer_momentum"}
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"worker1/drift", "worker2/drift", "center/update_norm"} <= tags
