@@ -150,3 +150,65 @@ def test_torchrun_job_equals_the_simulator_and_records_drift(name: str, tmp_path
     events = EventAccumulator(str(tmp_path / "tb")).Reload()
     tags = set(events.Tags()["scalars"])
     assert {"worker1/drift", "worker2/drift", "center/update_norm"} <= tags
+
+
+# -- the simulator's clock for all-reduce rounds -----------------------------------------------
+def test_a_round_costs_a_ring_allreduce_of_the_model() -> None:
+    from easgd.sim.cost import ExchangeCost, ring_allreduce_time
+
+    # p = 4: 2 (p - 1) = 6 messages of 1/4 of the model: 6 * 0.1 + 6 / 4 * 2.0 + 0.05
+    cost = ExchangeCost(latency=0.1, transfer=2.0, service=0.05)
+    assert ring_allreduce_time(cost, 4) == pytest.approx(0.6 + 3.0 + 0.05, abs=1e-12)
+    assert ring_allreduce_time(cost, 1) == pytest.approx(0.05, abs=1e-12)  # nobody to talk to
+
+
+@pytest.mark.parametrize("name", ["localsgd", "diloco", "easgd"])
+def test_synchronous_schedule_with_cost_waits_for_every_round(name: str) -> None:
+    from easgd.sim.cost import ExchangeCost
+
+    start = torch.linspace(-2, 2, 5, dtype=torch.float64)
+    objective = Quadratic(start, noise_std=0.5)
+    config = AlgorithmConfig(name=name, learning_rate=0.05)
+    p, tau, steps = 4, 5, 23
+    cost = ExchangeCost(latency=0.25, transfer=1.0)  # a round: 6 * 0.25 + 1.5 * 1.0 = 3 steps
+    free = SimConfig(num_workers=p, comm_period=tau, schedule="synchronous", duration=steps)
+    charged = SimConfig(
+        num_workers=p,
+        comm_period=tau,
+        schedule="synchronous",
+        duration=float("inf"),
+        steps_per_worker=steps,
+        cost=cost,
+        eval_interval=1.0,
+    )
+    without, with_cost = simulate(config, free, objective), simulate(config, charged, objective)
+    # the same math (rounds at t = 0, 5, ..., 20), on a slower clock: 23 steps + 5 rounds * 3
+    assert torch.equal(without.evaluated, with_cost.evaluated)
+    assert with_cost.history[-1].time == pytest.approx(23 + 5 * 3.0)
+    assert with_cost.exchanges == p * 5
+
+
+def test_mode_simulate_runs_the_allreduce_topology_on_the_ring_clock(tmp_path: Path) -> None:
+    from easgd.config.schema import CommConfig, CostConfig, DataConfig, ModelConfig
+    from easgd.topologies.simulate import run_simulated
+
+    # step 1 ms; 4 ranks; latency 50 us, no bandwidth limit: a round is 6 * 50 us = 0.3 ms
+    cfg = TrainConfig(
+        algorithm=AlgorithmConfig("diloco", learning_rate=0.1),
+        model=ModelConfig(name="mlp", hidden=[16]),
+        data=DataConfig(name="digits"),
+        comm=CommConfig(period=4),
+        cost=CostConfig(name="test", latency_us=50.0, step_time_s=1e-3),
+        mode="simulate",
+        topology="allreduce",
+        workers=4,
+        steps_per_worker=20,
+        eval_interval_s=0.005,
+        progress=False,
+        tensorboard=False,
+        run_dir=str(tmp_path),
+    )
+    summary = run_simulated(cfg)
+    assert_summary_shape(summary, topology="allreduce", mode="simulate")
+    assert summary["exchanges"] == 4 * 5 and summary["server_updates"] == 5  # t = 0, 4, ..., 16
+    assert summary["wall_time_s"] == pytest.approx(20e-3 + 5 * 0.3e-3)
