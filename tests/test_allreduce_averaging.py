@@ -212,3 +212,23 @@ def test_mode_simulate_runs_the_allreduce_topology_on_the_ring_clock(tmp_path: P
     assert_summary_shape(summary, topology="allreduce", mode="simulate")
     assert summary["exchanges"] == 4 * 5 and summary["server_updates"] == 5  # t = 0, 4, ..., 16
     assert summary["wall_time_s"] == pytest.approx(20e-3 + 5 * 0.3e-3)
+
+
+# -- torch's own local SGD ------------------------------------------------------------------------
+@pytest.mark.slow
+def test_localsgd_equals_torchs_periodic_model_averager_on_two_gloo_ranks() -> None:
+    from tests import averaging_targets
+    from tests.dist_helpers import spawn_world
+
+    steps, period = 3 * 4 + 2, 4  # not a multiple: the last average is inside both runs
+    results = spawn_world(
+        averaging_targets.localsgd_against_periodic_model_averager, 2, steps, period, 0.1
+    )
+    assert results[0]["rounds"] == 4  # t = 0, 4, 8, 12
+    # within 1e-6, not bit for bit: torch's SGD step fuses -lr * g into the add (one rounding),
+    # easgd rounds the product first (measured difference: 3e-8)
+    for rank in (0, 1):
+        got, want = results[rank]["easgd"], results[rank]["torch"]
+        assert torch.allclose(got, want, rtol=0, atol=1e-6), float((got - want).abs().max())
+    # the two ranks took different minibatches since the last average at t = 12
+    assert not torch.allclose(results[0]["torch"], results[1]["torch"], atol=1e-4)
