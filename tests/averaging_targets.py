@@ -73,3 +73,91 @@ def localsgd_against_periodic_model_averager(
     )
     outcome = loop.run()
     return {"torch": reference, "easgd": role.params.clone(), "rounds": outcome.rounds}
+
+
+def _net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _batches(rank: int, steps: int) -> list[tuple[Tensor, Tensor]]:
+    generator = torch.Generator().manual_seed(100 + rank)
+    return [
+        (torch.randn(16, 5, generator=generator), torch.randint(0, 3, (16,), generator=generator))
+        for _ in range(steps)
+    ]
+
+
+def _flat(params: Any) -> Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
+def _train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list) -> None:
+    for inputs, targets in batches:
+        optimizer.zero_grad()
+        F.cross_entropy(model(inputs), targets).backward()
+        optimizer.step()
+
+
+def api_diloco_with_adamw_against_torch(
+    rank: int, world: int, steps: int, period: int
+) -> dict[str, Any]:
+    """api.AveragingOptimizer(diloco) around AdamW against every rank's DiLoCo written with torch's
+    own optimizers in this process (AdamW inside, SGD(nesterov=True) on x~ with Delta in .grad)."""
+    from easgd.api.averaging import AveragingOptimizer
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    data = [_batches(r, steps) for r in range(world)]
+    models = [_net(0) for _ in range(world)]
+    inners = [torch.optim.AdamW(m.parameters(), lr=0.01, weight_decay=0.1) for m in models]
+    center = [nn.Parameter(p.detach().clone()) for p in models[0].parameters()]
+    outer = torch.optim.SGD(center, lr=0.7, momentum=0.9, nesterov=True)
+    for t in range(steps):
+        for r in range(world):
+            _train(models[r], inners[r], [data[r][t]])
+        if (t + 1) % period == 0:
+            for index, c in enumerate(center):
+                mean = sum(list(m.parameters())[index].detach() for m in models) / world
+                c.grad = c.detach() - mean
+            outer.step()
+            for m in models:  # x_i <- x~; AdamW's moments stay as they are
+                for p, c in zip(m.parameters(), center, strict=True):
+                    p.data.copy_(c.detach())
+    model = _net(rank)  # a different start on rank 1: the wrapper broadcasts rank 0's
+    inner = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    optimizer = AveragingOptimizer(model, inner, algorithm="diloco", comm_period=period)
+    _train(model, optimizer, data[rank])
+    return {
+        "easgd": _flat(model.parameters()),
+        "torch": _flat(models[rank].parameters()),
+        "easgd_center": optimizer.center.clone(),
+        "torch_center": _flat(center),
+        "rounds": optimizer.rounds,
+    }
+
+
+def api_localsgd_with_momentum_against_periodic_model_averager(
+    rank: int, world: int, steps: int, period: int
+) -> dict[str, Any]:
+    """api.AveragingOptimizer(localsgd) around SGD with Nesterov momentum against torch's
+    SGD + PeriodicModelAverager on the same group (momentum buffers untouched by both)."""
+    from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+
+    from easgd.api.averaging import AveragingOptimizer
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    batches = _batches(rank, steps)
+    reference = _net(0)
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    averager = PeriodicModelAverager(period=period, warmup_steps=period - 1)
+    for inputs, targets in batches:
+        sgd.zero_grad()
+        F.cross_entropy(reference(inputs), targets).backward()
+        sgd.step()
+        averager.average_parameters(reference.parameters())
+    model = _net(0)
+    inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    _train(
+        model, AveragingOptimizer(model, inner, algorithm="localsgd", comm_period=period), batches
+    )
+    return {"easgd": _flat(model.parameters()), "torch": _flat(reference.parameters())}

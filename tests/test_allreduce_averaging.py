@@ -232,3 +232,39 @@ def test_localsgd_equals_torchs_periodic_model_averager_on_two_gloo_ranks() -> N
         assert torch.allclose(got, want, rtol=0, atol=1e-6), float((got - want).abs().max())
     # the two ranks took different minibatches since the last average at t = 12
     assert not torch.allclose(results[0]["torch"], results[1]["torch"], atol=1e-4)
+
+
+# -- the own-loop API --------------------------------------------------------------------------
+@pytest.mark.slow
+def test_api_diloco_around_adamw_equals_diloco_written_with_torchs_optimizers() -> None:
+    from tests import averaging_targets
+    from tests.dist_helpers import spawn_world
+
+    steps, period = 13, 4  # rounds after steps 4, 8, 12; one inner step after the last
+    results = spawn_world(averaging_targets.api_diloco_with_adamw_against_torch, 2, steps, period)
+    for rank in (0, 1):
+        result = results[rank]
+        assert result["rounds"] == 3
+        assert torch.allclose(result["easgd_center"], result["torch_center"], rtol=0, atol=1e-6)
+        assert torch.allclose(result["easgd"], result["torch"], rtol=0, atol=1e-6)
+    assert torch.equal(results[0]["easgd_center"], results[1]["easgd_center"])
+    assert not torch.allclose(results[0]["easgd"], results[1]["easgd"], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_api_localsgd_around_nesterov_sgd_equals_periodic_model_averager() -> None:
+    from tests import averaging_targets
+    from tests.dist_helpers import spawn_world
+
+    target = averaging_targets.api_localsgd_with_momentum_against_periodic_model_averager
+    results = spawn_world(target, 2, 10, 3)
+    for rank in (0, 1):
+        assert torch.allclose(results[rank]["easgd"], results[rank]["torch"], rtol=0, atol=1e-6)
+
+
+def test_api_refuses_a_rule_that_is_not_averaging() -> None:
+    from easgd.api.averaging import AveragingOptimizer
+
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(ValueError, match="runs localsgd or diloco"):
+        AveragingOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), algorithm="easgd")

@@ -228,7 +228,7 @@ _AVERAGING = {
     "worker_momentum": True,
     "own_loop_note": (
         "it averages every worker at once over an all-reduce group, not through api.serve's "
-        "server; use easgd.train topology=allreduce"
+        "server; wrap the optimizer in api.AveragingOptimizer"
     ),
 }
 register(
