@@ -63,50 +63,6 @@ def test_threads_match_the_simulators_synchronous_schedule_bit_for_bit(
     assert outcome.mean_drift > 0 and outcome.mean_center_update_norm > 0
 
 
-@pytest.mark.parametrize("name", ["localsgd", "diloco"])
-def test_runtime_ranks_on_a_real_model_match_the_simulator_bit_for_bit(name: str) -> None:
-    # what run_allreduce builds: x_i in the model's own parameters (SGD inside), gradients as
-    # per-parameter pieces, the round applied in place; the simulator takes flat gradients at
-    # copies of the point
-    from easgd.data.digits import load_digits_split
-    from easgd.data.sampling import MinibatchSampler
-    from easgd.engine.allreduce import rank_worker, sampled_gradient
-    from easgd.flat import FlatModel
-    from easgd.parts.build import build_model
-    from easgd.sim import ClassifierObjective
-
-    split = load_digits_split(test_fraction=0.2, seed=0)
-    model_config = TrainConfig().model
-    config = AlgorithmConfig(name=name, learning_rate=0.05)
-    p, tau, steps = 2, 3, 13
-    ranks: list[tuple[WorkerRole, GradientFn]] = []
-    for rank in range(p):
-        flat = FlatModel(build_model(model_config, split, seed=0))
-        sampler = MinibatchSampler(split, batch_size=128, worker_index=rank, num_workers=p)
-        role = rank_worker(config, flat, comm_period=tau)
-        assert role.params.data_ptr() == flat.flat_params.data_ptr()  # no copy per step
-        ranks.append((role, sampled_gradient(flat, sampler)))
-    start = ranks[0][0].params.clone()
-    loops = run_loops(
-        ranks,
-        start,
-        moving_rate=0.0,
-        steps=steps,
-        options=lambda rank: {"rule": rank_round(config, start, num_workers=p, measure=False)},
-    )
-    objective = ClassifierObjective(build_model(model_config, split, seed=0), split)
-    sim = simulate(
-        config,
-        SimConfig(num_workers=p, comm_period=tau, schedule="synchronous", duration=steps),
-        objective,
-    )
-    assert loops[0].rounds == 5  # t = 0, 3, 6, 9, 12
-    assert not torch.equal(loops[0].center, start)
-    for loop, want in zip(loops, sim.workers, strict=True):
-        assert torch.equal(loop.center, sim.evaluated)
-        assert torch.equal(loop.role.params, want)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["localsgd", "diloco"])
 def test_torchrun_job_equals_the_simulator_and_records_drift(name: str, tmp_path: Path) -> None:
@@ -189,26 +145,22 @@ def test_synchronous_schedule_with_cost_waits_for_every_round(name: str) -> None
 
 
 def test_mode_simulate_runs_the_allreduce_topology_on_the_ring_clock(tmp_path: Path) -> None:
-    from easgd.config.schema import CommConfig, CostConfig, DataConfig, ModelConfig
+    from easgd.config.schema import CommConfig, CostConfig
     from easgd.topologies.simulate import run_simulated
+    from tests.test_simulate_mode import small_config
 
     # step 1 ms; 4 ranks; latency 50 us, no bandwidth limit: a round is 6 * 50 us = 0.3 ms
-    cfg = TrainConfig(
-        algorithm=AlgorithmConfig("diloco", learning_rate=0.1),
-        model=ModelConfig(name="mlp", hidden=[16]),
-        data=DataConfig(name="digits"),
-        comm=CommConfig(period=4),
-        cost=CostConfig(name="test", latency_us=50.0, step_time_s=1e-3),
-        mode="simulate",
-        topology="allreduce",
-        workers=4,
-        steps_per_worker=20,
-        eval_interval_s=0.005,
-        progress=False,
-        tensorboard=False,
-        run_dir=str(tmp_path),
+    summary = run_simulated(
+        small_config(
+            tmp_path,
+            algorithm=AlgorithmConfig("diloco", learning_rate=0.1),
+            comm=CommConfig(period=4),
+            cost=CostConfig(name="test", latency_us=50.0, step_time_s=1e-3),
+            topology="allreduce",
+            workers=4,
+            steps_per_worker=20,
+        )
     )
-    summary = run_simulated(cfg)
     assert_summary_shape(summary, topology="allreduce", mode="simulate")
     assert summary["exchanges"] == 4 * 5 and summary["server_updates"] == 5  # t = 0, 4, ..., 16
     assert summary["wall_time_s"] == pytest.approx(20e-3 + 5 * 0.3e-3)

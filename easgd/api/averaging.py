@@ -87,18 +87,9 @@ class AveragingOptimizer(torch.optim.Optimizer):
         )
 
     @property
-    def state(self) -> Any:  # type: ignore[override]
-        """The inner optimizer's state (what ``GradScaler`` and schedulers read)."""
-        return self.optimizer.state
-
-    @property
     def center(self) -> Tensor:
         """x~: the outer parameters after the last round (flat, live)."""
         return self.rule.center
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """The inner optimizer's ``zero_grad``."""
-        self.optimizer.zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
@@ -108,6 +99,10 @@ class AveragingOptimizer(torch.optim.Optimizer):
         if self.step_count % self.comm_period == 0:
             self._round()
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """The inner optimizer's ``zero_grad``."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def _round(self) -> None:
         flat = self._flat
@@ -141,3 +136,8 @@ class AveragingOptimizer(torch.optim.Optimizer):
             value.copy_(state_dict["round"][key])
         self.step_count = int(state_dict["step_count"])
         self.rounds = int(state_dict["rounds"])
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        """The inner optimizer's state (what ``GradScaler`` and schedulers read)."""
+        return self.optimizer.state

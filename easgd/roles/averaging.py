@@ -15,48 +15,20 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from easgd.algorithms import inplace, periodic
-from easgd.algorithms.inplace import Grad
+from easgd.algorithms import periodic
 from easgd.config.algorithm import AlgorithmConfig
 from easgd.roles.server import ServerRole
-from easgd.roles.worker import NesterovWorker
+from easgd.roles.worker import ElasticWorker
 
 
-class AveragingWorker(NesterovWorker):
+class AveragingWorker(ElasticWorker):
     """Inner SGD/Nesterov steps; every tau steps sends x_i and restarts from the reply, x~.
 
-    ``params_in_scratch`` (momentum 0, with ``scratch``): x_i lives in ``scratch`` (the model's
-    parameters), which is also the gradient point, so a step copies nothing; the step is then
-    :func:`easgd.algorithms.inplace.sgd_step_` (no velocity written), the same bits as the
-    Nesterov step with momentum 0.
+    The elastic worker's variables and local step (with ``params_in_scratch``, momentum 0: x_i
+    lives in the model's parameters, which are also the gradient point, so a step copies
+    nothing); only the reply differs: x_i <- x~ at once (the velocity is left as it is), and the
+    step's gradient is taken at the new x_i (+ delta v_i), not at the point sent.
     """
-
-    def __init__(
-        self,
-        params: Tensor,
-        *,
-        comm_period: int,
-        learning_rate: float,
-        momentum: float,
-        scratch: Tensor | None = None,
-        params_in_scratch: bool = False,
-    ) -> None:
-        super().__init__(
-            params,
-            comm_period=comm_period,
-            learning_rate=learning_rate,
-            momentum=momentum,
-            scratch=scratch,
-        )
-        self._step_buffer: Tensor | None = None
-        if params_in_scratch:
-            if scratch is None or self.momentum != 0:
-                raise ValueError("params_in_scratch needs a scratch buffer and momentum 0")
-            scratch.copy_(self.params)
-            self.params = scratch
-            self._step_buffer = torch.empty(
-                min(inplace.CHUNK, scratch.numel()), dtype=scratch.dtype, device=scratch.device
-            )
 
     def outgoing(self) -> Tensor:
         return self.params
@@ -64,19 +36,8 @@ class AveragingWorker(NesterovWorker):
     def apply_reply(self, reply: Tensor) -> None:
         self.params.copy_(reply)  # x_i <- x~; the velocity stays local and untouched
 
-    def _fill_lookahead(self) -> Tensor:
-        if self.lookahead is self.params:
-            return self.lookahead
-        return super()._fill_lookahead()
-
-    def local_step(self, grad: Grad) -> None:
-        if self._step_buffer is None:
-            super().local_step(grad)
-            return
-        inplace.sgd_step_(
-            self.params, grad, learning_rate=self.learning_rate, buffer=self._step_buffer
-        )
-        self.step += 1
+    def gradient_point(self) -> Tensor:
+        return self._fill_lookahead()
 
 
 class AveragingCenter:
@@ -127,14 +88,15 @@ class AveragingCenter:
             periodic.localsgd_round_(self.center, summed, num_workers=self.num_workers)
         else:
             scratch = self._scratch if not measure else torch.empty_like(self.center)
+            outer = {"outer_learning_rate": self.outer_learning_rate}
+            outer["outer_momentum"] = self.outer_momentum
             periodic.diloco_round_(
                 self.center,
                 self.momentum_buffer,
                 summed,
                 scratch,
                 num_workers=self.num_workers,
-                outer_learning_rate=self.outer_learning_rate,
-                outer_momentum=self.outer_momentum,
+                **outer,
             )
         if measure:
             self.last_update_norm = float(torch.dist(self.center, self._scratch))
@@ -164,14 +126,7 @@ class AveragingServer(ServerRole):
         self.rule = AveragingCenter.of(config, self.center, num_workers=num_workers)
         self.name = config.name
 
-    def handle(
-        self,
-        worker: int,
-        payload: Tensor | None,
-        *,
-        out: Tensor | None = None,
-        max_update_norm: float | None = None,
-    ) -> Tensor:
+    def handle(self, worker: int, payload: Tensor | None, **options: object) -> Tensor:
         raise ValueError(
             f"{self.name} averages every worker at once: simulate it on the synchronous schedule "
             "(sim.schedule=synchronous; mode=simulate topology=allreduce)"

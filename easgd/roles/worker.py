@@ -451,18 +451,10 @@ def make_worker_role(
     """
     spec = config.spec
     spec.check_comm_period(comm_period)
-    if spec.elastic:
-        return ElasticWorker(
-            params,
-            comm_period=comm_period,
-            learning_rate=config.learning_rate,
-            momentum=config.momentum,
-            scratch=scratch,
-        )
-    if spec.family == "averaging":  # its module imports this one: imported here
-        from easgd.roles.averaging import AveragingWorker
+    if spec.elastic or spec.family == "averaging":
+        from easgd.roles.averaging import AveragingWorker  # it imports this module
 
-        return AveragingWorker(
+        return (ElasticWorker if spec.elastic else AveragingWorker)(
             params,
             comm_period=comm_period,
             learning_rate=config.learning_rate,
