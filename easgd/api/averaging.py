@@ -92,7 +92,7 @@ class AveragingOptimizer(torch.optim.Optimizer):
         return self.rule.center
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Any = None) -> Any:
         """One inner step; after every ``comm_period``-th, the round (one all-reduce)."""
         loss = self.optimizer.step(closure)
         self.step_count += 1
