@@ -261,10 +261,10 @@ class ReplicatedCenterLoop:
         own contribution (elastic difference, or x_i) was the non-finite one (there is no server
         guard to reset it)."""
         whose = "this rank's" if not math.isfinite(float(contribution.sum())) else "another rank's"
-        what = "elastic difference" if isinstance(self.rule, ElasticRound) else "parameters"
+        what = "elastic difference was" if isinstance(self.rule, ElasticRound) else "x_i was"
         raise FloatingPointError(
             f"the center became non-finite at exchange {self.rounds + 1} (step {self.role.step}): "
-            f"{whose} {what} were non-finite (a diverged worker, or fault.nan_rank); "
+            f"{whose} {what} non-finite (a diverged worker, or fault.nan_rank); "
             "lower algorithm.learning_rate"
         )
 
