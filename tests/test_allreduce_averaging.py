@@ -220,3 +220,16 @@ def test_api_refuses_a_rule_that_is_not_averaging() -> None:
     model = torch.nn.Linear(2, 1)
     with pytest.raises(ValueError, match="runs localsgd or diloco"):
         AveragingOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), algorithm="easgd")
+
+
+def test_a_resumed_rank_restores_dilocos_outer_momentum() -> None:
+    # what a snapshot's "round" entry holds is copied into the new rule; a fresh rule starts at 0
+    from easgd.topologies.allreduce import _Start
+
+    cfg = TrainConfig(algorithm=AlgorithmConfig("diloco"), topology="allreduce", workers=2)
+    saved = torch.arange(5, dtype=torch.float32)
+    rule = _Start(torch.ones(5), round_state={"outer_momentum": saved}).round_rule(cfg)
+    assert torch.equal(rule.tensors()["outer_momentum"], saved)
+    assert torch.equal(rule.center, torch.ones(5))
+    fresh = _Start(torch.ones(5)).round_rule(cfg)
+    assert torch.equal(fresh.tensors()["outer_momentum"], torch.zeros(5))
