@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from easgd import algorithms as alg
+from easgd.algorithms.schedules import LearningRateSchedule
 from easgd.config.algorithm import AlgorithmConfig
 from easgd.roles import (
     GradientFn,
@@ -85,6 +86,10 @@ class SimConfig:
     """Stop at the first evaluation whose test error is at most this (None: never)."""
     record_exchanges: bool = False
     """With a cost: keep every exchange's :class:`ExchangeTimes` in the result."""
+    lr_schedule: LearningRateSchedule | None = None
+    """eta_t at each worker's local step t_i (None: the constant eta), as in a real run."""
+    max_grad_norm: float | None = None
+    """Clip each worker's gradients to this global norm (None: never), as in a real run."""
 
     def __post_init__(self) -> None:
         alg.hyperparams.check_num_workers(self.num_workers)
@@ -162,7 +167,13 @@ class Simulator:
         start = objective.initial_point()
         num_workers = sim.num_workers if algorithm.uses_server else 1
         self.workers: list[WorkerRole] = [
-            make_worker_role(algorithm, start, comm_period=sim.comm_period)
+            make_worker_role(
+                algorithm,
+                start,
+                comm_period=sim.comm_period,
+                schedule=sim.lr_schedule,
+                max_grad_norm=sim.max_grad_norm,
+            )
             for _ in range(num_workers)
         ]
         self.server: ServerRole | None = (

@@ -166,6 +166,8 @@ def build_simulation(
         overlap=cfg.comm.overlap,
         steps_per_worker=cfg.steps_per_worker,
         target_test_error=cfg.target_test_error,
+        lr_schedule=cfg.optim.schedule(cfg.steps_per_worker),
+        max_grad_norm=cfg.optim.clip_grad_norm,
     )
     return Simulator(cfg.algorithm, sim, objective), figures
 

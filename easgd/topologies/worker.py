@@ -19,6 +19,7 @@ from easgd.comm.groups import DistEnv, PairGroups
 from easgd.comm.heartbeat import LoopHeartbeat
 from easgd.comm.message import ServerFailed
 from easgd.engine.worker import WorkerLoop, handshake
+from easgd.parts import interrupt
 from easgd.parts.assembly import RunParts
 from easgd.parts.build import worker_transport
 from easgd.recovery.checkpoint import Checkpointer
@@ -57,6 +58,11 @@ class WorkerProcess:
         self.signature = parts.signature(self.flat.num_params)
         self.ledger: Ledger | None = None
         self.loop: WorkerLoop | None = None
+        # on SIGINT/SIGTERM the server stops this worker; a worker stuck in its loop ends anyway
+        interrupt.watch(self._progress, stuck_after_s=cfg.comm.heartbeat_timeout_s)
+
+    def _progress(self) -> int:
+        return self.loop.role.step if self.loop is not None else -1
 
     def _join(self) -> WorkerRole:
         """Resume this worker's part of the committed snapshot (if any), say HELLO, build the role."""
@@ -70,6 +76,8 @@ class WorkerProcess:
             center.to(self.device),
             comm_period=cfg.comm.period,
             scratch=self.flat.flat_params,
+            schedule=cfg.optim.schedule(cfg.steps_per_worker),
+            max_grad_norm=cfg.optim.clip_grad_norm,
         )
         self.ledger = Ledger(role, cfg.algorithm.name) if cfg.checkpoint.ledger else None
         if state is not None:
