@@ -8,8 +8,8 @@ Tasks (generated offline): MNIST-1D with the MNIST-1D paper's 1-D CNN, and an ov
    over 2.5 decades (9 over 4 decades for the momentum methods, delta = 0.99), seed 0; the rate
    with the lowest test error reached within the budget wins; then seeds 1 and 2 at every chosen
    setting (3 seeds).
-2. Speed-up stage: p in {4, 8, 16} with EASGD/EAMSGD at tau = 10 and DOWNPOUR/MDOWNPOUR at
-   tau = 1, the rate chosen again for every (method, p) by the same rule (seed 0, ``measured``);
+2. Speed-up stage: p in {4, 8, 16} with EASGD/EAMSGD, local SGD and DiLoCo at tau = 10 and
+   DOWNPOUR/MDOWNPOUR at tau = 1, the rate chosen again for every (method, p) by the same rule (seed 0, ``measured``);
    then, under each cost profile (``measured`` and the ``ethernet_1g`` cluster profile), 3 seeds
    at the chosen rate, each run stopped when the center reaches the task's threshold: 1.1 times
    the better sequential baseline's best test error (mean of 3 seeds), rounded up to a percent.
@@ -44,6 +44,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from _common import parser, suffix, write_csv, write_json  # noqa: E402
 
+from easgd.algorithms.registry import spec_of  # noqa: E402
 from easgd.config.algorithm import AlgorithmConfig  # noqa: E402
 from easgd.config.schema import CommConfig, CostConfig, DataConfig, ModelConfig, TrainConfig  # noqa: E402
 from easgd.parts.build import build_model, build_split  # noqa: E402
@@ -82,6 +83,11 @@ METHODS = (
     Method("EAMSGD", "eamsgd", MOMENTUM, MOMENTUM_RATES, PERIODS, 10),
     Method("DOWNPOUR", "downpour", 0.0, PLAIN_RATES, PERIODS, 1),
     Method("MDOWNPOUR", "mdownpour", MOMENTUM, MOMENTUM_RATES, (1,), 1),
+    # what people pick instead (issue 20), synchronous over all-reduce (topology=allreduce: each
+    # round charged as a ring all-reduce); SGD inside, tuned like the rest (tau = H grid, rate
+    # grid, seeds); DiLoCo's outer step at the paper's lr_out 0.7, mu 0.9
+    Method("LocalSGD", "localsgd", 0.0, PLAIN_RATES, PERIODS, 10),
+    Method("DiLoCo", "diloco", 0.0, PLAIN_RATES, PERIODS, 10),
     Method("SGD", "sgd", 0.0, PLAIN_RATES, (1,), None),
     Method("MSGD", "msgd", MOMENTUM, MOMENTUM_RATES, (1,), None),
 )
@@ -145,10 +151,17 @@ def profile_config(name: str) -> CostConfig:
     return obj
 
 
+def topology_of(name: str) -> str:
+    """allreduce for the rules that average every worker at once (local SGD, DiLoCo), else the
+    parameter server (the paper's asynchronous setting)."""
+    return "server" if spec_of(name).parameter_server else "allreduce"
+
+
 def train_config(job: dict[str, Any]) -> TrainConfig:
     task = next(t for t in TASKS if t.name == job["task"])
     return TrainConfig(
         algorithm=AlgorithmConfig(job["name"], learning_rate=job["lr"], momentum=job["momentum"]),
+        topology=topology_of(job["name"]),
         model=task.model,
         data=task.data,
         cost=CostConfig(**job["cost"]),
@@ -262,6 +275,7 @@ def resolved_costs(task: Task, protocol: Protocol) -> dict[tuple[str, str], dict
                 data=task.data,
                 cost=profile_config(profile),
                 comm=CommConfig(period=1),
+                topology=topology_of(method.name),
             )
             figures = resolve_cost(cfg, objective)
             costs[(profile, method.name)] = {

@@ -7,10 +7,10 @@ ParameterServer on each slice; workers reach the shards in parallel via ShardedT
 models of 1M, 10M and 25M parameters. Reported: exchanges/s (summed over workers) and bytes/s
 through the center (2 x 4 bytes x parameters per exchange), and the ratio to k = 1.
 
-Part B (all-reduce). The same 2 ranks train an MLP on digits with synchronous EASGD over
-all-reduce (easgd.engine.allreduce's loop, tau = 10) and, in the same processes, with local SGD
-plus torch's PeriodicModelAverager (period 10): steps/s of each, the ratio, and the same with rank 1
-a 2x straggler (after computing each gradient it sleeps as long again: slow compute, not a
+Part B (all-reduce). The same 2 ranks train an MLP on digits with synchronous EASGD, local SGD
+and DiLoCo over all-reduce (easgd.engine.allreduce's loop, tau = H = 10) and, in the same
+processes, with local SGD plus torch's PeriodicModelAverager (period 10): steps/s of each, the
+ratios to torch's, and the same with rank 1 a 2x straggler (after computing each gradient it sleeps as long again: slow compute, not a
 slow network). The two methods alternate, 6 rounds each (--rounds), and the per-round ratios are
 kept to show the noise.
 
@@ -47,6 +47,7 @@ from easgd.data.sampling import MinibatchSampler
 from easgd.engine.allreduce import (
     ReplicatedCenterLoop,
     control_slots,
+    rank_round,
     rank_worker,
     sampled_gradient,
 )
@@ -62,6 +63,8 @@ from easgd.topologies.launch import start_processes
 
 WARMUP = 2
 WORKERS = 2
+OURS = ("easgd", "localsgd", "diloco")
+"""easgd's rules timed over all-reduce in Part B (each against PeriodicModelAverager)."""
 
 
 def rounds_for(size: int, quick: bool) -> int:
@@ -128,14 +131,15 @@ def _sleep_like(slowdown: float, started: float) -> None:
         time.sleep((slowdown - 1.0) * (time.perf_counter() - started))
 
 
-def easgd_allreduce_rate(
-    index: int, group: Any, hidden: list[int], steps: int, tau: int, slowdown: float
+def allreduce_rate(
+    name: str, index: int, group: Any, hidden: list[int], steps: int, tau: int, slowdown: float
 ) -> float:
-    """Steps/s of synchronous EASGD over all-reduce: the runtime's role, gradient, sum and loop."""
+    """Steps/s of rule ``name`` (easgd, localsgd, diloco; SGD inside) over all-reduce: the
+    runtime's role, gradient, sum, round rule and loop."""
     model, split = _mlp(hidden)
     flat = FlatModel(model)
     sampler = MinibatchSampler(split, batch_size=128, worker_index=index, num_workers=WORKERS)
-    config = AlgorithmConfig(name="easgd", learning_rate=0.01, momentum=0.0)
+    config = AlgorithmConfig(name=name, learning_rate=0.01, momentum=0.0)
     role = rank_worker(config, flat, comm_period=tau)
     sampled = sampled_gradient(flat, sampler)
 
@@ -146,9 +150,10 @@ def easgd_allreduce_rate(
         return loss_grad
 
     reduce = AllReduceSum(numel=flat.num_params, control_slots=control_slots(WORKERS), group=group)
+    start = flat.initial_point()  # EASGD: alpha = beta / p = 0.9 / 2, as before
+    rule = rank_round(config, start, num_workers=WORKERS, measure=False)
     loop = ReplicatedCenterLoop(
-        role, flat.initial_point(), reduce, gradient,
-        rank=index, num_workers=WORKERS, moving_rate=0.9 / WORKERS, steps=steps,
+        role, start, reduce, gradient, rank=index, num_workers=WORKERS, steps=steps, rule=rule,
     )  # fmt: skip
     dist.barrier(group=group)
     return loop.run().steps_per_s
@@ -169,7 +174,7 @@ def periodic_averager_rate(
         inputs, targets = sampler.sample()
         optimizer.zero_grad()
         F.cross_entropy(model(inputs), targets).backward()
-        _sleep_like(slowdown, step_started)  # after the gradient, as in easgd_allreduce_rate
+        _sleep_like(slowdown, step_started)  # after the gradient, as in allreduce_rate
         optimizer.step()
         averager.average_parameters(model.parameters())
     return steps / (time.perf_counter() - started)
@@ -181,15 +186,18 @@ def allreduce_part(index: int, group: Any, quick: bool, rounds: int) -> list[dic
     part_b = []
     # one untimed run of each first: a fresh process's first run is slower (allocator, page
     # faults), which would bias the first cell (and in quick mode, with one round, the ratios)
-    easgd_allreduce_rate(index, group, hidden, steps, tau, 1.0)
+    for name in OURS:
+        allreduce_rate(name, index, group, hidden, steps, tau, 1.0)
     periodic_averager_rate(index, group, hidden, steps, tau, 1.0)
     for slowdown in (1.0, 2.0):
         mine = slowdown if index == WORKERS - 1 else 1.0
-        rates: dict[str, list[float]] = {"easgd_allreduce": [], "periodic_averager": []}
-        for _ in range(rounds):  # alternate, so drift hits both alike
-            rates["easgd_allreduce"].append(
-                easgd_allreduce_rate(index, group, hidden, steps, tau, mine)
-            )
+        rates: dict[str, list[float]] = {f"{n}_allreduce": [] for n in OURS}
+        rates["periodic_averager"] = []
+        for _ in range(rounds):  # alternate, so drift hits all alike
+            for name in OURS:
+                rates[f"{name}_allreduce"].append(
+                    allreduce_rate(name, index, group, hidden, steps, tau, mine)
+                )
             rates["periodic_averager"].append(
                 periodic_averager_rate(index, group, hidden, steps, tau, mine)
             )
@@ -245,37 +253,46 @@ def capacity_rows(workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def allreduce_rows(workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Part B's table: the slowest rank's steps/s of each method, and their ratio (mean, spread).
+    """Part B's table: the slowest rank's steps/s of each method, and each of ours over torch's
+    (mean, spread).
 
     A synchronous run goes at its slowest rank's pace, so each round counts its slowest rank;
     the headline ratio is that of the rates averaged over rounds, and the per-round ratios show
-    the noise (the two methods of one round ran back to back).
+    the noise (the methods of one round ran back to back). EASGD's columns keep their names
+    (ratio_easgd_over_averager, ratio_median ...); local SGD's and DiLoCo's are prefixed.
     """
     rows = []
     for i, cell in enumerate(workers[0]["allreduce"]):
+        methods = list(cell["rounds"])
         per_round = {
             method: [min(rates) for rates in zip(*(w["allreduce"][i]["rounds"][method]
                                                    for w in workers), strict=True)]
-            for method in ("easgd_allreduce", "periodic_averager")
+            for method in methods
         }  # fmt: skip
-        ours = sum(per_round["easgd_allreduce"]) / len(per_round["easgd_allreduce"])
-        theirs = sum(per_round["periodic_averager"]) / len(per_round["periodic_averager"])
-        ratios = [
-            a / b
-            for a, b in zip(
-                per_round["easgd_allreduce"], per_round["periodic_averager"], strict=True
-            )
-        ]
-        rows.append({
+        mean = {m: sum(per_round[m]) / len(per_round[m]) for m in methods}
+        row: dict[str, Any] = {
             **{k: cell[k] for k in ("straggler_slowdown", "tau", "steps")},
-            "hidden": "x".join(map(str, cell["hidden"])), "rounds": len(ratios),
-            "easgd_allreduce_steps_per_s": ours, "periodic_averager_steps_per_s": theirs,
-            "ratio_easgd_over_averager": ours / theirs,
-            "ratio_median": statistics.median(ratios),
-            "ratio_min": min(ratios), "ratio_max": max(ratios),
-            "ratio_per_round": " ".join(f"{r:.3f}" for r in ratios),
-            **{f"{m}_per_round": " ".join(f"{r:.1f}" for r in per_round[m]) for m in per_round},
-        })  # fmt: skip
+            "hidden": "x".join(map(str, cell["hidden"])),
+            "rounds": len(per_round["periodic_averager"]),
+            **{f"{m}_steps_per_s": mean[m] for m in methods},
+        }
+        for name in (n for n in OURS if f"{n}_allreduce" in per_round):
+            ratios = [
+                a / b
+                for a, b in zip(
+                    per_round[f"{name}_allreduce"], per_round["periodic_averager"], strict=True
+                )
+            ]
+            prefix = "" if name == "easgd" else f"{name}_"
+            row.update({
+                f"ratio_{name}_over_averager": mean[f"{name}_allreduce"]
+                / mean["periodic_averager"],
+                f"{prefix}ratio_median": statistics.median(ratios),
+                f"{prefix}ratio_min": min(ratios), f"{prefix}ratio_max": max(ratios),
+                f"{prefix}ratio_per_round": " ".join(f"{r:.3f}" for r in ratios),
+            })  # fmt: skip
+        row.update({f"{m}_per_round": " ".join(f"{r:.1f}" for r in per_round[m]) for m in methods})
+        rows.append(row)
     return rows
 
 
@@ -325,10 +342,13 @@ def main() -> None:
         print(f"{r['shards']:2d} {r['params']:9.0e} {r['mean_rtt_ms']:9.2f} {r['exchanges_per_s']:8.1f} "
               f"{r['center_MB_per_s']:8.0f} {r['ratio_to_one_shard']:6.2f}")  # fmt: skip
     for r in allreduce:
-        print(f"straggler x{r['straggler_slowdown']:.0f}: easgd all-reduce {r['easgd_allreduce_steps_per_s']:.1f} "
-              f"steps/s, PeriodicModelAverager {r['periodic_averager_steps_per_s']:.1f} steps/s, "
-              f"ratio {r['ratio_easgd_over_averager']:.3f}; per round {r['ratio_per_round']}, "
-              f"median {r['ratio_median']:.3f}")  # fmt: skip
+        print(f"straggler x{r['straggler_slowdown']:.0f}: PeriodicModelAverager "
+              f"{r['periodic_averager_steps_per_s']:.1f} steps/s")  # fmt: skip
+        for name in OURS:
+            prefix = "" if name == "easgd" else f"{name}_"
+            print(f"  {name} all-reduce {r[f'{name}_allreduce_steps_per_s']:.1f} steps/s, "
+                  f"ratio {r[f'ratio_{name}_over_averager']:.3f}; per round "
+                  f"{r[f'{prefix}ratio_per_round']}, median {r[f'{prefix}ratio_median']:.3f}")  # fmt: skip
     if rows and not quick:
         plot(rows, args.out / "scaling.png")
 

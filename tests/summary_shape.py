@@ -52,7 +52,13 @@ DETAILS = {
         "redone_steps_by_worker",
         "committed_snapshot",
     },
-    "allreduce": {"steps_per_s_rank0", "mean_allreduce_ms", "resumed_step"},
+    "allreduce": {
+        "steps_per_s_rank0",
+        "mean_allreduce_ms",
+        "resumed_step",
+        "worker_drift",
+        "center_update_norm",
+    },
     "sequential": {"train_loss", "train_error"},
     "own_loop": {
         "rejected_messages",

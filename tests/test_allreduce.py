@@ -189,24 +189,28 @@ def test_threads_match_the_simulators_synchronous_schedule_bit_for_bit(
         assert torch.equal(loop.role.params, want)
 
 
-@pytest.mark.parametrize(("name", "momentum"), [("easgd", 0.0), ("eamsgd", 0.9)])
+@pytest.mark.parametrize(
+    ("name", "momentum"),
+    [("easgd", 0.0), ("eamsgd", 0.9), ("localsgd", 0.0), ("localsgd", 0.9), ("diloco", 0.0)],
+)
 def test_runtime_ranks_on_a_real_model_match_the_simulator_bit_for_bit(
     name: str, momentum: float
 ) -> None:
     # what run_allreduce builds: the look-ahead written into the model's own parameters
     # (scratch), gradients as per-parameter pieces, the exchange applied in place; the simulator
     # takes flat gradients at copies of the point. A gradient taken after the elastic move, or a
-    # look-ahead clobbered by the exchange, would show here.
+    # look-ahead clobbered by the exchange, would show here. (local SGD / DiLoCo: issue 20)
     from easgd.data.digits import load_digits_split
     from easgd.data.sampling import MinibatchSampler
-    from easgd.engine.allreduce import rank_worker, sampled_gradient
+    from easgd.engine.allreduce import rank_round, rank_worker, sampled_gradient
     from easgd.flat import FlatModel
     from easgd.parts.build import build_model
     from easgd.sim import ClassifierObjective
 
     split = load_digits_split(test_fraction=0.2, seed=0)
     model_config = TrainConfig().model
-    config = AlgorithmConfig(name=name, learning_rate=0.05, momentum=momentum, moving_rate=0.2)
+    rate = {"moving_rate": 0.2} if name in ("easgd", "eamsgd") else {}
+    config = AlgorithmConfig(name=name, learning_rate=0.05, momentum=momentum, **rate)
     p, tau, steps = 2, 3, 13
     ranks: list[tuple[ElasticWorker, GradientFn]] = []
     for rank in range(p):
@@ -217,7 +221,13 @@ def test_runtime_ranks_on_a_real_model_match_the_simulator_bit_for_bit(
         assert (role.params.data_ptr() == flat.flat_params.data_ptr()) == (momentum == 0)
         ranks.append((role, sampled_gradient(flat, sampler)))
     start = ranks[0][0].params.clone()
-    loops = run_loops(ranks, start, moving_rate=0.2, steps=steps)
+    loops = run_loops(
+        ranks,
+        start,
+        moving_rate=0.2,
+        steps=steps,
+        options=lambda rank: {"rule": rank_round(config, start, num_workers=p, measure=False)},
+    )
     objective = ClassifierObjective(build_model(model_config, split, seed=0), split)
     sim = simulate(
         config,
@@ -236,7 +246,9 @@ def test_rank_worker_refuses_a_non_elastic_algorithm() -> None:
     from easgd.flat import FlatModel
 
     flat = FlatModel(torch.nn.Linear(3, 2))
-    with pytest.raises(ValueError, match="runs synchronous easgd/eamsgd, not 'downpour'"):
+    with pytest.raises(
+        ValueError, match="runs synchronous easgd/eamsgd/localsgd/diloco, not 'downpour'"
+    ):
         rank_worker(AlgorithmConfig(name="downpour"), flat, comm_period=2)
 
 

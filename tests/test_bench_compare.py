@@ -49,10 +49,13 @@ def test_compare_quick_runs_the_protocol_uniformly_and_resumes_from_its_cache(
         (profile, name, p)
         for profile in ("measured", "ethernet_1g")
         for name, counts in [("easgd", (4, 8)), ("eamsgd", (4, 8)), ("downpour", (4, 8)),
-                             ("mdownpour", (4, 8)), ("sgd", (1,)), ("msgd", (1,))]
+                             ("mdownpour", (4, 8)), ("localsgd", (4, 8)), ("diloco", (4, 8)),
+                             ("sgd", (1,)), ("msgd", (1,))]
         for p in counts
     }  # fmt: skip
     assert {r["tau"] for r in speed if r["algorithm"] in ("easgd", "eamsgd")} == {10}
+    assert {r["tau"] for r in speed if r["algorithm"] in ("localsgd", "diloco")} == {10}
+    assert {("localsgd", 1), ("localsgd", 4), ("diloco", 1), ("diloco", 4)} <= taus
     for row in speed:  # a time is reported only when at least half of the seeds got there
         for key, seeds in (
             ("time_to_threshold", "seeds_reached"),

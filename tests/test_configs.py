@@ -35,6 +35,8 @@ def test_groups_have_the_documented_options() -> None:
             "mdownpour",
             "adownpour",
             "mvadownpour",
+            "localsgd",
+            "diloco",
             "sgd",
             "msgd",
             "asgd",
@@ -48,9 +50,16 @@ def test_groups_have_the_documented_options() -> None:
 @pytest.mark.parametrize("name", options("algorithm"))
 def test_every_algorithm_composes(name: str) -> None:
     extra = ["comm=every_step"] if name == "mdownpour" else []
+    averaging = name in ("localsgd", "diloco")  # all-reduce only: no server rank
+    extra += ["topology=allreduce"] if averaging else []
     cfg = composed(f"algorithm={name}", *extra)
     assert cfg.algorithm.name == name
-    assert cfg.world_size == (1 if name in ("sgd", "msgd", "asgd", "mvasgd") else cfg.workers + 1)
+    servers = 0 if averaging else 1
+    assert cfg.world_size == (
+        1 if name in ("sgd", "msgd", "asgd", "mvasgd") else cfg.workers + servers
+    )
+    if name == "diloco":  # the paper's outer optimizer, typed
+        assert (cfg.algorithm.outer_learning_rate, cfg.algorithm.outer_momentum) == (0.7, 0.9)
 
 
 @pytest.mark.parametrize("group", ["model", "data", "comm"])

@@ -163,7 +163,10 @@ def test_communication_cost_slows_tau_1_more_than_tau_16() -> None:
 
 def test_cost_needs_the_asynchronous_schedule_and_overlap_is_elastic_only() -> None:
     with pytest.raises(ValueError, match="asynchronous"):
-        SimConfig(schedule="synchronous", cost=CHARGES)
+        SimConfig(schedule="round_robin", cost=CHARGES)
+    # the synchronous schedule charges each round as a ring all-reduce (issue 20): no overlap
+    with pytest.raises(ValueError, match="with sim.overlap"):
+        SimConfig(schedule="synchronous", cost=CHARGES, overlap=True)
     with pytest.raises(ValueError, match="push_delay"):
         SimConfig(push_delay=1.0, cost=CHARGES)
     with pytest.raises(ValueError, match="overlap"):

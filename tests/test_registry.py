@@ -15,8 +15,10 @@ from easgd.algorithms.registry import names, spec_of
 from easgd.api.roles import DownpourOptimizerRole, ElasticOptimizerRole, ModelParams
 from easgd.config.algorithm import AlgorithmConfig
 from easgd.config.schema import TrainConfig
+from easgd.roles.averaging import AveragingServer, AveragingWorker
 
 ALL = ("easgd", "eamsgd", "downpour", "adownpour", "mvadownpour", "mdownpour")
+ALL += ("localsgd", "diloco")  # issue 20: what people pick instead (averaging family)
 ALL += ("sgd", "msgd", "asgd", "mvasgd")
 
 
@@ -24,15 +26,20 @@ def test_the_registry_knows_the_ten_rules_of_the_spec_and_their_families() -> No
     assert names() == ALL
     assert names(family="elastic") == ("easgd", "eamsgd")
     assert names(family="downpour") == ("downpour", "adownpour", "mvadownpour", "mdownpour")
+    assert names(family="averaging") == ("localsgd", "diloco")
     assert names(family="sequential") == ("sgd", "msgd", "asgd", "mvasgd")
-    assert names(worker_momentum=True) == ("eamsgd", "msgd")
+    assert names(worker_momentum=True) == ("eamsgd", "localsgd", "diloco", "msgd")
     assert names(server_momentum=True) == ("mdownpour",)
     assert names(average="polyak") == ("adownpour", "asgd")
     assert names(average="moving") == ("mvadownpour", "mvasgd")
 
 
 def test_placement_answers() -> None:
-    assert names(overlap=True) == names(allreduce=True) == ("easgd", "eamsgd")
+    assert names(overlap=True) == ("easgd", "eamsgd")
+    assert names(allreduce=True) == ("easgd", "eamsgd", "localsgd", "diloco")
+    # the averaging family needs every worker at once: no parameter server
+    assert names(parameter_server=False) == ("localsgd", "diloco")
+    assert names(outer_optimizer=True) == ("diloco",)
     assert names(own_loop=True) == ("easgd", "eamsgd", "downpour", "adownpour", "mvadownpour")
     assert {n: spec_of(n).ledger for n in ALL if spec_of(n).ledger} == {
         "easgd": "reply",
@@ -51,7 +58,9 @@ def test_refusals_name_the_key_and_the_allowed_values() -> None:
         TrainConfig(algorithm=AlgorithmConfig("mdownpour"), comm=_comm(period=4))
     with pytest.raises(ValueError, match=r"comm.overlap is for easgd/eamsgd only, not 'downpour'"):
         TrainConfig(algorithm=AlgorithmConfig("downpour"), comm=_comm(overlap=True))
-    with pytest.raises(ValueError, match=r"topology=allreduce runs synchronous easgd/eamsgd"):
+    with pytest.raises(
+        ValueError, match=r"topology=allreduce runs synchronous easgd/eamsgd/localsgd/diloco"
+    ):
         TrainConfig(algorithm=AlgorithmConfig("downpour"), topology="allreduce")
     with pytest.raises(ValueError, match=r"api.serve\(algorithm='mdownpour'\): MDOWNPOUR"):
         spec_of("mdownpour").check_own_loop("api.serve")
@@ -78,6 +87,8 @@ def test_the_factories_build_the_role_the_family_names(name: str) -> None:
         "adownpour": roles.DownpourWorker,
         "mvadownpour": roles.DownpourWorker,
         "mdownpour": roles.MDownpourWorker,
+        "localsgd": AveragingWorker,
+        "diloco": AveragingWorker,
     }.get(name, roles.SequentialWorker)
     assert type(roles.make_worker_role(config, start, comm_period=1)) is expected_worker
     if name in ("sgd", "msgd", "asgd", "mvasgd"):
@@ -89,6 +100,8 @@ def test_the_factories_build_the_role_the_family_names(name: str) -> None:
         "easgd": roles.ElasticServer,
         "eamsgd": roles.ElasticServer,
         "mdownpour": roles.MDownpourServer,
+        "localsgd": AveragingServer,
+        "diloco": AveragingServer,
     }
     assert type(server) is expected_server.get(name, roles.DownpourServer)
 

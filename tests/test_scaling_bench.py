@@ -37,5 +37,10 @@ def test_scaling_quick(tmp_path: Path) -> None:
     plain, straggled = summary["allreduce_vs_periodic_averager"]
     assert (plain["straggler_slowdown"], straggled["straggler_slowdown"]) == (1.0, 2.0)
     # both methods are synchronous: a 2x straggler slows every rank of both
-    for method in ("easgd_allreduce_steps_per_s", "periodic_averager_steps_per_s"):
+    methods = ("easgd", "localsgd", "diloco", "periodic_averager")
+    for method in (f"{m}_allreduce_steps_per_s" if m != methods[-1] else f"{m}_steps_per_s"
+                   for m in methods):  # fmt: skip
         assert straggled[method] < 0.8 * plain[method]
+    for name in ("easgd", "localsgd", "diloco"):  # each ratio is its rate over torch's
+        want = plain[f"{name}_allreduce_steps_per_s"] / plain["periodic_averager_steps_per_s"]
+        assert plain[f"ratio_{name}_over_averager"] == pytest.approx(want, rel=1e-12)

@@ -14,9 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Family = Literal["elastic", "downpour", "sequential"]
+Family = Literal["elastic", "downpour", "averaging", "sequential"]
 """elastic: x~ pulled toward workers by the elastic difference (EASGD, EAMSGD); downpour: workers
-push accumulated updates and pull the center; sequential: one process, no server."""
+push accumulated updates and pull the center; averaging: every tau steps all workers take the
+center computed from their average (local SGD, DiLoCo; synchronous only); sequential: one
+process, no server."""
 
 AverageKind = Literal["none", "polyak", "moving"]
 """What the evaluated variable is: the center (none), a Polyak average 1/s, a moving average."""
@@ -53,6 +55,12 @@ class AlgorithmSpec:
     """``api.serve`` / ``api.ElasticOptimizer`` can run it around a user's optimizer."""
     own_loop_note: str = ""
     """Why the own-loop API cannot run it (when ``own_loop`` is False)."""
+    parameter_server: bool = True
+    """Runs with a parameter server (``topology=server``); the averaging family needs every
+    worker at once and runs over all-reduce only."""
+    outer_optimizer: bool = False
+    """The center takes an outer Nesterov step on the pseudo-gradient (DiLoCo):
+    ``algorithm.outer_learning_rate`` and ``algorithm.outer_momentum`` act."""
 
     @property
     def uses_server(self) -> bool:
@@ -92,6 +100,14 @@ class AlgorithmSpec:
                 f"topology=allreduce runs synchronous {'/'.join(names(allreduce=True))}, not "
                 f"{self.name!r}; use algorithm={' or '.join(names(allreduce=True))}, "
                 "or topology=server"
+            )
+
+    def check_parameter_server(self) -> None:
+        """Refuse ``topology=server`` for rules that average every worker at once."""
+        if self.uses_server and not self.parameter_server:
+            raise ValueError(
+                f"{self.name!r} averages all workers at once and runs over all-reduce: use "
+                f"topology=allreduce (torchrun --nproc_per_node=<workers>), not topology=server"
             )
 
     def check_own_loop(self, where: str) -> None:
@@ -202,6 +218,34 @@ register(
             "MDOWNPOUR's momentum step runs on the server from gradients, which a wrapped "
             "optimizer does not send; use downpour, or easgd.train"
         ),
+    )
+)
+# the averaging family: synchronous rounds over all-reduce; the inner step is the worker's own
+# (SGD or Nesterov), so algorithm.momentum acts on the worker
+_AVERAGING = {
+    "allreduce": True,
+    "parameter_server": False,
+    "worker_momentum": True,
+    "own_loop_note": (
+        "it averages every worker at once over an all-reduce group, not through api.serve's "
+        "server; wrap the optimizer in api.AveragingOptimizer"
+    ),
+}
+register(
+    AlgorithmSpec(
+        "localsgd",
+        "averaging",
+        "local SGD: every tau steps all workers take their average (PeriodicModelAverager)",
+        **_AVERAGING,  # type: ignore[arg-type]
+    )
+)
+register(
+    AlgorithmSpec(
+        "diloco",
+        "averaging",
+        "DiLoCo: every H steps an outer Nesterov step on the averaged pseudo-gradient",
+        outer_optimizer=True,
+        **_AVERAGING,  # type: ignore[arg-type]
     )
 )
 register(AlgorithmSpec("sgd", "sequential", "sequential SGD (p = 1)"))

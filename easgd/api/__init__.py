@@ -22,6 +22,7 @@ and in ``my_train.py`` (a complete, runnable version is ``examples/mnist1d_cnn.p
 
 Both sides run the runtime's own machinery: :class:`~easgd.engine.worker.WorkerLoop` on the
 workers and :class:`~easgd.engine.server.ParameterServer` on rank 0. See docs/own_loop.md.
+Local SGD and DiLoCo need no server: :class:`~easgd.api.averaging.AveragingOptimizer`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import warnings
 import torch
 from torch import nn
 
+from easgd.api.averaging import AveragingOptimizer
 from easgd.api.optimizer import ElasticOptimizer
 from easgd.api.serve import serve
 from easgd.api.session import Session, join
@@ -80,4 +82,11 @@ class ElasticAverager:
         self._optimizer.close()
 
 
-__all__ = ["ElasticAverager", "ElasticOptimizer", "Session", "join", "serve"]
+__all__ = [
+    "AveragingOptimizer",
+    "ElasticAverager",
+    "ElasticOptimizer",
+    "Session",
+    "join",
+    "serve",
+]

@@ -16,6 +16,12 @@ from easgd.algorithms.hyperparams import (
     check_moving_rate,
     resolve_moving_rate,
 )
+from easgd.algorithms.periodic import (
+    DILOCO_OUTER_LEARNING_RATE,
+    DILOCO_OUTER_MOMENTUM,
+    check_outer_learning_rate,
+    check_outer_momentum,
+)
 from easgd.algorithms.registry import AlgorithmSpec, names, spec_of
 
 
@@ -24,11 +30,13 @@ class AlgorithmConfig:
     """One update rule of shared/reference/algorithms.md and its hyperparameters."""
 
     name: str = "eamsgd"
-    """One of easgd, eamsgd, downpour, adownpour, mvadownpour, mdownpour, sgd, msgd, asgd, mvasgd."""
+    """One of easgd, eamsgd, downpour, adownpour, mvadownpour, mdownpour, localsgd, diloco, sgd,
+    msgd, asgd, mvasgd."""
     learning_rate: float = 0.01
     """eta, the step size of every gradient step (worker or server)."""
     momentum: float = 0.0
-    """delta, Nesterov momentum: on the worker (eamsgd, msgd) or the server (mdownpour); in [0, 1)."""
+    """delta, Nesterov momentum: on the worker (eamsgd, msgd, the inner step of localsgd and
+    diloco) or the server (mdownpour); in [0, 1)."""
     moving_rate: float | None = None
     """alpha, the elastic moving rate in (0, 1); leave null to derive it as beta / num_workers."""
     beta: float = 0.9
@@ -38,6 +46,10 @@ class AlgorithmConfig:
     constant in (0, 1] for the moving averages (mvadownpour, mvasgd; paper: 0.001)."""
     weight_decay: float = 0.0
     """L2 coefficient added to every gradient (g includes weight decay, as in the spec)."""
+    outer_learning_rate: float | None = None
+    """DiLoCo's outer rate lr_out, > 0; null = the paper's 0.7 (diloco only)."""
+    outer_momentum: float | None = None
+    """DiLoCo's outer Nesterov momentum mu in [0, 1); null = the paper's 0.9 (diloco only)."""
 
     def __post_init__(self) -> None:
         spec = self.spec  # an unknown name is refused here, with the known ones
@@ -62,6 +74,31 @@ class AlgorithmConfig:
                 )
         elif spec.average == "moving":
             raise ValueError(f"algorithm.average_rate must be set for {self.name} (paper: 0.001)")
+        self._check_outer()
+
+    def _check_outer(self) -> None:
+        """The outer optimizer's keys: valid values, and set only for a rule that has one."""
+        for key, value, check in (
+            ("outer_learning_rate", self.outer_learning_rate, check_outer_learning_rate),
+            ("outer_momentum", self.outer_momentum, check_outer_momentum),
+        ):
+            if value is None:
+                continue
+            if not self.spec.outer_optimizer:
+                raise ValueError(
+                    f"algorithm.{key}={value!r} has no effect for {self.name!r}; it is used by "
+                    f"{', '.join(names(outer_optimizer=True))} (set it to null)"
+                )
+            _prefixed(check, value)
+
+    @property
+    def resolved_outer(self) -> tuple[float, float]:
+        """(lr_out, mu) of the outer step: the configured values or DiLoCo's 0.7 and 0.9."""
+        rate, momentum = self.outer_learning_rate, self.outer_momentum
+        return (
+            DILOCO_OUTER_LEARNING_RATE if rate is None else rate,
+            DILOCO_OUTER_MOMENTUM if momentum is None else momentum,
+        )
 
     @property
     def spec(self) -> AlgorithmSpec:

@@ -514,6 +514,8 @@ def _check_topology(cfg: TrainConfig) -> None:
     """The keys that topology=allreduce and server.shards > 1 cannot honour, with the fix."""
     if cfg.topology not in TOPOLOGIES:
         raise ValueError(f"topology={cfg.topology!r}; allowed: {', '.join(TOPOLOGIES)}")
+    if cfg.topology == "server":
+        cfg.algorithm.spec.check_parameter_server()
     if cfg.topology == "allreduce":
         cfg.algorithm.spec.check_allreduce()
         if cfg.server.shards != 1:
@@ -528,10 +530,10 @@ def _check_topology(cfg: TrainConfig) -> None:
                     f"{key}={value!r} is not supported with topology=allreduce (every rank waits "
                     f"for every other at each exchange); use {key}={default!r} or topology=server"
                 )
-    if cfg.mode == "simulate" and (cfg.topology != "server" or cfg.server.shards != 1):
+    if cfg.mode == "simulate" and cfg.server.shards != 1:
         raise ValueError(
-            "mode=simulate simulates one parameter server; use topology=server server.shards=1 "
-            "(the simulator's synchronous schedule is the all-reduce mode's math)"
+            "mode=simulate simulates one parameter server (topology=server) or the all-reduce "
+            "rounds (topology=allreduce); use server.shards=1"
         )
     if cfg.server.shards > 1 and cfg.max_update_norm is not None:
         raise ValueError(

@@ -263,6 +263,10 @@ def make_server_role(config: AlgorithmConfig, center: Tensor, *, num_workers: in
     spec = config.spec
     if spec.elastic:
         return ElasticServer(center, moving_rate=config.resolved_moving_rate(num_workers))
+    if spec.family == "averaging":  # its module imports this one: imported here
+        from easgd.roles.averaging import AveragingServer
+
+        return AveragingServer(config, center, num_workers=num_workers)
     if spec.server_momentum:
         return MDownpourServer(center, learning_rate=config.learning_rate, momentum=config.momentum)
     if spec.family == "downpour":

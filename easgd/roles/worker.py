@@ -523,8 +523,10 @@ def _new_worker_role(
 ) -> WorkerRole:
     spec = config.spec
     spec.check_comm_period(comm_period)
-    if spec.elastic:
-        return ElasticWorker(
+    if spec.elastic or spec.family == "averaging":
+        from easgd.roles.averaging import AveragingWorker  # it imports this module
+
+        return (ElasticWorker if spec.elastic else AveragingWorker)(
             params,
             comm_period=comm_period,
             learning_rate=config.learning_rate,

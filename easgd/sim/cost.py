@@ -71,6 +71,21 @@ class ExchangeCost:
         return 2 * self.one_way + self.service
 
 
+def ring_allreduce_time(cost: ExchangeCost, num_workers: int) -> float:
+    """Virtual time of one synchronous all-reduce round of the model among ``num_workers`` ranks.
+
+    A ring all-reduce (reduce-scatter, then all-gather) sends 2 (p - 1) messages in sequence,
+    each 1/p of the model (Thakur, Rabenseifner, Gropp 2005)::
+
+        round = 2 (p - 1) * latency + 2 (p - 1) / p * bytes / bandwidth + service
+
+    with ``cost.transfer`` = bytes / bandwidth of the whole model and ``cost.service`` the round's
+    own arithmetic (0 unless configured). p = 1: no message, the service alone.
+    """
+    hops = 2 * (num_workers - 1)
+    return hops * cost.latency + hops / num_workers * cost.transfer + cost.service
+
+
 @dataclass(frozen=True)
 class ExchangeTimes:
     """When one exchange happened, in virtual time."""

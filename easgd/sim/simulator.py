@@ -12,6 +12,10 @@ with slowdown s takes s units. Schedules:
 Communication delay: ``read_staleness`` k makes a worker read the center as it was k server
 updates ago; ``push_delay`` d makes its message reach the server d time units late.
 
+Communication cost on the synchronous schedule (``cost``): every round of exchanges is one ring
+all-reduce of the model that every worker waits for (:func:`easgd.sim.cost.ring_allreduce_time`),
+the all-reduce topology's clock.
+
 Communication cost (``cost``, asynchronous schedule): every exchange is charged latency and
 transfer each way plus the server's service time, the server serves one exchange at a time in
 arrival order, and a blocking worker takes its next gradient step when the reply arrives (an
@@ -43,7 +47,7 @@ from easgd.roles import (
     make_worker_role,
     worker_step,
 )
-from easgd.sim.cost import ExchangeCost, ExchangeTimes, ServerQueue
+from easgd.sim.cost import ExchangeCost, ExchangeTimes, ServerQueue, ring_allreduce_time
 from easgd.sim.objectives import Objective
 
 SCHEDULES = ("synchronous", "round_robin", "asynchronous")
@@ -74,7 +78,8 @@ class SimConfig:
     seed: int = 0
     """Seeds every worker's minibatch generator."""
     cost: ExchangeCost | None = None
-    """Charges of each exchange (asynchronous schedule only); None: exchanges are free."""
+    """Charges of each exchange (asynchronous schedule), or of each round as one ring all-reduce
+    (synchronous schedule); None: exchanges are free."""
     overlap: bool = False
     """With a cost: elastic workers keep stepping while their exchange is in flight."""
     steps_per_worker: int | None = None
@@ -102,9 +107,11 @@ class SimConfig:
         if self.duration <= 0 or self.eval_interval <= 0:
             raise ValueError("sim.duration and sim.eval_interval must be > 0")
         if self.cost is not None:
-            if self.schedule != "asynchronous":
+            if self.schedule == "round_robin" or (self.schedule == "synchronous" and self.overlap):
                 raise ValueError(
-                    f"sim.cost is charged on the asynchronous schedule, not {self.schedule!r}"
+                    "sim.cost is charged on the asynchronous schedule and (rounds as ring "
+                    f"all-reduces, no overlap) the synchronous one, not {self.schedule!r}"
+                    + (" with sim.overlap" if self.schedule == "synchronous" else "")
                 )
             if self.read_staleness or self.push_delay:
                 raise ValueError(
@@ -198,6 +205,9 @@ class Simulator:
         self._exchange_log: list[ExchangeTimes] = []
         self.on_gradient: list[Callable[[int, float], None]] = []
         """Called with (worker index, minibatch loss) after every gradient (run logs subscribe)."""
+        self._round_time = 0.0  # the synchronous schedule's ring all-reduce per round
+        if sim.cost is not None and sim.schedule == "synchronous":
+            self._round_time = ring_allreduce_time(sim.cost, num_workers)
 
     # -- the channel between a worker and the server ---------------------------------------
     def _delayed(self) -> bool:
@@ -331,7 +341,7 @@ class Simulator:
         history: list[EvalPoint] = []
         self._evaluate(history)
         end = self.sim.duration
-        if self.sim.cost is not None:
+        if self.sim.cost is not None and self.sim.schedule == "asynchronous":
             end = self._run_with_cost(history)
         elif self.sim.schedule == "asynchronous":
             end = self._run_asynchronous(history)
@@ -376,21 +386,25 @@ class Simulator:
         return self.sim.duration if events else self._finished_at
 
     def _run_ticks(self, history: list[EvalPoint]) -> float:
-        """The synchronous and round-robin schedules; returns the time the run ended."""
-        tick = 0
-        while tick < self.sim.duration:
-            self._evaluate_until(float(tick), history, arrive=False)
+        """The synchronous and round-robin schedules; returns the time the run ended.
+
+        A tick is one step (1 time unit); a synchronous round adds its all-reduce time first."""
+        tick, clock = 0, 0.0
+        while clock < self.sim.duration:
+            self._evaluate_until(clock, history, arrive=False)
             if self._stop_reason is not None:
                 return self.now
-            if all(self._spent(worker, tick - 1.0) for worker in range(len(self.workers))):
-                return float(tick)
-            self.now = float(tick)
+            if all(self._spent(worker, clock - 1.0) for worker in range(len(self.workers))):
+                return clock
+            self.now = clock
             self._arrive_until(self.now)
             if self.sim.schedule == "synchronous":
+                clock += self._round_time if self.workers[0].due() else 0.0
                 self._synchronous_tick()
             else:
                 self._step(tick % len(self.workers))
             tick += 1
+            clock += 1.0
         return self.sim.duration
 
     # -- the clock with communication costs ---------------------------------------------------

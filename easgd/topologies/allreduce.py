@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,7 +37,9 @@ from easgd.engine.allreduce import (
     ExchangeReport,
     LoopOutcome,
     ReplicatedCenterLoop,
+    RoundRule,
     control_slots,
+    rank_round,
     rank_worker,
     sampled_gradient,
 )
@@ -46,7 +48,7 @@ from easgd.parts.assembly import RunParts, RunRecord
 from easgd.parts.summary import RunFigures, Summary
 from easgd.recovery.allreduce_snapshots import RankSnapshots
 from easgd.recovery.resume import checkpoint_dir
-from easgd.roles import ElasticWorker
+from easgd.roles import WorkerRole
 from easgd.topologies.registry import setup_logging
 
 log = logging.getLogger("easgd")
@@ -79,11 +81,22 @@ class _Start:
     center: Tensor
     restarts: int = 0
     rounds: int = 0
+    round_state: dict[str, Tensor] = field(default_factory=dict)
+    """The round rule's own state besides x~ (DiLoCo's outer momentum)."""
+
+    def round_rule(self, cfg: TrainConfig) -> RoundRule:
+        """This rank's round rule over a copy of the center, its own state restored."""
+        rule = rank_round(
+            cfg.algorithm, self.center, num_workers=cfg.workers, measure=cfg.tensorboard
+        )
+        for key, value in self.round_state.items():
+            rule.tensors()[key].copy_(value)
+        return rule
 
 
 def _resume(
     snapshots: RankSnapshots,
-    role: ElasticWorker,
+    role: WorkerRole,
     sampler: MinibatchSampler,
     flat: FlatModel,
     signature: dict[str, Any],
@@ -100,7 +113,13 @@ def _resume(
         {k: v.to(device) if isinstance(v, Tensor) else v for k, v in state["role"].items()}
     )
     sampler.generator.set_state(state["rng"])
-    return _Start(state["center"].to(device), int(state["restarts"]) + 1, int(state["rounds"]))
+    round_state = {k: v.to(device) for k, v in state.get("round", {}).items()}
+    return _Start(
+        state["center"].to(device),
+        int(state["restarts"]) + 1,
+        int(state["rounds"]),
+        round_state,
+    )
 
 
 def _run_rank(
@@ -134,7 +153,7 @@ def _run_rank(
         sampled_gradient(flat, sampler),
         rank=rank,
         num_workers=p,
-        moving_rate=cfg.algorithm.resolved_moving_rate(p),
+        rule=start.round_rule(cfg),
         steps=cfg.steps_per_worker,
         rounds_before=start.rounds,
         slowdown=parts.slowdown(rank),
@@ -147,6 +166,7 @@ def _run_rank(
     snapshots.capture = lambda: {
         "role": loop.role.state_dict(),
         "center": loop.center,
+        "round": loop.rule.tensors(),
         "rng": sampler.generator.get_state(),
         "rounds": loop.rounds,
         "restarts": start.restarts,
@@ -243,13 +263,14 @@ class _Lead:
         record.progress.advance(p * (report.step - self._last_step), exchanges=p * report.rounds)
         self._last_step = report.step
         if record.runlog.writes_scalars:
+            # elastic: ||x_i - x~|| is the elastic distance; averaging: the drift since the round
+            distance = "elastic_distance" if self.cfg.algorithm.elastic else "drift"
             for index in range(p):
                 tag = f"worker{index + 1}"
                 record.runlog.scalar(f"{tag}/train_loss", report.train_losses[index], report.step)
-                record.runlog.scalar(
-                    f"{tag}/elastic_distance", report.distances[index], report.step
-                )
+                record.runlog.scalar(f"{tag}/{distance}", report.distances[index], report.step)
             record.runlog.scalar("allreduce/latency_ms", report.latency_ms, report.step)
+            record.runlog.scalar("center/update_norm", report.center_update_norm, report.step)
         if record.cadence.due(record.elapsed(), steps=p * report.step):
             self.evaluate()
 
@@ -277,5 +298,7 @@ class _Lead:
                 "resumed_step": resumed_step,
                 "steps_per_s_rank0": outcome.steps_per_s,
                 "mean_allreduce_ms": outcome.mean_allreduce_ms,
+                "worker_drift": outcome.mean_drift,
+                "center_update_norm": outcome.mean_center_update_norm,
             },
         )

@@ -13,6 +13,11 @@ points and the final one)::
 
     python -m easgd.train mode=simulate data=mnist1d model=cnn1d cost=ethernet_1g
     python -m easgd.train -m mode=simulate algorithm=eamsgd,downpour comm.period=1,4,16
+    python -m easgd.train mode=simulate topology=allreduce algorithm=diloco comm.period=50
+
+``topology=allreduce`` runs the synchronous schedule, every round charged as one ring all-reduce
+of the model (:func:`easgd.sim.cost.ring_allreduce_time`); the others the asynchronous schedule
+with a parameter server.
 """
 
 from __future__ import annotations
@@ -81,7 +86,7 @@ def resolve_cost(cfg: TrainConfig, objective: ClassifierObjective) -> CostFigure
     if step_time_s is None:
         step_time_s = _measured_step_s(cfg, objective)
     service_s = 0.0 if cost.service_us is None else cost.service_us * 1e-6
-    if cost.service_us is None and uses_server:
+    if cost.service_us is None and uses_server and cfg.topology == "server":
         service_s = _measured_service_s(cfg, objective)
     latency_s, bandwidth_gbps = cost.latency_us * 1e-6, cost.bandwidth_gbps
     if cost.measure_network and uses_server:
@@ -156,12 +161,13 @@ def build_simulation(
     figures = resolve_cost(cfg, objective)
     unit = figures.step_time_s
     every_s, every_steps = eval_every(cfg)
+    synchronous = cfg.topology == "allreduce"  # every rank waits for every other each round
     sim = SimConfig(
         num_workers=cfg.workers if cfg.algorithm.uses_server else 1,
         comm_period=cfg.comm.period if cfg.algorithm.uses_server else 1,
-        schedule="asynchronous",
+        schedule="synchronous" if synchronous else "asynchronous",
         duration=math.inf if cfg.max_wall_s is None else cfg.max_wall_s / unit,
-        slowdown=list(cfg.comm.slowdown) if cfg.algorithm.uses_server else [],
+        slowdown=list(cfg.comm.slowdown) if cfg.algorithm.uses_server and not synchronous else [],
         eval_interval=math.inf if every_s is None else every_s / unit,
         eval_interval_steps=every_steps,
         seed=cfg.seed,
@@ -220,7 +226,7 @@ def run_simulated(cfg: TrainConfig) -> dict[str, Any]:
         "charges_in_steps": asdict(figures.charges),
         "simulation_s": elapsed,
     }
-    topology = "server" if cfg.algorithm.uses_server else "sequential"
+    topology = "sequential" if not cfg.algorithm.uses_server else cfg.topology
     summary = Summary.of_run(cfg, run, topology=topology, num_params=num_params, details=details)
     return record.finish(summary)
 
