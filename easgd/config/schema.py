@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from easgd.comm.compression import check_format as check_compression
 from easgd.config.algorithm import AlgorithmConfig
 
 BACKENDS = ("auto", "gloo", "nccl")
@@ -48,6 +49,11 @@ class CommConfig:
     heartbeat_timeout_s: float = 10.0
     """The server declares a worker hung when its training loop has not advanced for this long,
     or for 10x its own measured time per step if that is longer (a slow worker is not hung)."""
+    compression: str = "none"
+    """Wire format of exchanged differences: none (float32), bf16, fp16 or int8 (one scale per
+    256 values); see easgd.comm.compression and easgd.roles.links for what is quantized."""
+    error_feedback: bool = True
+    """With compression: carry each increment's rounding (true minus decoded) into the next one."""
 
     def __post_init__(self) -> None:
         if isinstance(self.period, bool) or int(self.period) != self.period or self.period < 1:
@@ -60,6 +66,11 @@ class CommConfig:
             raise ValueError(f"comm.slowdown factors must be >= 1, got {list(self.slowdown)!r}")
         if self.timeout_s <= 0 or self.heartbeat_timeout_s <= 0:
             raise ValueError("comm.timeout_s and comm.heartbeat_timeout_s must be > 0")
+        check_compression(self.compression)
+        if not isinstance(self.error_feedback, bool):
+            raise ValueError(
+                f"comm.error_feedback must be true or false, got {self.error_feedback!r}"
+            )
 
 
 @dataclass

@@ -1,0 +1,156 @@
+"""Compressed exchanges: the one place each direction of a worker <-> server message is encoded.
+
+A :class:`WorkerLink` sits between a worker role and its transport (``send`` encodes the role's
+``outgoing()``, ``receive`` decodes the reply for ``incoming()``); a :class:`ServerLink` per
+worker sits around the server role (``handle``: decode, the role's rule, encode). With
+``comm.compression=none`` no link is built and messages travel as float32, as before.
+
+What each rule quantizes (always a difference; :mod:`easgd.comm.compression`):
+
+- elastic (EASGD, EAMSGD): up, x_i as the delta against x^_i, the worker's parameters as the
+  server last knew them (both ends hold x^_i; the delta is the tau local steps since the last
+  exchange plus the previous rounding, so error feedback is built in). The server computes
+  e = alpha (x^_i - center) and quantizes e (error feedback optional) *before* applying it:
+  center += e^ and x_i -= e^ with the same decoded bits, so center + sum_i x_i is conserved to
+  float rounding with every format. Both ends then move x^_i by -e^.
+- DOWNPOUR family and MDOWNPOUR: up, the accumulation a_i (or the gradient) as an increment
+  (error feedback optional, on the worker); down, the center (MDOWNPOUR: the look-ahead) as the
+  delta against what this worker last received.
+
+Server memory per worker, in bytes per model parameter (float32): elastic 4 (x^_i) + 4 with
+error feedback (the residual of e); DOWNPOUR and MDOWNPOUR 4 (the center this worker last
+received). A worker holds the same 4 (its reference) + 4 with error feedback (DOWNPOUR's
+residual). The references start from the center of the handshake (a resumed worker's first
+delta is then large, and the next one corrects its rounding); residuals are not checkpointed
+(a restart drops at most one message's rounding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from easgd.comm.compression import (
+    Codec,
+    DeltaReceiver,
+    DeltaSender,
+    IncrementSender,
+    check_format,
+)
+from easgd.config.algorithm import AlgorithmConfig
+from easgd.roles.server import ServerRole
+
+
+@dataclass(frozen=True)
+class Compression:
+    """``comm.compression`` and ``comm.error_feedback`` for one rule over ``numel`` values."""
+
+    name: str
+    error_feedback: bool
+    elastic: bool
+    """True: up is a state (x_i), down an increment (e); False: up an increment, down a state."""
+    numel: int
+
+    def __post_init__(self) -> None:
+        check_format(self.name)
+
+    @classmethod
+    def of(
+        cls, config: AlgorithmConfig, name: str, error_feedback: bool, numel: int
+    ) -> Compression:
+        """The compression of ``config``'s rule (``name`` none still builds one, for tests)."""
+        return cls(name, error_feedback, config.spec.elastic, numel)
+
+    def codec(self) -> Codec:
+        """A codec of this format and size."""
+        return Codec(self.name, self.numel)
+
+    def worker_link(self, start: Tensor) -> WorkerLink:
+        """Worker end, both references at ``start`` (the handshake's center)."""
+        return WorkerLink(self, start)
+
+    def server_link(self, start: Tensor) -> ServerLink:
+        """Server end for one worker, references at ``start`` (the center that worker received)."""
+        return ServerLink(self, start)
+
+
+class WorkerLink:
+    """A worker's end: ``send`` encodes its payload, ``receive`` decodes the reply."""
+
+    def __init__(self, compression: Compression, start: Tensor) -> None:
+        codec = compression.codec()
+        self.elastic = compression.elastic
+        self.codec = codec
+        if self.elastic:
+            self.up_state = DeltaSender(codec, start)
+        else:
+            self.up_increment = IncrementSender(codec, error_feedback=compression.error_feedback)
+            self.down_state = DeltaReceiver(codec, start)
+        self._reply = torch.empty(codec.numel, dtype=torch.float32)
+
+    def send(self, payload: Tensor | None) -> Tensor | None:
+        """The message for the role's ``outgoing()`` (None stays None)."""
+        if payload is None:
+            return None
+        if self.elastic:
+            return self.up_state.encode(payload)
+        return self.up_increment.encode(payload)[0]
+
+    def receive(self, wire: Tensor) -> Tensor:
+        """The reply the role applies (valid until the next receive)."""
+        if not self.elastic:
+            return self.down_state.decode(wire)
+        diff = self.codec.decode(wire, out=self._reply)
+        self.up_state.reference.sub_(diff)  # the server moves its x^_i by the same e^
+        return diff
+
+
+class ServerLink:
+    """The server's end for one worker: decode, the role's rule, encode the reply."""
+
+    def __init__(self, compression: Compression, start: Tensor) -> None:
+        codec = compression.codec()
+        self.elastic = compression.elastic
+        self.codec = codec
+        if self.elastic:
+            self.up_state = DeltaReceiver(codec, start)
+            self.down_increment = IncrementSender(codec, error_feedback=compression.error_feedback)
+        else:
+            self.down_state = DeltaSender(codec, start)
+        self._reply = torch.empty(codec.numel, dtype=start.dtype)
+        self._sent: Tensor | None = None
+
+    def decode(self, wire: Tensor | None) -> Tensor | None:
+        """The payload as the role reads it (elastic: x^_i, live; else the decoded increment)."""
+        if wire is None:
+            return None
+        return self.up_state.decode(wire) if self.elastic else self.codec.decode(wire)
+
+    def _quantize(self, diff: Tensor) -> None:
+        self._sent, decoded = self.down_increment.encode(diff)
+        diff.copy_(decoded)
+
+    def handle(
+        self,
+        role: ServerRole,
+        worker: int,
+        wire: Tensor | None,
+        *,
+        max_update_norm: float | None = None,
+    ) -> Tensor:
+        """Apply one compressed message with ``role`` and return the compressed reply."""
+        payload = self.decode(wire)
+        if not self.elastic:
+            reply = role.handle(worker, payload, out=self._reply, max_update_norm=max_update_norm)
+            return self.down_state.encode(reply)
+        if payload is None:
+            raise ValueError(f"worker {worker} sent no parameters to an elastic exchange")
+        diff = role.handle_quantized(
+            worker, payload, self._quantize, out=self._reply, max_update_norm=max_update_norm
+        )
+        self.up_state.reference.sub_(diff)
+        sent, self._sent = self._sent, None
+        assert sent is not None
+        return sent
