@@ -16,7 +16,7 @@ from easgd.comm.compression import (
 from easgd.config.algorithm import AlgorithmConfig
 from easgd.config.schema import CommConfig
 from easgd.roles import make_server_role, make_worker_role
-from easgd.roles.links import Compression
+from easgd.roles.links import ServerLink, compression_of
 from easgd.sim import Quadratic, SimConfig, Simulator, simulate
 from easgd.sim.cost import ExchangeCost, exchange_cost, message_bytes
 
@@ -112,9 +112,9 @@ def _drive(config: AlgorithmConfig, name: str, error_feedback: bool, rounds: int
     start = torch.randn(600, generator=generator, dtype=torch.float64)
     server = make_server_role(config, start, num_workers=3)
     workers = [make_worker_role(config, start, comm_period=1) for _ in range(3)]
-    compression = Compression.of(config, name, error_feedback, start.numel())
+    compression = compression_of(config, name, error_feedback, start.numel())
     worker_links = [compression.worker_link(start) for _ in workers]
-    server_links = [compression.server_link(start) for _ in workers]
+    server_links = [ServerLink(compression, start) for _ in workers]
     for _ in range(rounds):
         for index, role in enumerate(workers):
             wire = worker_links[index].send(role.outgoing())
@@ -154,9 +154,9 @@ def test_downpour_center_is_start_plus_true_pushes_minus_residuals(name: str) ->
     start = torch.randn(600, generator=generator, dtype=torch.float64)
     server = make_server_role(config, start, num_workers=2)
     workers = [make_worker_role(config, start, comm_period=1) for _ in range(2)]
-    compression = Compression.of(config, name, True, start.numel())
+    compression = compression_of(config, name, True, start.numel())
     worker_links = [compression.worker_link(start) for _ in workers]
-    server_links = [compression.server_link(start) for _ in workers]
+    server_links = [ServerLink(compression, start) for _ in workers]
     pushed = torch.zeros(600, dtype=torch.float64)
     for _ in range(10):
         for index, role in enumerate(workers):
@@ -181,8 +181,8 @@ def test_mdownpour_lookahead_reply_is_a_delta(name: str) -> None:
     start = torch.randn(600, generator=torch.Generator().manual_seed(4))
     server = make_server_role(config, start, num_workers=1)
     worker = make_worker_role(config, start, comm_period=1)
-    compression = Compression.of(config, name, True, start.numel())
-    worker_link, server_link = compression.worker_link(start), compression.server_link(start)
+    compression = compression_of(config, name, True, start.numel())
+    worker_link, server_link = compression.worker_link(start), ServerLink(compression, start)
     for _ in range(8):
         worker.local_step(torch.randn(600) * 0.1)
         wire = worker_link.send(worker.outgoing())

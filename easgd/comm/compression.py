@@ -32,6 +32,8 @@ Pure tensors, no ``torch.distributed``: the roles' links (:mod:`easgd.roles.link
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -201,3 +203,56 @@ class DeltaReceiver:
         """The sender's value as this end knows it (the live reference: copy to keep it)."""
         self.reference.add_(self.codec.decode(wire))
         return self.reference
+
+
+@dataclass(frozen=True)
+class Compression:
+    """``comm.compression`` and ``comm.error_feedback`` for one rule over ``numel`` values."""
+
+    name: str
+    error_feedback: bool
+    elastic: bool
+    """True: up is a state (x_i), down an increment (e); False: up an increment, down a state."""
+    numel: int
+
+    def __post_init__(self) -> None:
+        check_format(self.name)
+
+    def codec(self) -> Codec:
+        """A codec of this format and size."""
+        return Codec(self.name, self.numel)
+
+    def worker_link(self, start: Tensor) -> WorkerLink:
+        """Worker end, both references at ``start`` (the handshake's center)."""
+        return WorkerLink(self, start)
+
+
+class WorkerLink:
+    """A worker's end: ``send`` encodes its payload, ``receive`` decodes the reply."""
+
+    def __init__(self, compression: Compression, start: Tensor) -> None:
+        codec = compression.codec()
+        self.elastic = compression.elastic
+        self.codec = codec
+        if self.elastic:
+            self.up_state = DeltaSender(codec, start)
+        else:
+            self.up_increment = IncrementSender(codec, error_feedback=compression.error_feedback)
+            self.down_state = DeltaReceiver(codec, start)
+        self._reply = torch.empty(codec.numel, dtype=torch.float32)
+
+    def send(self, payload: Tensor | None) -> Tensor | None:
+        """The message for the role's ``outgoing()`` (None stays None)."""
+        if payload is None:
+            return None
+        if self.elastic:
+            return self.up_state.encode(payload)
+        return self.up_increment.encode(payload)[0]
+
+    def receive(self, wire: Tensor) -> Tensor:
+        """The reply the role applies (valid until the next receive)."""
+        if not self.elastic:
+            return self.down_state.decode(wire)
+        diff = self.codec.decode(wire, out=self._reply)
+        self.up_state.reference.sub_(diff)  # the server moves its x^_i by the same e^
+        return diff

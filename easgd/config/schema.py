@@ -354,6 +354,11 @@ class TrainConfig:
         self.algorithm.spec.check_overlap(self.comm.overlap)
         _check_topology(self)
         _check_faults(self)
+        if self.comm.compression != "none" and self.mode != "simulate":
+            raise ValueError(
+                f"comm.compression={self.comm.compression} runs in mode=simulate so far (the "
+                "distributed runtime sends float32); set comm.compression=none or mode=simulate"
+            )
         if self.comm.backend == "nccl":
             import torch
 

@@ -27,84 +27,27 @@ delta is then large, and the next one corrects its rounding); residuals are not 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from easgd.comm.compression import (
-    Codec,
+    Compression,
     DeltaReceiver,
     DeltaSender,
     IncrementSender,
-    check_format,
+    WorkerLink,
 )
 from easgd.config.algorithm import AlgorithmConfig
 from easgd.roles.server import ServerRole
 
-
-@dataclass(frozen=True)
-class Compression:
-    """``comm.compression`` and ``comm.error_feedback`` for one rule over ``numel`` values."""
-
-    name: str
-    error_feedback: bool
-    elastic: bool
-    """True: up is a state (x_i), down an increment (e); False: up an increment, down a state."""
-    numel: int
-
-    def __post_init__(self) -> None:
-        check_format(self.name)
-
-    @classmethod
-    def of(
-        cls, config: AlgorithmConfig, name: str, error_feedback: bool, numel: int
-    ) -> Compression:
-        """The compression of ``config``'s rule (``name`` none still builds one, for tests)."""
-        return cls(name, error_feedback, config.spec.elastic, numel)
-
-    def codec(self) -> Codec:
-        """A codec of this format and size."""
-        return Codec(self.name, self.numel)
-
-    def worker_link(self, start: Tensor) -> WorkerLink:
-        """Worker end, both references at ``start`` (the handshake's center)."""
-        return WorkerLink(self, start)
-
-    def server_link(self, start: Tensor) -> ServerLink:
-        """Server end for one worker, references at ``start`` (the center that worker received)."""
-        return ServerLink(self, start)
+__all__ = ["Compression", "ServerLink", "WorkerLink", "compression_of"]
 
 
-class WorkerLink:
-    """A worker's end: ``send`` encodes its payload, ``receive`` decodes the reply."""
-
-    def __init__(self, compression: Compression, start: Tensor) -> None:
-        codec = compression.codec()
-        self.elastic = compression.elastic
-        self.codec = codec
-        if self.elastic:
-            self.up_state = DeltaSender(codec, start)
-        else:
-            self.up_increment = IncrementSender(codec, error_feedback=compression.error_feedback)
-            self.down_state = DeltaReceiver(codec, start)
-        self._reply = torch.empty(codec.numel, dtype=torch.float32)
-
-    def send(self, payload: Tensor | None) -> Tensor | None:
-        """The message for the role's ``outgoing()`` (None stays None)."""
-        if payload is None:
-            return None
-        if self.elastic:
-            return self.up_state.encode(payload)
-        return self.up_increment.encode(payload)[0]
-
-    def receive(self, wire: Tensor) -> Tensor:
-        """The reply the role applies (valid until the next receive)."""
-        if not self.elastic:
-            return self.down_state.decode(wire)
-        diff = self.codec.decode(wire, out=self._reply)
-        self.up_state.reference.sub_(diff)  # the server moves its x^_i by the same e^
-        return diff
+def compression_of(
+    config: AlgorithmConfig, name: str, error_feedback: bool, numel: int
+) -> Compression:
+    """The compression of ``config``'s rule (``name`` none still builds one, for tests)."""
+    return Compression(name, error_feedback, config.spec.elastic, numel)
 
 
 class ServerLink:

@@ -43,7 +43,7 @@ from easgd.roles import (
     make_worker_role,
     worker_step,
 )
-from easgd.roles.links import Compression, ServerLink, WorkerLink
+from easgd.roles.links import ServerLink, WorkerLink, compression_of
 from easgd.sim.cost import ExchangeCost, ExchangeTimes, ServerQueue
 from easgd.sim.objectives import Objective
 
@@ -195,11 +195,11 @@ class Simulator:
         self.links: list[tuple[WorkerLink, ServerLink]] = []
         """Each worker's compressed link to the server (empty: float32 messages)."""
         if self.server is not None and sim.compression != "none":
-            compression = Compression.of(
+            compression = compression_of(
                 algorithm, sim.compression, sim.error_feedback, start.numel()
             )
             self.links = [
-                (compression.worker_link(start), compression.server_link(start))
+                (compression.worker_link(start), ServerLink(compression, start))
                 for _ in self.workers
             ]
 

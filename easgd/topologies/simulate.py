@@ -26,7 +26,7 @@ from easgd.parts.assembly import RunParts
 from easgd.parts.runlog import RunLog
 from easgd.parts.summary import RunFigures, Summary
 from easgd.roles import gradient_step, make_server_role, make_worker_role
-from easgd.roles.links import Compression
+from easgd.roles.links import ServerLink, compression_of
 from easgd.sim import ClassifierObjective, SimConfig, SimResult, Simulator
 from easgd.sim.cost import ExchangeCost, cached, exchange_cost, measure_gloo_exchange, median_time_s
 
@@ -129,10 +129,10 @@ def _measured_service_s(cfg: TrainConfig, objective: ClassifierObjective) -> flo
     payload = start + 1e-3 if cfg.algorithm.elastic else torch.zeros_like(start)
     comm = cfg.comm
     if comm.compression != "none":  # the server decodes and encodes too
-        compression = Compression.of(
+        compression = compression_of(
             cfg.algorithm, comm.compression, comm.error_feedback, start.numel()
         )
-        link, wire = compression.server_link(start), compression.worker_link(start).send(payload)
+        link, wire = ServerLink(compression, start), compression.worker_link(start).send(payload)
 
     def serve() -> None:
         if comm.compression != "none":
