@@ -75,16 +75,20 @@ class ServerLink:
         self._sent, decoded = self.down_increment.encode(diff)
         diff.copy_(decoded)
 
-    def handle(
+    @property
+    def decoded_reply(self) -> Tensor:
+        """The last reply as the worker decodes it (elastic: e^; else the center it will hold)."""
+        return self._reply if self.elastic else self.down_state.reference
+
+    def apply(
         self,
         role: ServerRole,
         worker: int,
-        wire: Tensor | None,
+        payload: Tensor | None,
         *,
         max_update_norm: float | None = None,
     ) -> Tensor:
-        """Apply one compressed message with ``role`` and return the compressed reply."""
-        payload = self.decode(wire)
+        """The role's rule on a decoded payload (:meth:`decode`); the compressed reply."""
         if not self.elastic:
             reply = role.handle(worker, payload, out=self._reply, max_update_norm=max_update_norm)
             return self.down_state.encode(reply)
@@ -97,3 +101,15 @@ class ServerLink:
         sent, self._sent = self._sent, None
         assert sent is not None
         return sent
+
+    def handle(
+        self,
+        role: ServerRole,
+        worker: int,
+        wire: Tensor | None,
+        *,
+        max_update_norm: float | None = None,
+    ) -> Tensor:
+        """Apply one compressed message with ``role`` and return the compressed reply."""
+        payload = self.decode(wire)
+        return self.apply(role, worker, payload, max_update_norm=max_update_norm)

@@ -1,0 +1,56 @@
+"""Compressed exchanges between a real server and workers over gloo (spawned processes, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests import compression_targets as targets
+from tests.dist_helpers import spawn_world
+
+pytestmark = pytest.mark.slow
+
+EPS32 = 2.0**-24
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp16", "int8"])
+def test_compressed_elastic_exchanges_conserve_center_plus_workers(name: str) -> None:
+    workers, steps = 2, 30
+    results = spawn_world(targets.conservation, workers + 1, steps, name, -1)
+    center, exchanges, rejected = results[0]
+    start = torch.linspace(-1, 1, targets.NUMEL)
+    total = center.double() + sum(results[r][0].double() for r in range(1, workers + 1))
+    starts = sum(results[r][1].double() for r in range(1, workers + 1))
+    assert exchanges == workers * steps and set(rejected.values()) == {0}
+    # float32 variables: each exchange rounds center + e^ and x_i - e^ once each (|values| < 4)
+    assert float((total - (start.double() + starts)).abs().max()) <= exchanges * 2 * EPS32 * 4
+    assert not torch.allclose(center, start)
+
+
+def test_refused_compressed_update_restarts_both_ends_from_the_center() -> None:
+    workers, steps = 2, 20
+    results = spawn_world(targets.conservation, workers + 1, steps, "int8", 5)
+    center, exchanges, rejected = results[0]
+    assert rejected == {1: 1, 2: 0}
+    assert results[1][3] == 1  # worker 1 reset once, then exchanged on with restarted links
+    assert bool(torch.isfinite(center).all()) and bool(torch.isfinite(results[1][0]).all())
+    assert exchanges == workers * steps - 1  # the refused one is not counted
+
+
+@pytest.mark.parametrize("name", ["bf16", "int8"])
+def test_compressed_downpour_center_is_pushes_minus_residuals(name: str) -> None:
+    workers, steps = 2, 25
+    results = spawn_world(targets.downpour, workers + 1, steps, name)
+    center = results[0][0].double()
+    # DOWNPOUR with learning rate 1 pushes -g; each worker's residual is what it still owes
+    pushed = -sum(results[r][0].double() for r in range(1, workers + 1))
+    residuals = sum(results[r][1].double() for r in range(1, workers + 1))
+    gap = center - (pushed - residuals)
+    assert float(gap.abs().max()) <= workers * steps * 4 * EPS32 * 0.5
+    assert float((center - pushed).abs().max()) > 0  # the codec did round
+
+
+def test_worker_with_another_format_is_refused_at_hello() -> None:
+    results = spawn_world(targets.mismatch, 2)
+    assert "server expects comm.compression=none" in results[1]
+    assert "worker 1 sends comm.compression=int8, the server expects none" in results[0]
