@@ -246,3 +246,13 @@ class CompressedTransport(PairTransport):
         if self._worker:
             self.link = self.compression.worker_link(center)
         return center
+
+
+def pair_transport(
+    compression: Compression | None, *, worker: bool = False, **pair: Any
+) -> PairTransport:
+    """A :class:`PairTransport` (``pair``: its arguments), compressed when ``compression`` is
+    given (``worker``: this is the worker's end, which encodes and decodes)."""
+    if compression is None:
+        return PairTransport(**pair)
+    return CompressedTransport(compression=compression, worker=worker, **pair)

@@ -11,7 +11,7 @@ from torch import nn
 
 from easgd.comm.compression import Compression
 from easgd.comm.groups import SERVER_RANK
-from easgd.comm.transport import CompressedTransport, Delay, PairTransport, WorkerTransport
+from easgd.comm.transport import Delay, PairTransport, WorkerTransport, pair_transport
 from easgd.config.schema import DataConfig, ModelConfig, TrainConfig
 from easgd.data.split import Split
 
@@ -131,13 +131,11 @@ def transport_for(
         delay=Delay(cfg.comm.latency_ms, cfg.comm.jitter_ms),
         seed=cfg.seed * 7919 + own_rank * 31 + peer,
     )
-    comm = cfg.comm
-    if comm.compression == "none":
-        return PairTransport(**pair)
-    compression = Compression(
-        comm.compression, comm.error_feedback, cfg.algorithm.spec.elastic, numel
-    )
-    return CompressedTransport(compression=compression, worker=worker, **pair)
+    comm, compression = cfg.comm, None
+    if comm.compression != "none":
+        elastic = cfg.algorithm.spec.elastic
+        compression = Compression(comm.compression, comm.error_feedback, elastic, numel)
+    return pair_transport(compression, worker=worker, **pair)
 
 
 def worker_transport(
