@@ -105,16 +105,24 @@ def test_error_feedback_sum_of_decoded_is_sum_of_true_up_to_last_residual(name: 
     assert plain.residual is None
 
 
+def _cluster(config: AlgorithmConfig, name: str, error_feedback: bool, seed: int, workers: int):
+    """A float64 server, ``workers`` worker roles and their two ends of each link."""
+    generator = torch.Generator().manual_seed(seed)
+    start = torch.randn(600, generator=generator, dtype=torch.float64)
+    server = make_server_role(config, start, num_workers=workers)
+    roles = [make_worker_role(config, start, comm_period=1) for _ in range(workers)]
+    compression = compression_of(config, name, error_feedback, start.numel())
+    worker_links = [compression.worker_link(start) for _ in roles]
+    server_links = [ServerLink(compression, start) for _ in roles]
+    return generator, start, server, roles, worker_links, server_links
+
+
 def _drive(config: AlgorithmConfig, name: str, error_feedback: bool, rounds: int = 12):
     """p = 3 workers exchanging through links with a server, float64 variables; yields after
     each exchange (server role, worker roles, links, worker index, worker reply, server reply)."""
-    generator = torch.Generator().manual_seed(2)
-    start = torch.randn(600, generator=generator, dtype=torch.float64)
-    server = make_server_role(config, start, num_workers=3)
-    workers = [make_worker_role(config, start, comm_period=1) for _ in range(3)]
-    compression = compression_of(config, name, error_feedback, start.numel())
-    worker_links = [compression.worker_link(start) for _ in workers]
-    server_links = [ServerLink(compression, start) for _ in workers]
+    generator, _, server, workers, worker_links, server_links = _cluster(
+        config, name, error_feedback, 2, 3
+    )
     for _ in range(rounds):
         for index, role in enumerate(workers):
             wire = worker_links[index].send(role.outgoing())
@@ -150,13 +158,9 @@ def test_elastic_exchange_conserves_center_plus_workers(
 @pytest.mark.parametrize("name", ["bf16", "fp16", "int8"])
 def test_downpour_center_is_start_plus_true_pushes_minus_residuals(name: str) -> None:
     config = AlgorithmConfig("downpour", learning_rate=0.05)
-    generator = torch.Generator().manual_seed(3)
-    start = torch.randn(600, generator=generator, dtype=torch.float64)
-    server = make_server_role(config, start, num_workers=2)
-    workers = [make_worker_role(config, start, comm_period=1) for _ in range(2)]
-    compression = compression_of(config, name, True, start.numel())
-    worker_links = [compression.worker_link(start) for _ in workers]
-    server_links = [ServerLink(compression, start) for _ in workers]
+    generator, start, server, workers, worker_links, server_links = _cluster(
+        config, name, True, 3, 2
+    )
     pushed = torch.zeros(600, dtype=torch.float64)
     for _ in range(10):
         for index, role in enumerate(workers):

@@ -94,8 +94,6 @@ class PairTransport:
         self._in = torch.zeros(size, dtype=dtype)
         self.compression: Compression | None = None
         """Plain float32 messages (see :class:`CompressedTransport`)."""
-        self.code = 0
-        """The wire format's index in easgd.comm.compression.FORMATS (0: float32)."""
         self.recv_timeout_s: float | None = None
         """How long a receive may wait (None: the process group's timeout). The server sets it
         long: a worker's liveness is judged by its heartbeat, not by a fixed deadline."""

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from easgd.comm.compression import FORMATS, WireError
+from easgd.comm.compression import FORMATS, Compression, WireError
 from easgd.comm.message import (
     ERROR_FORMAT_MISMATCH,
     ERROR_NON_FINITE,
@@ -129,6 +129,11 @@ def _send(
             transport.send(header, payload)
     except Exception as err:
         raise PeerLost(f"{type(err).__name__}: {err}") from err
+
+
+def _compression(transport: PairTransport) -> Compression | None:
+    """The transport's compression (None: float32; test doubles may not say)."""
+    return getattr(transport, "compression", None)
 
 
 class ParameterServer:
@@ -268,15 +273,18 @@ class ParameterServer:
 
     def _restart_link(self, rank: int, transport: PairTransport, center: Tensor) -> None:
         """Both ends of a compressed link restart from a float32 center sent to the worker."""
-        if transport.compression is not None:
-            self.links[rank] = ServerLink(transport.compression, center)
+        compression = _compression(transport)
+        if compression is not None:
+            self.links[rank] = ServerLink(compression, center)
 
     def _hello(self, rank: int, transport: PairTransport, header: Header) -> None:
-        if header.compression != transport.code:
+        expected = _compression(transport)
+        code = 0 if expected is None else FORMATS.index(expected.name)
+        if header.compression != code:
             _send(transport, Header(Op.REPLY, error=ERROR_FORMAT_MISMATCH), control=True)
             raise PeerLost(
                 f"worker {rank} sends comm.compression={FORMATS[header.compression]}, the server "
-                f"expects {FORMATS[transport.code]}; every rank must use the same comm.compression"
+                f"expects {FORMATS[code]}; every rank must use the same comm.compression"
             )
         if header.num_params != transport.numel:
             log.error(

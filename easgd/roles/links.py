@@ -38,7 +38,7 @@ from easgd.comm.compression import (
     WorkerLink,
 )
 from easgd.config.algorithm import AlgorithmConfig
-from easgd.roles.server import ServerRole
+from easgd.roles.server import ElasticServer, ServerRole
 
 __all__ = ["Compression", "ServerLink", "WorkerLink", "compression_of"]
 
@@ -94,6 +94,8 @@ class ServerLink:
             return self.down_state.encode(reply)
         if payload is None:
             raise ValueError(f"worker {worker} sent no parameters to an elastic exchange")
+        if not isinstance(role, ElasticServer):
+            raise ValueError(f"{type(role).__name__} replies a state, not an elastic difference")
         diff = role.handle_quantized(
             worker, payload, self._quantize, out=self._reply, max_update_norm=max_update_norm
         )

@@ -81,21 +81,6 @@ class ServerRole(ABC):
         """A synchronous round: every payload reads the same center, then one update."""
         raise ValueError(f"{type(self).__name__} has no synchronous round")
 
-    def handle_quantized(
-        self,
-        worker: int,
-        payload: Tensor,
-        quantize: Callable[[Tensor], object],
-        *,
-        out: Tensor,
-        max_update_norm: float | None = None,
-    ) -> Tensor:
-        """:meth:`handle` for a rule whose reply is an increment both ends apply (the elastic
-        difference): ``quantize(reply)`` replaces the reply in place by its decoded value before
-        the center moves by it, so worker and server apply the same bits
-        (:mod:`easgd.roles.links`). Rules that reply a state are compressed outside the role."""
-        raise ValueError(f"{type(self).__name__} replies a state, not an increment")
-
     def reply_center(self, out: Tensor | None = None) -> Tensor:
         """A copy of the center (into ``out`` when given): the reply to a refused update."""
         return self.center.clone() if out is None else out.copy_(self.center)
@@ -143,6 +128,21 @@ class ElasticServer(ServerRole):
             return reply
         return self._two_pass(payload, reply, max_update_norm, None)
 
+    def handle_quantized(
+        self,
+        worker: int,
+        payload: Tensor,
+        quantize: Callable[[Tensor], object],
+        *,
+        out: Tensor,
+        max_update_norm: float | None = None,
+    ) -> Tensor:
+        """:meth:`handle` for a rule whose reply is an increment both ends apply (the elastic
+        difference): ``quantize(reply)`` replaces the reply in place by its decoded value before
+        the center moves by it, so worker and server apply the same bits
+        (:mod:`easgd.roles.links`). Rules that reply a state are compressed outside the role."""
+        return self._two_pass(payload, out, max_update_norm, quantize)
+
     def _two_pass(
         self,
         payload: Tensor,
@@ -164,17 +164,6 @@ class ElasticServer(ServerRole):
         self.center.add_(reply)
         self.updates += 1
         return reply
-
-    def handle_quantized(
-        self,
-        worker: int,
-        payload: Tensor,
-        quantize: Callable[[Tensor], object],
-        *,
-        out: Tensor,
-        max_update_norm: float | None = None,
-    ) -> Tensor:
-        return self._two_pass(payload, out, max_update_norm, quantize)
 
     def update_norm(self, payload: Tensor) -> float | None:
         return None  # alpha ||x_i - center||: measured during the update (see handle)
