@@ -14,7 +14,7 @@ from easgd.comm.compression import (
     payload_bytes,
 )
 from easgd.config.algorithm import AlgorithmConfig
-from easgd.config.schema import CommConfig
+from easgd.config.schema import CheckpointConfig, CommConfig, TrainConfig
 from easgd.roles import make_server_role, make_worker_role
 from easgd.roles.links import ServerLink, compression_of
 from easgd.sim import Quadratic, SimConfig, Simulator, simulate
@@ -78,6 +78,15 @@ def test_wrong_format_size_or_dtype_is_refused() -> None:
         CommConfig(compression="int4")
     with pytest.raises(ValueError, match="comm.error_feedback must be true or false"):
         CommConfig(error_feedback="yes")  # type: ignore[arg-type]
+    int8 = CommConfig(compression="int8")
+    with pytest.raises(ValueError, match="comm.compression=int8 runs with topology=server"):
+        TrainConfig(comm=int8, topology="allreduce")
+    with pytest.raises(ValueError, match="checkpoint.ledger sums the pushes sent"):
+        TrainConfig(
+            comm=int8,
+            algorithm=AlgorithmConfig("downpour"),
+            checkpoint=CheckpointConfig(ledger=True),
+        )
 
 
 @pytest.mark.parametrize("name", ["bf16", "fp16", "int8"])

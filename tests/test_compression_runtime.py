@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from easgd.analysis.audit import conservation_gap
 from tests import compression_targets as targets
 from tests.dist_helpers import spawn_world
 
@@ -76,3 +78,28 @@ def test_own_loop_api_trains_with_compressed_exchanges() -> None:
     assert found is not None, result.stdout[-2000:]
     before, after = float(found.group(1)), float(found.group(2))
     assert after < 0.05 * before  # the center learned through int8 exchanges
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["server.shards=2"], ["fault.kill_rank=2", "fault.kill_at_step=150"]],
+    ids=["server", "sharded", "worker_killed"],
+)
+def test_compressed_training_run_keeps_the_ledger_exact(tmp_path: Path, extra: list[str]) -> None:
+    nproc = 4 if "server.shards=2" in extra else 3
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += [f"--nproc_per_node={nproc}", "--max-restarts=1", "-m", "easgd.train"]
+    command += ["workers=2", "steps_per_worker=400", "eval_interval_s=0.1", "progress=false"]
+    command += ["comm.compression=int8", "checkpoint.every_s=0.05", "checkpoint.ledger=true"]
+    command += ["fault.kill_after_commit=true"] if extra and "fault" in extra[0] else []
+    command += [*extra, f"hydra.run.dir={tmp_path}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    done = json.loads((tmp_path / "summary.json").read_text())
+    assert done["config"]["comm"]["compression"] == "int8"
+    assert done["worker_steps"] == 2 * 400
+    if extra and "fault" in extra[0]:
+        assert done["restarts"] == 1  # the restarted worker's links restarted from the center
+    # center = initial center + every worker's sum of the e^ it applied (float32 additions)
+    assert conservation_gap(tmp_path) < 1e-4
+    assert done["test_error"] < 0.1

@@ -354,15 +354,7 @@ class TrainConfig:
         self.algorithm.spec.check_overlap(self.comm.overlap)
         _check_topology(self)
         _check_faults(self)
-        if (
-            self.comm.compression != "none"
-            and self.mode != "simulate"
-            and self.topology != "server"
-        ):
-            raise ValueError(
-                f"comm.compression={self.comm.compression} runs with topology=server (sharded "
-                "too) and mode=simulate so far; set comm.compression=none"
-            )
+        _check_compression(self)
         if self.comm.backend == "nccl":
             import torch
 
@@ -427,6 +419,21 @@ def _rank_layout(cfg: TrainConfig) -> tuple[int, str]:
     if k == 1:
         return 1, f"rank 0 is the server, ranks 1..{p} the workers"
     return k, f"ranks 0..{k - 1} are the shards, ranks {k}..{k + p - 1} the workers"
+
+
+def _check_compression(cfg: TrainConfig) -> None:
+    """comm.compression runs on the server topology (sharded too) and in mode=simulate."""
+    name = cfg.comm.compression
+    if name != "none" and cfg.mode != "simulate" and cfg.topology != "server":
+        raise ValueError(
+            f"comm.compression={name} runs with topology=server (sharded too) and mode=simulate; "
+            "set comm.compression=none"
+        )
+    if name != "none" and cfg.checkpoint.ledger and cfg.algorithm.spec.ledger == "payload":
+        raise ValueError(
+            f"checkpoint.ledger sums the pushes sent, not the compressed ones the center applies "
+            f"(comm.compression={name}); set checkpoint.ledger=false"
+        )
 
 
 def _check_faults(cfg: TrainConfig) -> None:
