@@ -9,6 +9,7 @@ from easgd.comm.compression import (
     FORMATS,
     INT8_BLOCK,
     Codec,
+    Compression,
     IncrementSender,
     WireError,
     payload_bytes,
@@ -287,3 +288,22 @@ def test_simulated_compression_applies_the_codec_and_tracks_float32() -> None:
         assert 0 < gap < 0.05  # the codec is applied, and the center stays near float32's
     with pytest.raises(ValueError, match="comm.compression is simulated on the asynchronous"):
         SimConfig(schedule="synchronous", compression="int8")
+
+
+def _held_bytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+@pytest.mark.parametrize("error_feedback", [True, False])
+def test_server_memory_per_worker_is_what_the_docs_say(error_feedback: bool) -> None:
+    # elastic: x^_i (4 B) + reply buffer (4 B) + the residual of e^ with error feedback (4 B);
+    # DOWNPOUR: the center this worker last received (4 B) + reply buffer (4 B); plus the
+    # transport's receive buffer of the compressed message (int8: 1 + 4/256 B)
+    numel = 2560
+    start = torch.zeros(numel)
+    elastic = ServerLink(Compression("int8", error_feedback, True, numel), start)
+    held = _held_bytes(elastic.up_state.reference, elastic._reply, elastic.down_increment.residual)
+    assert held == (12 if error_feedback else 8) * numel
+    downpour = ServerLink(Compression("int8", error_feedback, False, numel), start)
+    assert _held_bytes(downpour.down_state.reference, downpour._reply) == 8 * numel
+    assert payload_bytes("int8", numel) == numel + 4 * 10 + 8

@@ -27,6 +27,12 @@ What is quantized is always a difference, never a parameter (rounding x to bf16 
   references stay bit-identical and the next delta carries this one's error: error feedback is
   built in (the residual is the sender's value minus the reference).
 
+All-reduce (``topology=allreduce``) is not compressed: a collective sums in the wire dtype, so
+bf16/fp16 would ride it but the sum would be rounded to 8 (11) bits, and the center would no
+longer move by exactly what the workers moved (conservation to bf16, not float32, precision);
+int8's per-rank block scales cannot be summed by an all-reduce at all. Both would need an
+all-gather of the messages (p times the bytes received) and a float32 sum on every rank.
+
 Pure tensors, no ``torch.distributed``: the roles' links (:mod:`easgd.roles.links`) compose them.
 """
 

@@ -196,6 +196,7 @@ class CompressedTransport(PairTransport):
         """The worker's end (None on the server, or before the handshake)."""
         self._worker = worker
         self._wire = torch.zeros(payload_bytes(compression.name, self.numel), dtype=torch.uint8)
+        self._in = torch.zeros(0)  # float32 centers only reach a worker: allocated there
 
     def send(self, header: Header, payload: Tensor | None = None) -> None:
         """Send one message; a worker's float32 payload leaves encoded."""
@@ -218,9 +219,7 @@ class CompressedTransport(PairTransport):
         if not header.has_payload:
             return header, None
         if not header.compression:
-            payload = self._in[-self.numel :]
-            self._recv_into(payload)
-            return header, self._restart(payload)
+            return header, self._recv_center()
         if header.compression != self.code:
             got = FORMATS[header.compression] if header.compression < len(FORMATS) else "?"
             raise WireError(f"a {got} message on a {self.compression.name} link")
@@ -237,13 +236,18 @@ class CompressedTransport(PairTransport):
 
     def recv_control(self) -> tuple[Header, Tensor | None]:
         """:meth:`PairTransport.recv_control`; a worker restarts its link from the center."""
-        header, payload = super().recv_control()
-        return header, None if payload is None else self._restart(payload)
+        self._recv_into(self._header)
+        header = Header.decode(self._header)
+        return header, self._recv_center() if header.has_payload else None
 
-    def _restart(self, center: Tensor) -> Tensor:
+    def _recv_center(self) -> Tensor:
+        """A float32 center (a worker restarts its link from it)."""
+        if self._in.numel() != self.numel:
+            self._in = torch.zeros(self.numel, dtype=torch.float32)
+        self._recv_into(self._in)
         if self._worker:
-            self.link = self.compression.worker_link(center)
-        return center
+            self.link = self.compression.worker_link(self._in)
+        return self._in
 
 
 def pair_transport(

@@ -1,9 +1,11 @@
 """Compressed exchanges: the one place each direction of a worker <-> server message is encoded.
 
-A :class:`WorkerLink` sits between a worker role and its transport (``send`` encodes the role's
-``outgoing()``, ``receive`` decodes the reply for ``incoming()``); a :class:`ServerLink` per
-worker sits around the server role (``handle``: decode, the role's rule, encode). With
-``comm.compression=none`` no link is built and messages travel as float32, as before.
+A :class:`WorkerLink` (:mod:`easgd.comm.compression`) sits between a worker role and the server:
+``send`` encodes the role's ``outgoing()``, ``receive`` decodes the reply for ``incoming()``; the
+worker's :class:`easgd.comm.transport.CompressedTransport` holds it. A :class:`ServerLink` per
+worker sits around the server role (``decode``; ``apply``: the role's rule, then encode), held by
+:class:`easgd.engine.server.ParameterServer` (and the simulator). With ``comm.compression=none``
+no link is built and messages travel as float32, as before.
 
 What each rule quantizes (always a difference; :mod:`easgd.comm.compression`):
 
@@ -17,12 +19,16 @@ What each rule quantizes (always a difference; :mod:`easgd.comm.compression`):
   (error feedback optional, on the worker); down, the center (MDOWNPOUR: the look-ahead) as the
   delta against what this worker last received.
 
-Server memory per worker, in bytes per model parameter (float32): elastic 4 (x^_i) + 4 with
-error feedback (the residual of e); DOWNPOUR and MDOWNPOUR 4 (the center this worker last
-received). A worker holds the same 4 (its reference) + 4 with error feedback (DOWNPOUR's
-residual). The references start from the center of the handshake (a resumed worker's first
-delta is then large, and the next one corrects its rounding); residuals are not checkpointed
-(a restart drops at most one message's rounding).
+Server memory per worker, in bytes per model parameter (float32), held for the whole run:
+elastic 4 (x^_i) + 4 (the reply buffer) + 4 with error feedback (the residual of e), DOWNPOUR and
+MDOWNPOUR 4 (the center this worker last received) + 4 (the reply buffer); plus the transport's
+buffer for one compressed message (int8 1.016, bf16/fp16 2). The float32 exchange holds 4 (one
+receive buffer that the reply reuses), so compression adds 9.0 (elastic with error feedback) or
+5.0 (otherwise) with int8 (tested: ``tests/test_compression.py``). A worker holds 4 (its
+reference) + 4 (reply) + 4 with error feedback (DOWNPOUR's residual). The references start from
+the center of the handshake (a resumed worker's first delta is then large, and the next one
+corrects its rounding); residuals are not checkpointed (a restart drops at most one message's
+rounding).
 """
 
 from __future__ import annotations
