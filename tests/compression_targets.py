@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from typing import Any
 
 import torch
 
@@ -13,13 +14,20 @@ from easgd.engine.server import ParameterServer
 from easgd.engine.supervisor import Supervision, Supervisor
 from easgd.engine.worker import WorkerLoop, handshake
 from easgd.parts.runlog import RunLog
-from easgd.roles import DownpourServer, DownpourWorker, ElasticServer, ElasticWorker, ServerRole
+from easgd.roles import (
+    DownpourServer,
+    DownpourWorker,
+    ElasticServer,
+    ElasticWorker,
+    ServerRole,
+    WorkerRole,
+)
 from tests.protocol_targets import _groups
 
 NUMEL = 700  # three int8 blocks of 256, the last one partial
 
 
-def _transport(name: str, elastic: bool, rank: int, peer: int, group: object) -> PairTransport:
+def _transport(name: str, elastic: bool, rank: int, peer: int, group: Any) -> PairTransport:
     if name == "none":
         return PairTransport(peer=peer, group=group, numel=NUMEL)
     compression = Compression(name, True, elastic, NUMEL)
@@ -57,7 +65,7 @@ def conservation(rank: int, world: int, steps: int, name: str, poison_at: int) -
     role = ElasticWorker(start_point, comm_period=1, learning_rate=0.0, momentum=0.0)
     zero = torch.zeros(NUMEL)
 
-    def poison(worker: ElasticWorker) -> None:
+    def poison(worker: WorkerRole) -> None:
         if rank == 1 and worker.step == poison_at:
             worker.params[3] = float("nan")
 

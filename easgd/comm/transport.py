@@ -190,7 +190,7 @@ class CompressedTransport(PairTransport):
                 f"a compressed link carries {compression.numel} float32 values, "
                 f"not {self.numel} {self.dtype}"
             )
-        self.compression = compression
+        self.compression = self._format = compression
         self.code = FORMATS.index(compression.name)
         self.link: WorkerLink | None = None
         """The worker's end (None on the server, or before the handshake)."""
@@ -222,7 +222,7 @@ class CompressedTransport(PairTransport):
             return header, self._recv_center()
         if header.compression != self.code:
             got = FORMATS[header.compression] if header.compression < len(FORMATS) else "?"
-            raise WireError(f"a {got} message on a {self.compression.name} link")
+            raise WireError(f"a {got} message on a {self._format.name} link")
         self._recv_into(self._wire)
         if self.link is None:
             return header, self._wire
@@ -246,7 +246,7 @@ class CompressedTransport(PairTransport):
             self._in = torch.zeros(self.numel, dtype=torch.float32)
         self._recv_into(self._in)
         if self._worker:
-            self.link = self.compression.worker_link(self._in)
+            self.link = self._format.worker_link(self._in)
         return self._in
 
 
