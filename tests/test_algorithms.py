@@ -1,4 +1,4 @@
-"""The update rules against the equations of shared/reference/algorithms.md, on hand-computed cases.
+"""The update rules against the equations of docs/algorithms.md, on hand-computed cases.
 
 Expected values are written out from the spec's equations in plain arithmetic, never by calling
 the function under test.

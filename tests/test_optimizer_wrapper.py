@@ -2,7 +2,7 @@
 
 The worker side is the real ElasticOptimizer on the real WorkerLoop; the server end of its pair is
 an in-process stand-in that answers with a real server role (ElasticServer, DownpourServer). The
-references below compute shared/reference/algorithms.md's equations on flat float64 tensors with
+references below compute docs/algorithms.md's equations on flat float64 tensors with
 an analytic gradient, independently of the code under test.
 """
 

@@ -106,8 +106,7 @@ def test_help_lists_the_config_groups_and_their_options(venv: Path, empty: Path)
     groups = help_text.split("== Configuration groups ==")[1].split("== Config ==")[0]
     lines = dict(line.split(": ", 1) for line in groups.splitlines() if ": " in line)
     for group in ("algorithm", "comm", "cost", "data", "experiment", "model"):
-        schema_nodes = {"base_cost"} if group == "cost" else set()  # easgd.config.store's
-        assert set(lines[group].split(", ")) == set(options(group)) | schema_nodes, group
+        assert set(lines[group].split(", ")) == set(options(group)), group
     assert list(empty.iterdir()) == []
 
 

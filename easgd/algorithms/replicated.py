@@ -5,7 +5,7 @@ moves x_i <- x_i - e_i, and adds the sum of all workers' e_i to its copy:
 
     x~ <- x~ + sum_j e_j  =  x~ + alpha * sum_j (x_j_old - x~)
 
-which is the synchronous center update of shared/reference/algorithms.md. Every copy starts equal
+which is the synchronous center update of docs/algorithms.md. Every copy starts equal
 and adds the same sum, so the copies stay identical. The sum itself is transport (an all-reduce),
 so it is passed in as ``reduce_sum``; nothing here imports ``torch.distributed``.
 

@@ -16,6 +16,21 @@ Example::
         if optimizer.should_stop:      # the server's stop rule (wall clock, target error)
             break
     optimizer.close()
+
+Learning-rate schedulers (``torch.optim.lr_scheduler.*(optimizer)``) work on the wrapper, and
+EAMSGD stays exact under them. torch's Nesterov SGD keeps y = x + delta v in the parameters and a
+buffer b whose velocity is v = -lr b for the lr of the step about to run; the exchange of step t
+runs inside :meth:`ElasticOptimizer.step`, right before that step, so it sends
+x = y + lr_t delta b with the lr the step then uses, and the move -e lands on x, never on v
+(``tests/test_own_loop_schedule.py`` checks it against the equations with the rate changing at
+every step). What the user's optimizer does at a rate change is its own: torch rescales the
+velocity, v -> (lr_t / lr_{t-1}) v with y fixed, so x shifts by
+delta (1 - lr_t / lr_{t-1}) v, and this worker's trajectory is not the spec's Algorithm 2 with
+eta_t, where v keeps the rate it was taken with (what ``easgd.train``'s ``optim.lr_schedule``
+does). At a change lr -> r lr the two forms hold the same y; their velocities then differ by
+delta^k (1 - r) v after k more steps, and (the gradient's own change aside) their x by
+delta^2 / (1 - delta) (1 - r) v in the end (about 98 (1 - r) v at delta = 0.99): the spec's form
+coasts on at the old rate's speed. At a constant rate the two are the same.
 """
 
 from __future__ import annotations

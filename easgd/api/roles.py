@@ -135,7 +135,9 @@ def lookahead_shifts(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> 
 
     torch.optim.SGD(nesterov=True) keeps buffer b with v = -lr b, and updates the parameter as
     p <- p - lr (g + delta b'): with p = x + delta v this is exactly Algorithm 2's local step, the
-    gradient being taken at p = x + delta v. So x = p - delta v = p + lr delta b.
+    gradient being taken at p = x + delta v. So x = p - delta v = p + lr delta b, where lr is the
+    group's current rate: the rate of the step about to run, so this is exact under an LR
+    scheduler too (see :mod:`easgd.api.optimizer`).
     """
     nesterov = {
         id(p): group

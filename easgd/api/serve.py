@@ -157,6 +157,14 @@ class _Center:
             state = load_server_part(checkpointer, self.number, self.signature)
             self.number = self.number if state is not None else None
             self.restarts, self.resumed = resumed_from(self.role, state)
+            if state is not None:  # a warning: seen even where the user set up no logging
+                log.warning(
+                    "resuming the run in %s from its committed snapshot %d (restart %d); pass "
+                    "resume=False or a fresh run_dir to start over",
+                    run_dir,
+                    self.number,
+                    self.restarts,
+                )
         description = run_description(self.directory, self.number, self.signature)
         dtype = str(self.params.dtype)
         self.role_spec = config.spec
@@ -245,6 +253,7 @@ class _Center:
             figures=outcome.figures(),
             restarts=self.restarts,
             resumed_worker_steps={str(r): s for r, s in server.resumed_steps.items()},
+            resumed_exchanges=server.resumed_exchanges,
             failed_workers={str(r): why for r, why in outcome.failed_workers.items()},
             hyperparameters={"moving_rate": getattr(self.role, "moving_rate", None)},
             details={

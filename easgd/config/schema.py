@@ -7,11 +7,13 @@ fails there); :func:`validate` instantiates them so the range checks run before 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from easgd.algorithms.schedules import SCHEDULES, LearningRateSchedule
 from easgd.comm.compression import check_format as check_compression
 from easgd.config.algorithm import AlgorithmConfig
 
@@ -274,6 +276,125 @@ class CostConfig:
             raise ValueError(f"cost.step_time_s must be > 0 or null, got {self.step_time_s!r}")
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class OptimConfig:
+    """How each worker takes its local step, beyond the algorithm's rule (optim.* keys).
+
+    Equations and what each key does to the EASGD math: easgd/algorithms/schedules.py (eta_t at
+    the worker's own step t_i; the moving rate alpha stays constant), easgd/algorithms/clipping.py
+    (after weight decay) and easgd/models/step.py (bf16, torch.compile). All off by default.
+    """
+
+    lr_schedule: str = "constant"
+    """eta_t: constant, cosine, step, or power (the EASGD authors' eta / (1 + t lrd)^lrp); t is
+    the worker's local step t_i. Not for mdownpour (its gradient step is the server's)."""
+    warmup_steps: int = 0
+    """W: linear warm-up eta (t + 1) / W over the first W local steps, before any schedule."""
+    decay_steps: int | None = None
+    """cosine: steps from the end of the warm-up to the floor; null: steps_per_worker - W."""
+    min_lr_ratio: float = 0.0
+    """cosine: the floor, as a fraction of eta, in [0, 1]."""
+    step_every: int = 1000
+    """step: multiply eta by step_factor every this many local steps (after the warm-up)."""
+    step_factor: float = 0.1
+    """step: gamma in (0, 1]."""
+    decay_rate: float = 0.0
+    """power: lrd >= 0, the authors' learning-rate decay per local step (0: no decay)."""
+    decay_power: float = 1.0
+    """power: lrp >= 0, the authors' exponent (1: Torch7's learningRateDecay)."""
+    clip_grad_norm: float | None = None
+    """Clip every local gradient (weight decay included) to this global 2-norm; null: never."""
+    precision: str = "fp32"
+    """fp32, or bf16: the workers' forward and backward under CUDA bf16 autocast (CUDA only);
+    parameters, velocities, the center and every update stay float32."""
+    compile: bool = False
+    """torch.compile the model's training forward on each worker (evaluation stays eager)."""
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(
+                f"optim.lr_schedule={self.lr_schedule!r}; allowed: {', '.join(SCHEDULES)}"
+            )
+        _check_int("optim.warmup_steps", self.warmup_steps, low=0)
+        if self.decay_steps is not None:
+            _check_int("optim.decay_steps", self.decay_steps, low=1, null=True)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio!r}; allowed: [0, 1]")
+        _check_int("optim.step_every", self.step_every, low=1)
+        if not 0.0 < self.step_factor <= 1.0:
+            raise ValueError(f"optim.step_factor={self.step_factor!r}; allowed: (0, 1]")
+        for key, value in (("decay_rate", self.decay_rate), ("decay_power", self.decay_power)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"optim.{key}={value!r}; allowed: a finite number >= 0")
+        if self.clip_grad_norm is not None and not (
+            math.isfinite(self.clip_grad_norm) and self.clip_grad_norm > 0
+        ):
+            raise ValueError(
+                f"optim.clip_grad_norm={self.clip_grad_norm!r}; allowed: a finite number > 0, "
+                "or null (no clipping)"
+            )
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"optim.precision={self.precision!r}; allowed: {', '.join(PRECISIONS)}"
+            )
+
+    def schedule(self, steps_per_worker: int) -> LearningRateSchedule | None:
+        """The learning-rate schedule of a worker that takes ``steps_per_worker`` local steps
+        (None: the constant eta, exactly as without a schedule)."""
+        if self.lr_schedule == "constant" and self.warmup_steps == 0:
+            return None
+        options = {
+            "constant": {},
+            "cosine": {
+                "decay_steps": self.decay_steps or max(1, steps_per_worker - self.warmup_steps),
+                "final_ratio": self.min_lr_ratio,
+            },
+            "step": {"every": self.step_every, "factor": self.step_factor},
+            "power": {"decay_rate": self.decay_rate, "decay_power": self.decay_power},
+        }[self.lr_schedule]
+        return LearningRateSchedule(self.lr_schedule, self.warmup_steps, options)
+
+
+def _check_int(key: str, value: object, *, low: int, null: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        allowed = f"an integer >= {low}" + (", or null" if null else "")
+        raise ValueError(f"{key}={value!r}; allowed: {allowed}")
+
+
+def _check_optim(cfg: TrainConfig) -> None:
+    """The optim.* values that this run's algorithm, device or mode cannot honour."""
+    optim = cfg.optim
+    if optim.schedule(cfg.steps_per_worker) is not None and cfg.algorithm.spec.server_momentum:
+        raise ValueError(
+            f"optim.lr_schedule={optim.lr_schedule!r} (warmup_steps={optim.warmup_steps}) acts on "
+            f"a worker's local step, and {cfg.algorithm.name}'s gradient step is the server's; "
+            "use optim.lr_schedule=constant optim.warmup_steps=0"
+        )
+    cosine = optim.lr_schedule == "cosine" and optim.decay_steps is None
+    if cosine and cfg.steps_per_worker <= optim.warmup_steps:
+        raise ValueError(
+            f"optim.warmup_steps={optim.warmup_steps} leaves no step of steps_per_worker="
+            f"{cfg.steps_per_worker} for the cosine decay; lower it or set optim.decay_steps"
+        )
+    if optim.precision == "bf16":
+        if cfg.mode == "simulate" or cfg.device == "cpu":
+            where = "mode=simulate (CPU)" if cfg.mode == "simulate" else "device=cpu"
+            raise ValueError(
+                f"optim.precision=bf16 is CUDA autocast and {where} runs on the CPU; "
+                "use optim.precision=fp32, or device=cuda with mode=distributed"
+            )
+        import torch
+
+        if not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+            raise ValueError(
+                f"optim.precision=bf16 needs a CUDA GPU with bf16 and device={cfg.device} finds "
+                "none here; use optim.precision=fp32"
+            )
+
+
 @dataclass
 class TrainConfig:
     """One training run: p workers and a server (or one process for the sequential baselines)."""
@@ -285,6 +406,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     cost: CostConfig = field(default_factory=CostConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
     mode: str = "distributed"
     """distributed: real processes, wall-clock time; simulate: one process on the simulator's
     virtual clock with the cost/ profile's communication costs (the same outputs)."""
@@ -319,6 +441,9 @@ class TrainConfig:
     """Write TensorBoard event files into the run directory."""
     run_dir: str = "."
     """Where summary.json, metrics.csv, checkpoints and TensorBoard files go (Hydra sets it)."""
+    resume: str = "none"
+    """none: a fresh run folder; latest: resume the run runs/latest points to; or a run folder
+    (runs/<name>) to resume. A finished run is never resumed or overwritten."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -337,6 +462,8 @@ class TrainConfig:
             raise ValueError(f"device={self.device!r}; allowed: {', '.join(DEVICES)}")
         if self.max_update_norm is not None and self.max_update_norm <= 0:
             raise ValueError(f"max_update_norm must be > 0 or null, got {self.max_update_norm!r}")
+        if not isinstance(self.resume, str) or not self.resume.strip():
+            raise ValueError("resume must be none, latest or a run folder (runs/<name>)")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads!r}")
         if self.worker_failure not in FAILURE_POLICIES:
@@ -355,6 +482,7 @@ class TrainConfig:
         _check_topology(self)
         _check_faults(self)
         _check_compression(self)
+        _check_optim(self)
         if self.comm.backend == "nccl":
             import torch
 

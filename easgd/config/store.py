@@ -1,16 +1,16 @@
-"""Registers the typed schemas in Hydra's ConfigStore and the ``easgd_run_id`` resolver, and finds
-the YAML config groups (:func:`config_dir`)."""
+"""Registers the typed schemas in Hydra's ConfigStore and the run-folder resolvers
+(``easgd_run_dir``, ``easgd_token``), and finds the YAML config groups (:func:`config_dir`)."""
 
 from __future__ import annotations
 
-import os
-import time
+import secrets
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from easgd.config.schema import CostConfig, TrainConfig
+from easgd.config.rundir import run_dir_for
+from easgd.config.schema import TrainConfig
 
 PACKAGE = Path(__file__).resolve().parents[1]
 """The ``easgd`` package folder."""
@@ -28,19 +28,16 @@ def config_dir() -> Path:
     return packaged if (packaged / "config.yaml").is_file() else PACKAGE.parent / "configs"
 
 
-def run_id() -> str:
-    """The run directory's name: torchrun's rendezvous id (the same on every rank and across
-    restarts of one job), or a timestamp for a process that no launcher started."""
-    launched = os.environ.get("TORCHELASTIC_RUN_ID")
-    if launched and launched != "none":
-        return launched
-    return time.strftime("%Y-%m-%d_%H-%M-%S")
+def token() -> str:
+    """A random 4-hex suffix (cached per config: one sweep folder for every job of a sweep)."""
+    return secrets.token_hex(2)
 
 
 def register() -> None:
-    """Make ``base_config`` and the resolver available to Hydra (idempotent)."""
+    """Make ``base_config`` and the resolvers available to Hydra (idempotent)."""
     store = ConfigStore.instance()
     store.store(name="base_config", node=TrainConfig)
-    store.store(group="cost", name="base_cost", node=CostConfig)
-    if not OmegaConf.has_resolver("easgd_run_id"):
-        OmegaConf.register_new_resolver("easgd_run_id", run_id)
+    if not OmegaConf.has_resolver("easgd_run_dir"):
+        OmegaConf.register_new_resolver("easgd_run_dir", run_dir_for, use_cache=True)
+    if not OmegaConf.has_resolver("easgd_token"):
+        OmegaConf.register_new_resolver("easgd_token", token, use_cache=True)

@@ -33,7 +33,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from torch import Tensor
@@ -84,6 +84,8 @@ class Resumed:
     """Exchanges served before the snapshot."""
     finished: frozenset[int] = frozenset()
     """Workers that had said DONE (their final payload, if they resend it, is in the center)."""
+    steps: dict[int, int] = field(default_factory=dict)
+    """Each worker's step count in the snapshot (so the run's step counts go on from there)."""
 
 
 @dataclass
@@ -155,8 +157,8 @@ class ParameterServer:
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.stop_reason = "steps"
-        self.stats = {rank: WorkerStats() for rank in transports}
-        self.exchanges = resumed.exchanges
+        self.stats = {rank: WorkerStats(steps=resumed.steps.get(rank, 0)) for rank in transports}
+        self.exchanges = self.resumed_exchanges = resumed.exchanges
         self.finished_before = set(resumed.finished)
         """Workers that had said DONE in the snapshot this run resumed from."""
         self.resumed_steps: dict[int, int] = {}

@@ -22,7 +22,8 @@ from torch import Tensor
 
 from easgd.comm.heartbeat import HeartbeatMonitor
 from easgd.comm.message import Header
-from easgd.engine.server import ParameterServer
+from easgd.engine.server import ParameterServer, WorkerStats
+from easgd.parts import interrupt
 from easgd.parts.assembly import StopRule
 from easgd.parts.progress import Progress
 from easgd.parts.runlog import RunLog
@@ -46,6 +47,9 @@ class Supervision:
     """Worker steps in the whole run (the progress bar's total)."""
     progress: bool = False
     """Show a progress bar on the console."""
+    steps_per_worker: int = 0
+    """A worker's step budget: a worker interrupted before it is not finished in a snapshot
+    (0: every worker that said DONE is finished)."""
 
 
 @dataclass
@@ -174,9 +178,17 @@ class Supervisor:
             },
             "exchanges": server.exchanges,
             "finished": sorted(
-                {r for r, s in server.stats.items() if s.finished} | server.finished_before
+                {r for r, s in server.stats.items() if self._finished(s)} | server.finished_before
             ),
+            "steps": {r: s.steps for r, s in server.stats.items()},
         }
+
+    def _finished(self, stats: WorkerStats) -> bool:
+        """A worker that said DONE is finished, unless an interruption stopped it short of its
+        budget: a resumed run trains it on (its DONE payload is in the center already)."""
+        if self.server.stop_reason != "interrupted":
+            return stats.finished
+        return stats.finished and stats.steps >= self.settings.steps_per_worker
 
     def running_workers(self) -> list[int]:
         """Workers neither finished nor failed nor lost (call under :attr:`lock`)."""
@@ -222,6 +234,8 @@ class Supervisor:
                 self._wake.wait(timeout=min(0.1, max(0.0, next_eval - time.perf_counter())))
             if server.server_error is not None:
                 break
+            if interrupt.requested() and not server.stop.is_set():
+                server.stop_run("interrupted")
             self._check_stop()
             self._check_heartbeats()
             if time.perf_counter() >= next_eval:

@@ -32,6 +32,7 @@ from easgd.config.schema import TrainConfig
 from easgd.data.sampling import MinibatchSampler
 from easgd.data.split import Split
 from easgd.flat import FlatModel
+from easgd.models.step import for_local_steps
 from easgd.parts.build import build_model, build_split, device_for
 from easgd.parts.faults import FaultInjector
 from easgd.parts.progress import Progress
@@ -161,8 +162,11 @@ class RunParts:
         return device_for(self.cfg, local_rank)
 
     def model(self, device: torch.device | str = "cpu") -> nn.Module:
-        """The configured network, initialised from ``seed`` (identical on every rank)."""
-        return build_model(self.cfg.model, self.split, seed=self.cfg.seed).to(device)
+        """The configured network, initialised from ``seed`` (identical on every rank), its
+        training forward set up for ``optim.precision`` and ``optim.compile``."""
+        module = build_model(self.cfg.model, self.split, seed=self.cfg.seed).to(device)
+        optim = self.cfg.optim
+        return for_local_steps(module, precision=optim.precision, compile=optim.compile)
 
     def flat_model(self, device: torch.device | str = "cpu") -> FlatModel:
         """The model and its flat view (weight decay in the gradient, as the spec's g)."""

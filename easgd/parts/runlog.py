@@ -31,6 +31,7 @@ class RunLog:
         self._writer: Any = None
         self._metrics_file: Any = None
         self._metrics: Any = None
+        self.wall_offset_s = 0.0
         self.started = time.time()
         if self.run_dir is None:
             return
@@ -40,6 +41,8 @@ class RunLog:
 
             self._writer = SummaryWriter(log_dir=str(self.run_dir / "tb"))
         new_file = not (self.run_dir / "metrics.csv").exists()
+        self.wall_offset_s = 0.0 if new_file else _last_wall_s(self.run_dir / "metrics.csv")
+        """A resumed run's clock goes on from the last row of the run before (0 on a fresh run)."""
         self._metrics_file = open(self.run_dir / "metrics.csv", "a", newline="")  # noqa: SIM115
         self._metrics = csv.writer(self._metrics_file)
         if new_file:
@@ -69,12 +72,13 @@ class RunLog:
         """One evaluation of the evaluated variable, against wall time and against exchanges."""
         if self._metrics is None:
             return
+        walltime = self.started + wall_s
+        wall_s += self.wall_offset_s
         with self._lock:
             self._metrics.writerow(
                 [f"{wall_s:.3f}", exchanges, server_updates, worker_steps, test_loss, test_error]
             )
             self._metrics_file.flush()
-        walltime = self.started + wall_s
         self.scalar("center/test_loss", test_loss, exchanges, walltime=walltime)
         self.scalar("center/test_error", test_error, exchanges, walltime=walltime)
         # the same curves indexed by elapsed milliseconds, for plots against wall-clock time
@@ -110,3 +114,15 @@ class RunLog:
                 self._writer = None
             if self._metrics_file is not None:
                 self._metrics_file.close()
+
+
+def _last_wall_s(path: Path) -> float:
+    """The ``wall_s`` of the last row of ``path`` (0 if it has none)."""
+    with open(path, newline="") as file:
+        rows = list(csv.reader(file))
+    for row in reversed(rows[1:]):
+        try:
+            return float(row[0])
+        except (IndexError, ValueError):
+            continue
+    return 0.0

@@ -77,6 +77,8 @@ class Summary:
     """How many times the job was restarted and resumed from a checkpoint."""
     resumed_worker_steps: dict[str, int] = field(default_factory=dict)
     """Each worker's step counter when this attempt started (worker rank -> step)."""
+    resumed_exchanges: int = 0
+    """Exchanges made before this attempt started (exchanges_per_s counts only this attempt's)."""
     failed_workers: dict[str, str] = field(default_factory=dict)
     """Workers that failed or were lost, with the reason (worker rank -> reason)."""
     hyperparameters: dict[str, Any] = field(default_factory=dict)
@@ -100,7 +102,8 @@ class Summary:
             **record,
             **figures,
             **hyperparameters,
-            "exchanges_per_s": figures["exchanges"] / max(figures["wall_time_s"], 1e-9),
+            "exchanges_per_s": (figures["exchanges"] - self.resumed_exchanges)
+            / max(figures["wall_time_s"], 1e-9),
         }
 
     @classmethod
@@ -113,6 +116,7 @@ class Summary:
         num_params: int,
         restarts: int = 0,
         resumed_worker_steps: dict[str, int] | None = None,
+        resumed_exchanges: int = 0,
         failed_workers: dict[str, str] | None = None,
         details: dict[str, Any] | None = None,
     ) -> Summary:
@@ -131,6 +135,7 @@ class Summary:
             figures=figures,
             restarts=restarts,
             resumed_worker_steps=resumed_worker_steps or {},
+            resumed_exchanges=resumed_exchanges,
             failed_workers=failed_workers or {},
             hyperparameters={
                 "learning_rate": cfg.algorithm.learning_rate,

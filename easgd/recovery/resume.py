@@ -94,5 +94,7 @@ def load_worker_part(
         return None
     if signature is not None:
         check_compatible(state, path=path, signature=signature)
+    if path == checkpointer.final_path:  # saved just before DONE, whose payload the center has
+        state["role"].pop("pending_grad", None)
     log.info("resuming from %s", path)
     return state

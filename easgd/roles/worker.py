@@ -10,6 +10,12 @@ Ownership: the tensors a role returns (``outgoing()``, ``gradient_point()``, ``e
 its live variables, valid until the role's next call; whoever keeps one longer copies it (the
 overlap mode and the simulator's delayed deliveries do). ``state_dict()`` returns copies.
 
+The local step's extras (:meth:`WorkerRole.set_local_step`): a learning-rate schedule, eta_t at
+the worker's own step t_i (:mod:`easgd.algorithms.schedules`), read by each role's
+``local_step``; and gradient clipping by global norm (:mod:`easgd.algorithms.clipping`), applied
+in :func:`gradient_step`, which every driver's step goes through. Both default to off, and then
+the step is bit for bit what it was without them.
+
 Hooks: :meth:`WorkerRole.incoming` calls the role's ``before_reply`` observers, applies the reply
 (:meth:`WorkerRole.apply_reply`, each algorithm's rule) and calls its ``after_reply`` observers,
 whichever driver delivers the reply (the simulator, the runtime's worker loop, the own-loop API);
@@ -27,7 +33,9 @@ from torch import Tensor
 
 from easgd import algorithms as alg
 from easgd.algorithms import inplace
+from easgd.algorithms.clipping import clip_grad_norm_
 from easgd.algorithms.inplace import Grad
+from easgd.algorithms.schedules import LearningRateSchedule
 from easgd.config.algorithm import AlgorithmConfig
 from easgd.roles.state import State, load_into, snapshot
 
@@ -55,6 +63,10 @@ class WorkerRole(ABC):
         """Observers of each reply, before it is applied (the variables still as they were)."""
         self.after_reply: list[ReplyHook] = []
         """Observers of each reply, once it is applied."""
+        self.schedule: LearningRateSchedule | None = None
+        """eta_t at local step t_i (None: the constant eta); see :meth:`set_local_step`."""
+        self.max_grad_norm: float | None = None
+        """Clip each gradient to this global 2-norm before the local step (None: never)."""
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -63,6 +75,30 @@ class WorkerRole(ABC):
                 f"{cls.__name__} overrides incoming(); implement apply_reply() instead "
                 "(incoming() calls the reply hooks around it)"
             )
+
+    def set_local_step(
+        self,
+        *,
+        schedule: LearningRateSchedule | None = None,
+        max_grad_norm: float | None = None,
+    ) -> WorkerRole:
+        """Use ``schedule`` (eta_t at t_i) and clip gradients to ``max_grad_norm``; returns self.
+
+        A constant schedule without warm-up is stored as None, so that the step computes exactly
+        what it does without a schedule.
+        """
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+        constant = schedule is None or (schedule.kind == "constant" and not schedule.warmup_steps)
+        self.schedule = None if constant else schedule
+        self.max_grad_norm = max_grad_norm
+        return self
+
+    def learning_rate_now(self, learning_rate: float) -> float:
+        """eta_t of this step t_i for the base rate eta (eta itself without a schedule)."""
+        if self.schedule is None:
+            return learning_rate
+        return self.schedule.learning_rate(self.step, learning_rate=learning_rate)
 
     def due(self) -> bool:
         """Whether this step starts with an exchange (t_i % tau == 0)."""
@@ -168,7 +204,7 @@ class NesterovWorker(WorkerRole):
             self.params,
             self.velocity,
             grad,
-            learning_rate=self.learning_rate,
+            learning_rate=self.learning_rate_now(self.learning_rate),
             momentum=self.momentum,
         )
         self.step += 1
@@ -261,7 +297,7 @@ class ElasticWorker(NesterovWorker):
         inplace.sgd_step_(
             self.params,
             grad,
-            learning_rate=self.learning_rate,
+            learning_rate=self.learning_rate_now(self.learning_rate),
             buffer=self._step_buffer,
             elastic_diff=self._pending_move,
         )
@@ -302,7 +338,10 @@ class DownpourWorker(WorkerRole):
 
     def local_step(self, grad: Grad) -> None:
         inplace.downpour_local_step_(
-            self.params, self.accumulated, grad, learning_rate=self.learning_rate
+            self.params,
+            self.accumulated,
+            grad,
+            learning_rate=self.learning_rate_now(self.learning_rate),
         )
         self.step += 1
 
@@ -321,6 +360,20 @@ class MDownpourWorker(WorkerRole):
         super().__init__(params, comm_period=1)
         self._grad = torch.empty_like(self.params)
         self._pending = False
+
+    def set_local_step(
+        self,
+        *,
+        schedule: LearningRateSchedule | None = None,
+        max_grad_norm: float | None = None,
+    ) -> WorkerRole:
+        super().set_local_step(schedule=schedule, max_grad_norm=max_grad_norm)
+        if self.schedule is not None:
+            raise ValueError(
+                "a learning-rate schedule acts on a worker's local step, and MDOWNPOUR's "
+                "gradient step is the server's; use a constant rate with mdownpour"
+            )
+        return self
 
     @property
     def pending_grad(self) -> Tensor | None:
@@ -429,8 +482,13 @@ def gradient_step(role: WorkerRole, gradient: GradientFn) -> float | Tensor:
 
     Elastic workers take the gradient at the point from before the elastic move (the role keeps
     it); DOWNPOUR workers at the center they just pulled; MDOWNPOUR at the look-ahead received.
+    With ``role.max_grad_norm`` the gradient (weight decay included) is clipped to that global
+    norm here, the one place every driver's step goes through; the role's ``local_step`` then
+    applies eta_t of its step t_i.
     """
     loss, grad = gradient(role.gradient_point())
+    if role.max_grad_norm is not None:
+        clip_grad_norm_(grad, max_norm=role.max_grad_norm)
     role.local_step(grad)
     return loss
 
@@ -442,13 +500,27 @@ def worker_step(role: WorkerRole, gradient: GradientFn, exchange: ExchangeFn) ->
 
 
 def make_worker_role(
-    config: AlgorithmConfig, params: Tensor, *, comm_period: int, scratch: Tensor | None = None
+    config: AlgorithmConfig,
+    params: Tensor,
+    *,
+    comm_period: int,
+    scratch: Tensor | None = None,
+    schedule: LearningRateSchedule | None = None,
+    max_grad_norm: float | None = None,
 ) -> WorkerRole:
     """The worker role of ``config.name`` starting from ``params``.
 
     ``scratch`` (optional): a buffer shaped like ``params`` where momentum workers write their
-    look-ahead point, typically :attr:`easgd.flat.FlatModel.flat_params`.
+    look-ahead point, typically :attr:`easgd.flat.FlatModel.flat_params`. ``schedule`` and
+    ``max_grad_norm``: the local step's extras (:meth:`WorkerRole.set_local_step`).
     """
+    role = _new_worker_role(config, params, comm_period=comm_period, scratch=scratch)
+    return role.set_local_step(schedule=schedule, max_grad_norm=max_grad_norm)
+
+
+def _new_worker_role(
+    config: AlgorithmConfig, params: Tensor, *, comm_period: int, scratch: Tensor | None
+) -> WorkerRole:
     spec = config.spec
     spec.check_comm_period(comm_period)
     if spec.elastic:

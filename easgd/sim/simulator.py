@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from easgd import algorithms as alg
+from easgd.algorithms.schedules import LearningRateSchedule
 from easgd.comm.compression import check_format
 from easgd.config.algorithm import AlgorithmConfig
 from easgd.roles import (
@@ -86,6 +87,10 @@ class SimConfig:
     """Wire format of exchanges (``comm.compression``), applied by :mod:`easgd.roles.links`."""
     error_feedback: bool = True
     """``comm.error_feedback``: increments carry their rounding into the next message."""
+    lr_schedule: LearningRateSchedule | None = None
+    """eta_t at each worker's local step t_i (None: the constant eta), as in a real run."""
+    max_grad_norm: float | None = None
+    """Clip each worker's gradients to this global norm (None: never), as in a real run."""
 
     def __post_init__(self) -> None:
         alg.hyperparams.check_num_workers(self.num_workers)
@@ -169,7 +174,13 @@ class Simulator:
         start = objective.initial_point()
         num_workers = sim.num_workers if algorithm.uses_server else 1
         self.workers: list[WorkerRole] = [
-            make_worker_role(algorithm, start, comm_period=sim.comm_period)
+            make_worker_role(
+                algorithm,
+                start,
+                comm_period=sim.comm_period,
+                schedule=sim.lr_schedule,
+                max_grad_norm=sim.max_grad_norm,
+            )
             for _ in range(num_workers)
         ]
         self.server: ServerRole | None = (

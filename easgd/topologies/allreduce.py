@@ -110,6 +110,9 @@ def _run_rank(
     flat = parts.flat_model(device)
     sampler = parts.sampler(rank, device=device)
     role = rank_worker(cfg.algorithm, flat, comm_period=cfg.comm.period)
+    role.set_local_step(
+        schedule=cfg.optim.schedule(cfg.steps_per_worker), max_grad_norm=cfg.optim.clip_grad_norm
+    )
     signature = parts.signature(flat.num_params, topology="allreduce")
     snapshots = RankSnapshots(
         checkpoint_dir(cfg), rank, num_workers=p, keep=cfg.checkpoint.keep, device=device

@@ -12,10 +12,12 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import threading
 from typing import Any
 
 from easgd.comm.groups import SERVER_RANK
 from easgd.config.schema import TrainConfig
+from easgd.parts import interrupt
 
 TOPOLOGY_MAINS = {
     "server": "easgd.topologies.server:run_server_topology",
@@ -24,6 +26,11 @@ TOPOLOGY_MAINS = {
     "sequential": "easgd.topologies.sequential:run_sequential",
 }
 """Topology name -> ``module:function`` of its process main (imported only when it runs)."""
+
+INTERRUPTIBLE = frozenset({"server", "sharded"})
+"""Topologies whose processes end cleanly on SIGINT/SIGTERM (:mod:`easgd.parts.interrupt`): a
+final snapshot and an ``interrupted`` summary, resumable with ``resume=``. The others keep
+Python's default (KeyboardInterrupt; the launcher's deadline)."""
 
 
 def topology_of(cfg: TrainConfig) -> str:
@@ -51,7 +58,15 @@ def role_name(rank: int) -> str:
 
 def run_process(cfg: TrainConfig) -> dict[str, Any] | None:
     """Run this process's part; the process that owns the run's record returns the summary."""
-    module, _, function = TOPOLOGY_MAINS[topology_of(cfg)].partition(":")
+    topology = topology_of(cfg)
+    module, _, function = TOPOLOGY_MAINS[topology].partition(":")
     main = getattr(importlib.import_module(module), function)
-    result: dict[str, Any] | None = main(cfg)
+    catch = topology in INTERRUPTIBLE and threading.current_thread() is threading.main_thread()
+    if catch:
+        interrupt.install()
+    try:
+        result: dict[str, Any] | None = main(cfg)
+    finally:
+        if catch:
+            interrupt.uninstall()
     return result

@@ -28,7 +28,11 @@ class SequentialRun:
         self.parts = parts
         self.flat: FlatModel = parts.flat_model(device)
         self.role: WorkerRole = make_worker_role(
-            cfg.algorithm, self.flat.initial_point(), comm_period=1
+            cfg.algorithm,
+            self.flat.initial_point(),
+            comm_period=1,
+            schedule=cfg.optim.schedule(cfg.steps_per_worker),
+            max_grad_norm=cfg.optim.clip_grad_norm,
         )
         self.sampler = parts.sampler(0, num_workers=1, device=device)
         self.test = (parts.split.test_x.to(device), parts.split.test_y.to(device))

@@ -48,7 +48,8 @@ def resumed_from(role: ServerRole, state: dict[str, Any] | None) -> tuple[int, R
         return 0, Resumed()
     role.load_state_dict(state["role"])
     finished = frozenset(int(r) for r in state["finished"])
-    return int(state["restarts"]) + 1, Resumed(int(state["exchanges"]), finished)
+    steps = {int(r): int(s) for r, s in state.get("steps", {}).items()}
+    return int(state["restarts"]) + 1, Resumed(int(state["exchanges"]), finished, steps)
 
 
 def serve_policy(cfg: TrainConfig) -> ServePolicy:
@@ -68,6 +69,7 @@ def supervise(
         stop_rule=record.stop_rule,
         total_steps=cfg.workers * cfg.steps_per_worker,
         progress=cfg.progress and record.lead,
+        steps_per_worker=cfg.steps_per_worker,
     )
     heartbeat = HeartbeatMonitor(
         store, timeout_s=cfg.comm.heartbeat_timeout_s, first_step_s=cfg.comm.timeout_s
@@ -166,6 +168,7 @@ def record_server_run(
         num_params=num_params,
         restarts=restarts,
         resumed_worker_steps={str(r): s for r, s in server.resumed_steps.items()},
+        resumed_exchanges=server.resumed_exchanges,
         failed_workers={str(r): why for r, why in outcome.failed_workers.items()},
         details={
             "shards": cfg.server.shards,

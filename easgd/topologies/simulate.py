@@ -175,6 +175,8 @@ def build_simulation(
         target_test_error=cfg.target_test_error,
         compression=cfg.comm.compression,
         error_feedback=cfg.comm.error_feedback,
+        lr_schedule=cfg.optim.schedule(cfg.steps_per_worker),
+        max_grad_norm=cfg.optim.clip_grad_norm,
     )
     return Simulator(cfg.algorithm, sim, objective), figures
 

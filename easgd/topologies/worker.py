@@ -70,6 +70,8 @@ class WorkerProcess:
             center.to(self.device),
             comm_period=cfg.comm.period,
             scratch=self.flat.flat_params,
+            schedule=cfg.optim.schedule(cfg.steps_per_worker),
+            max_grad_norm=cfg.optim.clip_grad_norm,
         )
         self.ledger = Ledger(role, cfg.algorithm.name) if cfg.checkpoint.ledger else None
         if state is not None:
