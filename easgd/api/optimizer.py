@@ -50,10 +50,11 @@ from easgd.api.naming import publish_optimizer
 from easgd.api.roles import DownpourOptimizerRole, ElasticOptimizerRole, ModelParams, OptimizerRole
 from easgd.api.session import Session
 from easgd.api.snapshots import WorkerPart, restore
+from easgd.comm.compression import Compression
 from easgd.comm.groups import SERVER_RANK, LaunchError
 from easgd.comm.heartbeat import LoopHeartbeat
 from easgd.comm.message import ServerRejected
-from easgd.comm.transport import PairTransport
+from easgd.comm.transport import PairTransport, pair_transport
 from easgd.engine.worker import WorkerLoop, WorkerOutcome, handshake
 
 
@@ -80,6 +81,14 @@ def _check_optimizer_covers_model(model: nn.Module, optimizer: torch.optim.Optim
             "the optimizer holds parameters that are not trainable parameters of the model; "
             "build it from model.parameters() of the model passed to ElasticOptimizer"
         )
+
+
+def _compression(run: dict[str, Any], elastic: bool, numel: int) -> Compression | None:
+    """The compression ``api.serve`` announced in the run description (None: float32)."""
+    name = str(run.get("compression", "none"))
+    if name == "none":
+        return None
+    return Compression(name, bool(run.get("error_feedback", True)), elastic, numel)
 
 
 class ElasticOptimizer(torch.optim.Optimizer):
@@ -114,7 +123,9 @@ class ElasticOptimizer(torch.optim.Optimizer):
         self.defaults = optimizer.defaults
         self.algorithm = algorithm
         if transport is None:
-            transport = PairTransport(
+            transport = pair_transport(
+                _compression(run, spec.elastic, model_params.numel),
+                worker=True,
                 peer=SERVER_RANK,
                 group=session.groups[session.env.rank],
                 numel=model_params.numel,

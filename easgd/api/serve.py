@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from easgd.algorithms.registry import spec_of
@@ -31,9 +32,10 @@ from easgd.api.optimizer import trainable_params
 from easgd.api.roles import ModelParams
 from easgd.api.session import Session
 from easgd.api.snapshots import run_description
+from easgd.comm.compression import Compression, check_format
 from easgd.comm.groups import LaunchError
 from easgd.comm.heartbeat import HeartbeatMonitor
-from easgd.comm.transport import PairTransport
+from easgd.comm.transport import pair_transport
 from easgd.config.algorithm import AlgorithmConfig
 from easgd.engine.server import ParameterServer, Resumed, ServePolicy
 from easgd.engine.supervisor import ServerOutcome, Supervision, Supervisor
@@ -82,6 +84,8 @@ def serve(
     max_update_norm: float | None = None,
     tensorboard: bool = True,
     hparams: dict[str, Any] | None = None,
+    compression: str = "none",
+    error_feedback: bool = True,
 ) -> nn.Module:
     """Rank 0: hold the center until every worker has closed; return ``model`` holding it.
 
@@ -94,7 +98,9 @@ def serve(
     snapshot of the server and every worker every ``checkpoint_every_s`` (None or 0: only at the
     end) in ``run_dir/checkpoints``; when ``resume``, every rank resumes from the newest
     committed one (without a run_dir: nothing is written). ``hparams`` are added to summary.json
-    and TensorBoard's HParams entry.
+    and TensorBoard's HParams entry. ``compression`` and ``error_feedback``: as
+    ``comm.compression`` and ``comm.error_feedback`` of easgd.train (float32 models only); the
+    workers learn them from the run description.
     """
     if not session.is_server:
         raise LaunchError(
@@ -103,6 +109,7 @@ def serve(
     _check(algorithm, worker_failure, eval_interval_s)
     config = AlgorithmConfig(name=algorithm, moving_rate=moving_rate, average_rate=average_rate)
     center = _Center(model, session, config, run_dir, resume=resume)
+    center.publish(compression, error_feedback)
     policy = ServePolicy(worker_failure == "continue", max_update_norm=max_update_norm)
     stop_rule = StopRule(max_wall_s=max_wall_s, target_test_error=target_test_error)
     runlog = RunLog(run_dir, tensorboard=tensorboard)  # run_dir None: records nothing
@@ -164,9 +171,25 @@ class _Center:
                 )
         description = run_description(self.directory, self.number, self.signature)
         dtype = str(self.params.dtype)
-        session.publish_run(
-            {"algorithm": config.name, "numel": self.params.numel, "dtype": dtype, **description}
-        )
+        self.role_spec = config.spec
+        self.published = {
+            "algorithm": config.name,
+            "numel": self.params.numel,
+            "dtype": dtype,
+            **description,
+        }
+
+    def publish(self, compression: str, error_feedback: bool) -> None:
+        """Tell the workers about the run, with the exchanges' compression (``api.serve``)."""
+        self.compression: Compression | None = None
+        info = dict(self.published)
+        if check_format(compression) != "none":
+            if self.params.dtype != torch.float32:
+                raise ValueError(f"api.serve(compression={compression!r}) needs float32 parameters")
+            elastic = self.role_spec.elastic
+            self.compression = Compression(compression, error_feedback, elastic, self.params.numel)
+            info.update(compression=compression, error_feedback=error_feedback)
+        self.session.publish_run(info)
 
     def supervise(
         self,
@@ -179,7 +202,9 @@ class _Center:
         """The parameter server over every worker's pair group, and its supervisor."""
         params, session = self.params, self.session
         transports = {
-            rank: PairTransport(peer=rank, group=group, numel=params.numel, dtype=params.dtype)
+            rank: pair_transport(
+                self.compression, peer=rank, group=group, numel=params.numel, dtype=params.dtype
+            )
             for rank, group in session.groups.items()
         }
         cut = None

@@ -44,6 +44,9 @@ ERROR_NON_FINITE = 2
 """EXCHANGE refused by the divergence guard: the payload is the center, reset to it."""
 ERROR_SERVER = 3
 """The server failed (an exception in the server, not the worker's fault); the run is over."""
+ERROR_FORMAT_MISMATCH = 4
+"""HELLO refused: the worker compresses with another ``comm.compression`` (the server's in
+``compression``)."""
 
 
 @dataclass
@@ -75,6 +78,9 @@ class Header:
     """worker -> server: the newest snapshot this worker has durably saved (0: none)."""
     redone_steps: int = 0
     """HELLO: steps this worker computed before the last crash and must now compute again."""
+    compression: int = 0
+    """The payload's wire format (index in easgd.comm.compression.FORMATS; 0: float32); on a
+    HELLO, the format the worker is configured with (the server refuses another)."""
 
     def encode(self) -> Tensor:
         """As the float64 tensor that travels."""

@@ -12,12 +12,13 @@ import datetime
 import random
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from easgd.comm.compression import FORMATS, Compression, WireError, WorkerLink, payload_bytes
 from easgd.comm.message import HEADER_SIZE, Header
 
 
@@ -91,6 +92,8 @@ class PairTransport:
         self._pin = pin
         self._out_buffer: Tensor | None = None
         self._in = torch.zeros(size, dtype=dtype)
+        self.compression: Compression | None = None
+        """Plain float32 messages (see :class:`CompressedTransport`)."""
         self.recv_timeout_s: float | None = None
         """How long a receive may wait (None: the process group's timeout). The server sets it
         long: a worker's liveness is judged by its heartbeat, not by a fixed deadline."""
@@ -165,3 +168,93 @@ class PairTransport:
             payload = self._in[-self.numel :]
             self._recv_into(payload)
         return header, payload
+
+
+class CompressedTransport(PairTransport):
+    """A :class:`PairTransport` whose exchanges carry compressed messages (``comm.compression``).
+
+    Every message is a header, then its payload (if any) as a second message: float32 ``numel``
+    values (the handshake's center, a refused update's center) or the compressed message's bytes,
+    as the header's ``compression`` field says; a compressed message in another format is
+    refused (:class:`easgd.comm.compression.WireError`). A worker's end (``worker=True``) holds
+    the :class:`WorkerLink`: it encodes every payload it sends and decodes every compressed reply
+    (the one place of each on a worker); every float32 center it receives restarts the link from
+    that center, as the server restarts its end when it sends one (:mod:`easgd.engine.server`).
+    A server's end moves messages as they are.
+    """
+
+    def __init__(self, *, compression: Compression, worker: bool, **pair: Any) -> None:
+        super().__init__(**pair)
+        if self.numel != compression.numel or self.dtype != torch.float32:
+            raise ValueError(
+                f"a compressed link carries {compression.numel} float32 values, "
+                f"not {self.numel} {self.dtype}"
+            )
+        self.compression = self._format = compression
+        self.code = FORMATS.index(compression.name)
+        self.link: WorkerLink | None = None
+        """The worker's end (None on the server, or before the handshake)."""
+        self._worker = worker
+        self._wire = torch.zeros(payload_bytes(compression.name, self.numel), dtype=torch.uint8)
+        self._in = torch.zeros(0)  # float32 centers only reach a worker: allocated there
+
+    def send(self, header: Header, payload: Tensor | None = None) -> None:
+        """Send one message; a worker's float32 payload leaves encoded."""
+        if payload is not None and payload.dtype != torch.uint8 and self._worker:
+            if self.link is None:
+                raise RuntimeError("a compressed exchange before the handshake")
+            payload = self.link.send(payload)
+        if payload is None or payload.dtype != torch.uint8:
+            self.send_control(header, payload)  # a float32 center (the server's refusal)
+            return
+        header.has_payload, header.compression = True, self.code
+        self._pause()
+        dist.send(header.encode(), self.peer, group=self.group)
+        dist.send(payload, self.peer, group=self.group)
+
+    def recv(self) -> tuple[Header, Tensor | None]:
+        """Receive one message: the worker gets its reply decoded, the server the bytes."""
+        self._recv_into(self._header)
+        header = Header.decode(self._header)
+        if not header.has_payload:
+            return header, None
+        if not header.compression:
+            return header, self._recv_center()
+        if header.compression != self.code:
+            got = FORMATS[header.compression] if header.compression < len(FORMATS) else "?"
+            raise WireError(f"a {got} message on a {self._format.name} link")
+        self._recv_into(self._wire)
+        if self.link is None:
+            return header, self._wire
+        return header, self.link.receive(self._wire)
+
+    def send_control(self, header: Header, payload: Tensor | None = None) -> None:
+        """:meth:`PairTransport.send_control`; a message with no payload announces this link's
+        format (the HELLO the server checks)."""
+        header.compression = 0 if payload is not None else self.code
+        super().send_control(header, payload)
+
+    def recv_control(self) -> tuple[Header, Tensor | None]:
+        """:meth:`PairTransport.recv_control`; a worker restarts its link from the center."""
+        self._recv_into(self._header)
+        header = Header.decode(self._header)
+        return header, self._recv_center() if header.has_payload else None
+
+    def _recv_center(self) -> Tensor:
+        """A float32 center (a worker restarts its link from it)."""
+        if self._in.numel() != self.numel:
+            self._in = torch.zeros(self.numel, dtype=torch.float32)
+        self._recv_into(self._in)
+        if self._worker:
+            self.link = self._format.worker_link(self._in)
+        return self._in
+
+
+def pair_transport(
+    compression: Compression | None, *, worker: bool = False, **pair: Any
+) -> PairTransport:
+    """A :class:`PairTransport` (``pair``: its arguments), compressed when ``compression`` is
+    given (``worker``: this is the worker's end, which encodes and decodes)."""
+    if compression is None:
+        return PairTransport(**pair)
+    return CompressedTransport(compression=compression, worker=worker, **pair)

@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from easgd.algorithms.schedules import SCHEDULES, LearningRateSchedule
+from easgd.comm.compression import check_format as check_compression
 from easgd.config.algorithm import AlgorithmConfig
 
 BACKENDS = ("auto", "gloo", "nccl")
@@ -50,6 +51,11 @@ class CommConfig:
     heartbeat_timeout_s: float = 10.0
     """The server declares a worker hung when its training loop has not advanced for this long,
     or for 10x its own measured time per step if that is longer (a slow worker is not hung)."""
+    compression: str = "none"
+    """Wire format of exchanged differences: none (float32), bf16, fp16 or int8 (one scale per
+    256 values); see easgd.comm.compression and easgd.roles.links for what is quantized."""
+    error_feedback: bool = True
+    """With compression: carry each increment's rounding (true minus decoded) into the next one."""
 
     def __post_init__(self) -> None:
         if isinstance(self.period, bool) or int(self.period) != self.period or self.period < 1:
@@ -62,6 +68,11 @@ class CommConfig:
             raise ValueError(f"comm.slowdown factors must be >= 1, got {list(self.slowdown)!r}")
         if self.timeout_s <= 0 or self.heartbeat_timeout_s <= 0:
             raise ValueError("comm.timeout_s and comm.heartbeat_timeout_s must be > 0")
+        check_compression(self.compression)
+        if not isinstance(self.error_feedback, bool):
+            raise ValueError(
+                f"comm.error_feedback must be true or false, got {self.error_feedback!r}"
+            )
 
 
 @dataclass
@@ -485,6 +496,7 @@ class TrainConfig:
         self.algorithm.spec.check_overlap(self.comm.overlap)
         _check_topology(self)
         _check_faults(self)
+        _check_compression(self)
         _check_optim(self)
         if self.comm.backend == "nccl":
             import torch
@@ -552,6 +564,21 @@ def _rank_layout(cfg: TrainConfig) -> tuple[int, str]:
     if k == 1:
         return 1, f"rank 0 is the server, ranks 1..{p} the workers"
     return k, f"ranks 0..{k - 1} are the shards, ranks {k}..{k + p - 1} the workers"
+
+
+def _check_compression(cfg: TrainConfig) -> None:
+    """comm.compression runs on the server topology (sharded too) and in mode=simulate."""
+    name = cfg.comm.compression
+    if name != "none" and cfg.mode != "simulate" and cfg.topology != "server":
+        raise ValueError(
+            f"comm.compression={name} runs with topology=server (sharded too) and mode=simulate; "
+            "set comm.compression=none"
+        )
+    if name != "none" and cfg.checkpoint.ledger and cfg.algorithm.spec.ledger == "payload":
+        raise ValueError(
+            f"checkpoint.ledger sums the pushes sent, not the compressed ones the center applies "
+            f"(comm.compression={name}); set checkpoint.ledger=false"
+        )
 
 
 def _check_faults(cfg: TrainConfig) -> None:

@@ -38,7 +38,9 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
+from easgd.comm.compression import FORMATS, Compression, WireError
 from easgd.comm.message import (
+    ERROR_FORMAT_MISMATCH,
     ERROR_NON_FINITE,
     ERROR_SERVER,
     ERROR_SHAPE_MISMATCH,
@@ -47,6 +49,7 @@ from easgd.comm.message import (
 )
 from easgd.comm.transport import PairTransport
 from easgd.roles import ServerRole, UpdateRefused
+from easgd.roles.links import ServerLink
 
 if TYPE_CHECKING:
     from easgd.recovery.sharded_snapshot import BarrierCut
@@ -130,6 +133,11 @@ def _send(
         raise PeerLost(f"{type(err).__name__}: {err}") from err
 
 
+def _compression(transport: PairTransport) -> Compression | None:
+    """The transport's compression (None: float32; test doubles may not say)."""
+    return getattr(transport, "compression", None)
+
+
 class ParameterServer:
     """Serves ``transports`` (worker rank -> pair transport) with ``role``, one thread per worker."""
 
@@ -166,6 +174,9 @@ class ParameterServer:
         self.before_update: list[UpdateHook] = []
         self.on_exchange: list[ExchangeHook] = []
         self.on_worker_end: list[WorkerEndHook] = []
+        self.links: dict[int, ServerLink] = {}
+        """Each worker's compressed link (comm.compression; none: no entry), restarted from every
+        float32 center the worker is sent (the handshake, a refused update)."""
 
     # -- threads -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -226,9 +237,9 @@ class ParameterServer:
             if header.op == Op.HELLO:
                 raise PeerLost(f"worker {rank} said HELLO twice")
             elif header.op == Op.EXCHANGE:
-                self._exchange(rank, transport, header, payload)
+                self._exchange(rank, transport, header, self._decode(rank, payload))
             elif header.op == Op.DONE:
-                self._done(rank, transport, header, payload)
+                self._done(rank, transport, header, self._decode(rank, payload))
                 return
             elif header.op == Op.FAILED:
                 self._failed(rank, header)
@@ -247,9 +258,36 @@ class ParameterServer:
         if not exchange:
             return self.role.handle(rank, payload)
         limit = self.policy.max_update_norm
+        link = self.links.get(rank)
+        if link is not None:  # the compressed reply; the hooks read link.decoded_reply
+            return link.apply(self.role, rank, payload, max_update_norm=limit)
         return self.role.handle(rank, payload, out=payload, max_update_norm=limit)
 
+    def _decode(self, rank: int, payload: Tensor | None) -> Tensor | None:
+        """A compressed payload as the role reads it (a wrong format or size loses the worker)."""
+        link = self.links.get(rank)
+        if link is None or payload is None:
+            return payload
+        try:
+            return link.decode(payload)
+        except WireError as err:
+            raise PeerLost(f"worker {rank}: {err}") from err
+
+    def _restart_link(self, rank: int, transport: PairTransport, center: Tensor) -> None:
+        """Both ends of a compressed link restart from a float32 center sent to the worker."""
+        compression = _compression(transport)
+        if compression is not None:
+            self.links[rank] = ServerLink(compression, center)
+
     def _hello(self, rank: int, transport: PairTransport, header: Header) -> None:
+        expected = _compression(transport)
+        code = 0 if expected is None else FORMATS.index(expected.name)
+        if header.compression != code:
+            _send(transport, Header(Op.REPLY, error=ERROR_FORMAT_MISMATCH), control=True)
+            raise PeerLost(
+                f"worker {rank} sends comm.compression={FORMATS[header.compression]}, the server "
+                f"expects {FORMATS[code]}; every rank must use the same comm.compression"
+            )
         if header.num_params != transport.numel:
             log.error(
                 "worker %d has %d parameters, the server's model has %d",
@@ -271,6 +309,7 @@ class ParameterServer:
             self.stats[rank].last_read = self.role.updates
         self.stats[rank].steps = self.resumed_steps[rank] = header.step
         self.stats[rank].redone_steps = header.redone_steps
+        self._restart_link(rank, transport, center)
         _send(transport, Header(Op.REPLY, step=self.role.updates), center, control=True)
 
     def _exchange(
@@ -295,6 +334,7 @@ class ParameterServer:
             else:
                 reply = self.role.reply_center(out=payload)
                 stats.last_read = self.role.updates
+                self._restart_link(rank, transport, reply)
             exchanges = self.exchanges
         if refusal is not None:
             # divergence guard: the center never sees it; the worker restarts from the center
@@ -317,6 +357,9 @@ class ParameterServer:
         )
         _send(transport, reply_header, reply)
         stats.steps, stats.exchanges = header.step, stats.exchanges + 1
+        link = self.links.get(rank)
+        if link is not None:
+            reply = link.decoded_reply  # what the worker applies
         for hook in self.on_exchange:
             hook(rank, header, reply, staleness)
 

@@ -27,7 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from easgd.comm.compression import FORMATS
 from easgd.comm.message import (
+    ERROR_FORMAT_MISMATCH,
     ERROR_NON_FINITE,
     ERROR_SERVER,
     ERROR_SHAPE_MISMATCH,
@@ -57,6 +59,11 @@ def handshake(transport: WorkerTransport, *, step: int = 0, redone_steps: int = 
         Header(Op.HELLO, step=step, num_params=transport.numel, redone_steps=redone_steps)
     )
     header, center = transport.recv_control()
+    if header.error == ERROR_FORMAT_MISMATCH:
+        raise ServerRejected(
+            f"the server expects comm.compression={FORMATS[header.compression]}; every rank "
+            "must use the same comm.compression"
+        )
     if header.error == ERROR_SHAPE_MISMATCH or center is None:
         raise ServerRejected(
             f"this worker's model has {transport.numel} parameters but the server's has "

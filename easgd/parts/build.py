@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from easgd.comm.compression import Compression
 from easgd.comm.groups import SERVER_RANK
-from easgd.comm.transport import Delay, PairTransport, WorkerTransport
+from easgd.comm.transport import Delay, PairTransport, WorkerTransport, pair_transport
 from easgd.config.schema import DataConfig, ModelConfig, TrainConfig
 from easgd.data.split import Split
 
@@ -111,9 +112,18 @@ def device_for(cfg: TrainConfig, local_rank: int) -> torch.device:
 
 
 def transport_for(
-    cfg: TrainConfig, peer: int, group: Any, numel: int, own_rank: int, *, pin_memory: bool = False
+    cfg: TrainConfig,
+    peer: int,
+    group: Any,
+    numel: int,
+    own_rank: int,
+    *,
+    pin_memory: bool = False,
+    worker: bool = False,
 ) -> PairTransport:
-    return PairTransport(
+    """The pair transport to ``peer`` (compressed with ``comm.compression``; ``worker``: this is
+    the worker's end, which encodes and decodes)."""
+    pair: dict[str, Any] = dict(
         pin_memory=pin_memory,
         peer=peer,
         group=group,
@@ -121,6 +131,11 @@ def transport_for(
         delay=Delay(cfg.comm.latency_ms, cfg.comm.jitter_ms),
         seed=cfg.seed * 7919 + own_rank * 31 + peer,
     )
+    comm, compression = cfg.comm, None
+    if comm.compression != "none":
+        elastic = cfg.algorithm.spec.elastic
+        compression = Compression(comm.compression, comm.error_feedback, elastic, numel)
+    return pair_transport(compression, worker=worker, **pair)
 
 
 def worker_transport(
@@ -131,14 +146,16 @@ def worker_transport(
     shards = cfg.server.shards
     if shards == 1:
         return transport_for(
-            cfg, SERVER_RANK, groups[own_rank], numel, own_rank, pin_memory=pin_memory
+            cfg, SERVER_RANK, groups[own_rank], numel, own_rank, pin_memory=pin_memory, worker=True
         )
     from easgd.comm.sharded import ShardedTransport
     from easgd.roles.sharded import shard_bounds
 
     bounds = shard_bounds(numel, shards)
     links = [
-        transport_for(cfg, shard, groups[shard], hi - lo, own_rank, pin_memory=pin_memory)
+        transport_for(
+            cfg, shard, groups[shard], hi - lo, own_rank, pin_memory=pin_memory, worker=True
+        )
         for shard, (lo, hi) in enumerate(bounds)
     ]
     return ShardedTransport(links, bounds)

@@ -124,17 +124,44 @@ class ElasticServer(ServerRole):
         reply = torch.empty_like(self.center) if out is None else out
         if max_update_norm is None:
             inplace.elastic_update_(self.center, payload, reply, moving_rate=self.moving_rate)
-        else:
-            # two passes only when guarded: e first (and its norm), the center after the check
-            norm = inplace.elastic_difference_(
-                reply, payload, self.center, moving_rate=self.moving_rate
-            )
-            if not norm <= max_update_norm:
-                raise UpdateRefused(
-                    "non-finite values" if not math.isfinite(norm)
-                    else f"update norm {norm:.3g} > max_update_norm {max_update_norm:g}"
-                )  # fmt: skip
-            self.center.add_(reply)
+            self.updates += 1
+            return reply
+        return self._two_pass(payload, reply, max_update_norm, None)
+
+    def handle_quantized(
+        self,
+        worker: int,
+        payload: Tensor,
+        quantize: Callable[[Tensor], object],
+        *,
+        out: Tensor,
+        max_update_norm: float | None = None,
+    ) -> Tensor:
+        """:meth:`handle` for a rule whose reply is an increment both ends apply (the elastic
+        difference): ``quantize(reply)`` replaces the reply in place by its decoded value before
+        the center moves by it, so worker and server apply the same bits
+        (:mod:`easgd.roles.links`). Rules that reply a state are compressed outside the role."""
+        return self._two_pass(payload, out, max_update_norm, quantize)
+
+    def _two_pass(
+        self,
+        payload: Tensor,
+        reply: Tensor,
+        max_update_norm: float | None,
+        quantize: Callable[[Tensor], object] | None,
+    ) -> Tensor:
+        """e first (and its norm, checked), the center after it (guarded or quantized)."""
+        norm = inplace.elastic_difference_(
+            reply, payload, self.center, moving_rate=self.moving_rate
+        )
+        if max_update_norm is not None and not norm <= max_update_norm:
+            raise UpdateRefused(
+                "non-finite values" if not math.isfinite(norm)
+                else f"update norm {norm:.3g} > max_update_norm {max_update_norm:g}"
+            )  # fmt: skip
+        if quantize is not None:
+            quantize(reply)
+        self.center.add_(reply)
         self.updates += 1
         return reply
 

@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from easgd.comm.compression import payload_bytes
+
 FLOAT_BYTES = 4
 """Messages carry float32 parameters."""
 
@@ -116,9 +118,12 @@ class ServerQueue:
         return ExchangeTimes(worker, sent, arrived, served, done, done + self.cost.one_way)
 
 
-def message_bytes(num_params: int) -> int:
-    """Bytes of one message carrying ``num_params`` float32 values."""
-    return num_params * FLOAT_BYTES + HEADER_BYTES
+def message_bytes(num_params: int, compression: str = "none") -> int:
+    """Bytes of one message carrying ``num_params`` values: float32, or in the compressed format
+    ``compression`` (:func:`easgd.comm.compression.payload_bytes`, its prefix included)."""
+    if compression == "none":
+        return num_params * FLOAT_BYTES + HEADER_BYTES
+    return payload_bytes(compression, num_params) + HEADER_BYTES
 
 
 def exchange_cost(
@@ -128,12 +133,17 @@ def exchange_cost(
     service_s: float,
     num_params: int,
     step_time_s: float,
+    compression: str = "none",
 ) -> ExchangeCost:
-    """Physical figures -> charges in steps: every time divided by the model's step time."""
+    """Physical figures -> charges in steps: every time divided by the model's step time.
+
+    Request and reply carry ``num_params`` values each in the wire format ``compression``."""
     if step_time_s <= 0:
         raise ValueError(f"cost.step_time_s must be > 0, got {step_time_s!r}")
     transfer_s = (
-        0.0 if bandwidth_gbps is None else message_bytes(num_params) * 8 / (bandwidth_gbps * 1e9)
+        0.0
+        if bandwidth_gbps is None
+        else message_bytes(num_params, compression) * 8 / (bandwidth_gbps * 1e9)
     )
     return ExchangeCost(
         latency=latency_s / step_time_s,

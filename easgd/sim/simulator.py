@@ -37,6 +37,7 @@ from torch import Tensor
 
 from easgd import algorithms as alg
 from easgd.algorithms.schedules import LearningRateSchedule
+from easgd.comm.compression import check_format
 from easgd.config.algorithm import AlgorithmConfig
 from easgd.roles import (
     GradientFn,
@@ -47,6 +48,7 @@ from easgd.roles import (
     make_worker_role,
     worker_step,
 )
+from easgd.roles.links import ServerLink, WorkerLink, compression_of
 from easgd.sim.cost import ExchangeCost, ExchangeTimes, ServerQueue, ring_allreduce_time
 from easgd.sim.objectives import Objective
 
@@ -88,6 +90,10 @@ class SimConfig:
     """Stop at the first evaluation whose test error is at most this (None: never)."""
     record_exchanges: bool = False
     """With a cost: keep every exchange's :class:`ExchangeTimes` in the result."""
+    compression: str = "none"
+    """Wire format of exchanges (``comm.compression``), applied by :mod:`easgd.roles.links`."""
+    error_feedback: bool = True
+    """``comm.error_feedback``: increments carry their rounding into the next message."""
     lr_schedule: LearningRateSchedule | None = None
     """eta_t at each worker's local step t_i (None: the constant eta), as in a real run."""
     max_grad_norm: float | None = None
@@ -127,6 +133,14 @@ class SimConfig:
             raise ValueError(f"sim.steps_per_worker must be >= 1, got {self.steps_per_worker!r}")
         if self.duration == float("inf") and self.steps_per_worker is None:
             raise ValueError("an infinite sim.duration needs sim.steps_per_worker")
+        check_format(self.compression)
+        if self.compression != "none" and (
+            self.schedule == "synchronous" or self.read_staleness or self.push_delay
+        ):
+            raise ValueError(
+                "comm.compression is simulated on the asynchronous and round_robin schedules "
+                "without read_staleness or push_delay"
+            )
 
 
 @dataclass
@@ -208,6 +222,16 @@ class Simulator:
         self._round_time = 0.0  # the synchronous schedule's ring all-reduce per round
         if sim.cost is not None and sim.schedule == "synchronous":
             self._round_time = ring_allreduce_time(sim.cost, num_workers)
+        self.links: list[tuple[WorkerLink, ServerLink]] = []
+        """Each worker's compressed link to the server (empty: float32 messages)."""
+        if self.server is not None and sim.compression != "none":
+            compression = compression_of(
+                algorithm, sim.compression, sim.error_feedback, start.numel()
+            )
+            self.links = [
+                (compression.worker_link(start), ServerLink(compression, start))
+                for _ in self.workers
+            ]
 
     # -- the channel between a worker and the server ---------------------------------------
     def _delayed(self) -> bool:
@@ -239,6 +263,10 @@ class Simulator:
         server = self.server
         assert server is not None
         self.exchanges += 1
+        if self.links:
+            worker_link, server_link = self.links[worker]
+            wire = server_link.handle(server, worker, worker_link.send(payload))
+            return worker_link.receive(wire)
         if not self._delayed():
             reply = server.handle(worker, payload)
             self._record_center()
@@ -460,8 +488,12 @@ class _CostClock:
                 return
             times = self.queue.book(worker, time)
             payload = role.outgoing()
-            # a copy: what was sent must not change while it travels (roles may update in place)
-            self.booked.append((times, None if payload is None else payload.clone()))
+            if self.sim.links:  # a new message: it does not change while it travels
+                payload = self.sim.links[worker][0].send(payload)
+            elif payload is not None:
+                # a copy: what was sent must not change while it travels (roles update in place)
+                payload = payload.clone()
+            self.booked.append((times, payload))
             self.push(times.served, worker, _SERVE)
             if not self.overlap:
                 return  # the gradient step waits for the reply
@@ -476,12 +508,17 @@ class _CostClock:
         sim.exchanges += 1
         if sim.sim.record_exchanges:
             sim._exchange_log.append(times)
-        reply = sim.server.handle(times.worker, payload)
+        if sim.links:
+            reply = sim.links[times.worker][1].handle(sim.server, times.worker, payload)
+        else:
+            reply = sim.server.handle(times.worker, payload)
         self.push(times.replied, times.worker, _REPLY, reply)
 
     def receive(self, worker: int, time: float, reply: Tensor | None, *, finishing: bool) -> None:
         """A reply lands: apply it, then go on with the step (blocking) or the waiting one."""
         if reply is not None:
+            if self.sim.links:
+                reply = self.sim.links[worker][0].receive(reply)
             self.sim.workers[worker].incoming(reply)
         if finishing:
             return

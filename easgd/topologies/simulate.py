@@ -37,6 +37,7 @@ from easgd.parts.assembly import RunParts, eval_every
 from easgd.parts.runlog import RunLog
 from easgd.parts.summary import RunFigures, Summary
 from easgd.roles import gradient_step, make_server_role, make_worker_role
+from easgd.roles.links import ServerLink, compression_of
 from easgd.sim import ClassifierObjective, SimConfig, SimResult, Simulator
 from easgd.sim.cost import ExchangeCost, cached, exchange_cost, measure_gloo_exchange, median_time_s
 from easgd.topologies.simulate_tags import WorkerTags
@@ -107,6 +108,7 @@ def resolve_cost(cfg: TrainConfig, objective: ClassifierObjective) -> CostFigure
             service_s=service_s,
             num_params=numel,
             step_time_s=step_time_s,
+            compression=cfg.comm.compression,
         )
     return CostFigures(cost.name, step_time_s, latency_s, bandwidth_gbps, service_s, charges)
 
@@ -137,12 +139,23 @@ def _measured_service_s(cfg: TrainConfig, objective: ClassifierObjective) -> flo
     start = objective.initial_point()
     server = make_server_role(cfg.algorithm, start, num_workers=cfg.workers)
     payload = start + 1e-3 if cfg.algorithm.elastic else torch.zeros_like(start)
+    comm = cfg.comm
+    if comm.compression != "none":  # the server decodes and encodes too
+        compression = compression_of(
+            cfg.algorithm, comm.compression, comm.error_feedback, start.numel()
+        )
+        link, wire = ServerLink(compression, start), compression.worker_link(start).send(payload)
 
     def serve() -> None:
-        server.handle(0, payload)
+        if comm.compression != "none":
+            link.handle(server, 0, wire)
+        else:
+            server.handle(0, payload)
 
     family = "elastic" if cfg.algorithm.elastic else cfg.algorithm.name  # the cache key
     key = {"what": "service", "algorithm": family, "num_params": objective.flat.num_params}
+    if comm.compression != "none":
+        key.update(compression=comm.compression, error_feedback=comm.error_feedback)
     return float(cached(key, lambda: {"s": median_time_s(serve, repeats=30)})["s"])
 
 
@@ -175,6 +188,8 @@ def build_simulation(
         overlap=cfg.comm.overlap,
         steps_per_worker=cfg.steps_per_worker,
         target_test_error=cfg.target_test_error,
+        compression=cfg.comm.compression,
+        error_feedback=cfg.comm.error_feedback,
         lr_schedule=cfg.optim.schedule(cfg.steps_per_worker),
         max_grad_norm=cfg.optim.clip_grad_norm,
     )
