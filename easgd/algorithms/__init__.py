@@ -1,4 +1,4 @@
-"""The update rules of the spec (shared/reference/algorithms.md) as pure functions over tensors.
+"""The update rules of the spec (docs/algorithms.md) as pure functions over tensors.
 
 This package owns the math only: it never imports ``torch.distributed``. The simulator and the
 distributed runtime both compose these functions, so there is one copy of every equation.

@@ -1,6 +1,6 @@
 """Periodic model averaging: local SGD and DiLoCo, the methods people pick instead of EASGD.
 
-Notation of shared/reference/algorithms.md: p workers, worker i holds x_i (and a Nesterov velocity
+Notation of docs/algorithms.md: p workers, worker i holds x_i (and a Nesterov velocity
 v_i for an inner momentum step), the center x~ is replicated on every rank (or kept by the
 simulator's server), tau (DiLoCo's H) local steps between averaging rounds.
 

@@ -27,7 +27,7 @@ from easgd.algorithms.registry import AlgorithmSpec, names, spec_of
 
 @dataclass
 class AlgorithmConfig:
-    """One update rule of shared/reference/algorithms.md and its hyperparameters."""
+    """One update rule of docs/algorithms.md and its hyperparameters."""
 
     name: str = "eamsgd"
     """One of easgd, eamsgd, downpour, adownpour, mvadownpour, mdownpour, localsgd, diloco, sgd,
