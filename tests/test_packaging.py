@@ -123,7 +123,10 @@ def test_the_main_job_runs_from_an_empty_folder(venv: Path, empty: Path) -> None
     overrides = [f"steps_per_worker={STEPS}", "progress=false", "tensorboard=false"]
     launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORKERS + 1}"]
     checked([str(venv / "bin" / "python"), *launch, "-m", "easgd.train", *overrides], empty)
-    (summary_file,) = (empty / "runs").glob("*/summary.json")
+    (summary_file,) = [
+        p for p in (empty / "runs").glob("*/summary.json") if p.parent.name != "latest"
+    ]
+    assert (empty / "runs" / "latest").resolve() == summary_file.parent.resolve()
     summary = json.loads(summary_file.read_text())
     assert summary["workers"] == WORKERS and summary["steps_per_worker"] == STEPS
     assert summary["worker_steps"] == WORKERS * STEPS and summary["stop_reason"] == "steps"

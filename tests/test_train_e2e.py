@@ -137,7 +137,7 @@ def test_help_lists_the_config_groups() -> None:
     result = run([sys.executable, "-m", "easgd.train", "--help"], timeout=60)
     assert result.returncode == 0
     for line in [
-        "algorithm: adownpour, asgd, downpour, eamsgd, easgd, mdownpour, msgd, mvadownpour, mvasgd, sgd",
+        "algorithm: adownpour, asgd, diloco, downpour, eamsgd, easgd, localsgd, mdownpour, msgd, mvadownpour, mvasgd, sgd",
         "data: cifar10, digits, mnist, mnist1d, synthetic",
         "model: cifar7, cnn1d, lenet, mlp",
         "cost: ethernet_10g, ethernet_1g, infiniband_hdr, measured, pcie_node, zero",
