@@ -4,13 +4,13 @@ Roles know what to send and how to apply a reply; they never move bytes. The sim
 distributed runtime are two drivers of the same roles.
 """
 
+from easgd.roles.factory import make_server_role, make_worker_role
 from easgd.roles.server import (
     DownpourServer,
     ElasticServer,
     MDownpourServer,
     ServerRole,
     UpdateRefused,
-    make_server_role,
 )
 from easgd.roles.worker import (
     DownpourWorker,
@@ -22,7 +22,6 @@ from easgd.roles.worker import (
     WorkerRole,
     exchange_if_due,
     gradient_step,
-    make_worker_role,
     worker_step,
 )
 

@@ -22,7 +22,6 @@ from torch import Tensor
 
 from easgd import algorithms as alg
 from easgd.algorithms import inplace
-from easgd.config.algorithm import AlgorithmConfig
 from easgd.roles.state import State, load_into, snapshot
 
 
@@ -283,19 +282,3 @@ class MDownpourServer(ServerRole):
 
     def _tensors(self) -> dict[str, Tensor]:
         return {**super()._tensors(), "velocity": self.velocity}
-
-
-def make_server_role(config: AlgorithmConfig, center: Tensor, *, num_workers: int) -> ServerRole:
-    """The server role of ``config.name`` holding ``center``."""
-    spec = config.spec
-    if spec.elastic:
-        return ElasticServer(center, moving_rate=config.resolved_moving_rate(num_workers))
-    if spec.family == "averaging":  # its module imports this one: imported here
-        from easgd.roles.averaging import AveragingServer
-
-        return AveragingServer(config, center, num_workers=num_workers)
-    if spec.server_momentum:
-        return MDownpourServer(center, learning_rate=config.learning_rate, momentum=config.momentum)
-    if spec.family == "downpour":
-        return DownpourServer(center, average=config.averages, average_rate=config.average_rate)
-    raise ValueError(f"{config.name!r} runs without a server (sequential baseline)")

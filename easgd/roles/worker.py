@@ -36,7 +36,6 @@ from easgd.algorithms import inplace
 from easgd.algorithms.clipping import clip_grad_norm_
 from easgd.algorithms.inplace import Grad
 from easgd.algorithms.schedules import LearningRateSchedule
-from easgd.config.algorithm import AlgorithmConfig
 from easgd.roles.state import State, load_into, snapshot
 
 GradientFn = Callable[[Tensor], tuple[float | Tensor, Grad]]
@@ -497,51 +496,3 @@ def worker_step(role: WorkerRole, gradient: GradientFn, exchange: ExchangeFn) ->
     """One step t_i of a worker: the exchange when due, then the gradient step. Returns the loss."""
     exchange_if_due(role, exchange)
     return gradient_step(role, gradient)
-
-
-def make_worker_role(
-    config: AlgorithmConfig,
-    params: Tensor,
-    *,
-    comm_period: int,
-    scratch: Tensor | None = None,
-    schedule: LearningRateSchedule | None = None,
-    max_grad_norm: float | None = None,
-) -> WorkerRole:
-    """The worker role of ``config.name`` starting from ``params``.
-
-    ``scratch`` (optional): a buffer shaped like ``params`` where momentum workers write their
-    look-ahead point, typically :attr:`easgd.flat.FlatModel.flat_params`. ``schedule`` and
-    ``max_grad_norm``: the local step's extras (:meth:`WorkerRole.set_local_step`).
-    """
-    role = _new_worker_role(config, params, comm_period=comm_period, scratch=scratch)
-    return role.set_local_step(schedule=schedule, max_grad_norm=max_grad_norm)
-
-
-def _new_worker_role(
-    config: AlgorithmConfig, params: Tensor, *, comm_period: int, scratch: Tensor | None
-) -> WorkerRole:
-    spec = config.spec
-    spec.check_comm_period(comm_period)
-    if spec.elastic or spec.family == "averaging":
-        from easgd.roles.averaging import AveragingWorker  # it imports this module
-
-        return (ElasticWorker if spec.elastic else AveragingWorker)(
-            params,
-            comm_period=comm_period,
-            learning_rate=config.learning_rate,
-            momentum=config.momentum,
-            scratch=scratch,
-        )
-    if spec.server_momentum:  # the server steps from the gradients its workers push
-        return MDownpourWorker(params)
-    if spec.family == "downpour":
-        return DownpourWorker(params, comm_period=comm_period, learning_rate=config.learning_rate)
-    return SequentialWorker(
-        params,
-        learning_rate=config.learning_rate,
-        momentum=config.momentum,
-        average=config.averages,
-        average_rate=config.average_rate,
-        scratch=scratch,
-    )
