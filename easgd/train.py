@@ -16,7 +16,6 @@ python -m easgd.train --help
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -31,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from easgd.comm.groups import DistEnv, LaunchError, under_launcher
 from easgd.config.rundir import (
     INTERRUPTED,
+    FolderState,
     check_run_dir,
     record_start,
     remove_if_empty,
@@ -82,7 +82,7 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
     try:
         summary = launch(config)
     except BaseException as err:  # the launcher's SignalException, KeyboardInterrupt, a failure
-        if _interrupted(folder):
+        if FolderState.read(folder).interrupted:
             _hint_resume(config, folder)
             signum = int(getattr(err, "sigval", signal.SIGINT))
             raise SystemExit(128 + signum) from None  # the run ended cleanly: no traceback
@@ -94,14 +94,6 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
 
 def _overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task)
-
-
-def _interrupted(folder: Path) -> bool:
-    """Whether the run in ``folder`` ended on SIGINT/SIGTERM with its summary written."""
-    try:
-        return json.loads((folder / "summary.json").read_text()).get("stop_reason") == INTERRUPTED
-    except (OSError, ValueError):
-        return False
 
 
 def _hint_resume(config: TrainConfig, folder: Path) -> None:

@@ -100,8 +100,11 @@ def test_a_finished_run_is_refused_and_an_interrupted_one_is_not(in_tmp: Path, r
         check_run_dir(in_tmp / "done", cfg, restart=False)
     assert check_run_dir(in_tmp / "done", cfg, restart=True).finished  # a restart ends at once
     _summary(in_tmp / "stopped", "interrupted")
-    assert not check_run_dir(in_tmp / "stopped", cfg, restart=False).finished
-    assert not FolderState.read(in_tmp / "empty").started
+    stopped = check_run_dir(in_tmp / "stopped", cfg, restart=False)
+    assert stopped.interrupted and not stopped.finished
+    empty = FolderState.read(in_tmp / "empty")
+    assert empty.summary is None and empty.signature is None
+    assert not empty.interrupted and not empty.finished
 
 
 @pytest.mark.parametrize(

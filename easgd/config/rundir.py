@@ -1,7 +1,7 @@
 """Run folders: their names, the ``runs/latest`` link, ``resume=``, and what a folder holds.
 
 A fresh run gets a folder of its own, ``runs/<date>_<time>_<algorithm>_<4 hex>``, that no other run
-shares: the suffix is random, and a self-launched run creates its folder exclusively. The ranks of
+shares: two runs started in the same second differ in their random suffix. The ranks of
 one torchrun job must agree on the folder without talking, so under ``torchrun --standalone``
 (whose rendezvous id is a random UUID) the time is the torchrun agent's start time, read from
 ``/proc`` (the same for every local rank and across the job's restarts), and the suffix comes from
@@ -123,14 +123,14 @@ class FolderState:
         return cls(_read_json(folder / "summary.json"), _read_json(folder / SIGNATURE_FILE))
 
     @property
-    def finished(self) -> bool:
-        """The run there ended (and was not interrupted)."""
-        return self.summary is not None and self.summary.get("stop_reason") != INTERRUPTED
+    def interrupted(self) -> bool:
+        """The run there was ended by SIGINT/SIGTERM (its summary says so): it can be resumed."""
+        return self.summary is not None and self.summary.get("stop_reason") == INTERRUPTED
 
     @property
-    def started(self) -> bool:
-        """A run has started there."""
-        return self.signature is not None or self.summary is not None
+    def finished(self) -> bool:
+        """The run there ended (and was not interrupted)."""
+        return self.summary is not None and not self.interrupted
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
