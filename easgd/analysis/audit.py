@@ -47,3 +47,21 @@ def conservation_gap(run_dir: str | os.PathLike[str], number: int | None = None)
             raise ValueError(f"worker {rank} has no ledger in snapshot {number}")
         expected = expected + part["ledger"]
     return float((center - expected).abs().max())
+
+
+def membership_gap(run_dir: str | os.PathLike[str]) -> float:
+    """max |center - (base + every member's ledger)| at the end of a ``membership.mode=elastic``
+    run (its final committed snapshot): the base is the center the job's first server started
+    from, each ledger the center changes one member's exchanges caused (written by the server
+    when the member left or finished)."""
+    from easgd.engine.members import LEDGER_BASE
+
+    directory = Path(run_dir) / "checkpoints"
+    number = SnapshotLog(directory).committed()[-1]
+    part = Checkpointer(directory, "server").load(number)
+    if part is None:
+        raise ValueError(f"snapshot {number} has no server part in {directory}")
+    expected = torch.load(directory / LEDGER_BASE).clone()
+    for path in sorted(directory.glob("ledger-slot*.pt")):
+        expected += torch.load(path)
+    return float((part["role"]["center"].to(torch.float64) - expected).abs().max())

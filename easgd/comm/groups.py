@@ -126,6 +126,12 @@ def _store(env: DistEnv, timeout: datetime.timedelta) -> tuple[dist.Store, int]:
     return dist.PrefixStore(f"easgd/attempt{env.restart_count}/", store), env.restart_count
 
 
+def open_store(env: DistEnv, *, timeout_s: float) -> tuple[dist.Store, int]:
+    """The run's rendezvous store (generation-prefixed) and the job's generation, without
+    joining any process group (workers that come and go make their own: membership.py)."""
+    return _store(env, datetime.timedelta(seconds=timeout_s))
+
+
 @dataclass
 class PairGroups:
     """The process groups of this rank and the store they were made with."""
@@ -136,6 +142,8 @@ class PairGroups:
     """The (generation-prefixed) rendezvous store, also used for heartbeats."""
     generation: int = 0
     """Which start of the job this is, as every rank agrees (0: the first; fault.* fires only there)."""
+    direct: bool = False
+    """The groups are members' own 2-rank groups (server 0, member 1), used directly."""
 
 
 def init_pair_groups(env: DistEnv, *, backend: str, timeout_s: float) -> PairGroups:

@@ -78,6 +78,12 @@ class Header:
     """worker -> server: the newest snapshot this worker has durably saved (0: none)."""
     redone_steps: int = 0
     """HELLO: steps this worker computed before the last crash and must now compute again."""
+    member: int = 0
+    """HELLO (workers that come and go): which member of its slot the sender is, numbered from 1
+    in the order they first joined; a rejoining member keeps its number."""
+    ledger: bool = False
+    """HELLO: a member rejoining a restarted server; its float64 ledger (the center changes its
+    exchanges caused) follows as a second message (workers that come and go)."""
     compression: int = 0
     """The payload's wire format (index in easgd.comm.compression.FORMATS; 0: float32); on a
     HELLO, the format the worker is configured with (the server refuses another)."""

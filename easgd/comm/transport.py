@@ -74,9 +74,13 @@ class PairTransport:
         delay: Delay = Delay(),
         seed: int = 0,
         pin_memory: bool = False,
+        direct: bool = False,
     ) -> None:
         self.peer = peer
         self.group = group
+        self.direct = direct
+        """``group`` is a member's own 2-rank group (:mod:`easgd.comm.membership`), not one made
+        from the default group: messages go through its own send/recv, ``peer`` is its rank in it."""
         self.numel = numel
         self.dtype = dtype
         self.delay = delay
@@ -98,13 +102,38 @@ class PairTransport:
         """How long a receive may wait (None: the process group's timeout). The server sets it
         long: a worker's liveness is judged by its heartbeat, not by a fixed deadline."""
 
+    def send_tensor(self, tensor: Tensor) -> None:
+        """Send one tensor as it is (its receiver knows its size and dtype)."""
+        self._send(tensor)
+
+    def recv_tensor(self, tensor: Tensor) -> None:
+        """Receive one tensor into ``tensor`` (sent with :meth:`send_tensor`)."""
+        self._recv_into(tensor)
+
+    def _send(self, tensor: Tensor) -> None:
+        """One point-to-point send to the peer (every send of this class goes through here)."""
+        if self.direct:
+            assert self.group is not None
+            self.group.send([tensor], self.peer, 0).wait()
+            return
+        dist.send(tensor, self.peer, group=self.group)
+
     def _recv_into(self, buffer: Tensor) -> None:
-        if self.recv_timeout_s is None:
+        """One point-to-point receive from the peer (every receive goes through here)."""
+        work: Any
+        if self.direct:
+            assert self.group is not None
+            work = self.group.recv([buffer], self.peer, 0)
+        elif self.recv_timeout_s is None:
             dist.recv(buffer, self.peer, group=self.group)
             return
-        work = dist.irecv(buffer, self.peer, group=self.group)
+        else:
+            work = dist.irecv(buffer, self.peer, group=self.group)
         assert work is not None
-        work.wait(timeout=datetime.timedelta(seconds=self.recv_timeout_s))
+        if self.recv_timeout_s is None:
+            work.wait()
+        else:
+            work.wait(timeout=datetime.timedelta(seconds=self.recv_timeout_s))
 
     @property
     def _out(self) -> Tensor:
@@ -135,7 +164,7 @@ class PairTransport:
         if payload is not None:
             self._check(payload)
             self._out[self._header_slots :].copy_(payload.reshape(-1))
-        dist.send(self._out, self.peer, group=self.group)
+        self._send(self._out)
 
     def recv(self) -> tuple[Header, Tensor | None]:
         """Receive one message; the payload (or None) is valid until the next receive."""
@@ -149,7 +178,7 @@ class PairTransport:
         """Send the header alone, then the payload (if any) as a second message."""
         header.has_payload = payload is not None
         self._pause()
-        dist.send(header.encode(), self.peer, group=self.group)
+        self._send(header.encode())
         if payload is not None:
             self._check(payload)
             flat = payload.reshape(-1)
@@ -157,7 +186,7 @@ class PairTransport:
                 staging = self._out[-self.numel :]
                 staging.copy_(flat)
                 flat = staging
-            dist.send(flat, self.peer, group=self.group)
+            self._send(flat)
 
     def recv_control(self) -> tuple[Header, Tensor | None]:
         """Receive a header alone, then its payload if it announces one."""
@@ -209,8 +238,8 @@ class CompressedTransport(PairTransport):
             return
         header.has_payload, header.compression = True, self.code
         self._pause()
-        dist.send(header.encode(), self.peer, group=self.group)
-        dist.send(payload, self.peer, group=self.group)
+        self._send(header.encode())
+        self._send(payload)
 
     def recv(self) -> tuple[Header, Tensor | None]:
         """Receive one message: the worker gets its reply decoded, the server the bytes."""

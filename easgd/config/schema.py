@@ -191,6 +191,39 @@ class ServerConfig:
             raise ValueError(f"server.shards must be an integer >= 1, got {self.shards!r}")
 
 
+MEMBERSHIP_MODES = ("fixed", "elastic")
+
+
+@dataclass
+class MembershipConfig:
+    """Who the server serves (membership/ keys; topology=server with one server).
+
+    fixed: the p workers of the launch; a dead process ends the job (torchrun --max-restarts
+    restarts every process from the newest consistent snapshot). elastic: p worker slots; each
+    launched process keeps its slot's worker in a child process and starts a new one when it
+    dies, which rejoins the running server from the center (docs/reliability.md).
+    """
+
+    mode: str = "fixed"
+    """fixed or elastic."""
+    max_respawns: int = 100
+    """elastic: how many times a process starts its slot's worker (or the server) again before
+    it gives up and exits with the failure (then torchrun's own restart policy applies)."""
+    slot_wait_s: float = 120.0
+    """elastic: how long the server keeps an empty slot open for a new member; after that the run
+    goes on without it."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MEMBERSHIP_MODES:
+            raise ValueError(
+                f"membership.mode={self.mode!r}; allowed: {', '.join(MEMBERSHIP_MODES)}"
+            )
+        if isinstance(self.max_respawns, bool) or self.max_respawns < 0:
+            raise ValueError(f"membership.max_respawns must be >= 0, got {self.max_respawns!r}")
+        if not self.slot_wait_s > 0:
+            raise ValueError(f"membership.slot_wait_s must be > 0, got {self.slot_wait_s!r}")
+
+
 @dataclass
 class FaultConfig:
     """Failure injection for chaos tests and drills (fault/ keys; all off by default).
@@ -411,6 +444,7 @@ class TrainConfig:
     """distributed: real processes, wall-clock time; simulate: one process on the simulator's
     virtual clock with the cost/ profile's communication costs (the same outputs)."""
     server: ServerConfig = field(default_factory=ServerConfig)
+    membership: MembershipConfig = field(default_factory=MembershipConfig)
     topology: str = "server"
     """server: parameter-server rank(s) and p workers, asynchronous (the paper's design);
     allreduce: synchronous EASGD/EAMSGD with a replicated center, no server, p processes."""
@@ -495,6 +529,7 @@ class TrainConfig:
         self.algorithm.spec.check_comm_period(self.comm.period)
         self.algorithm.spec.check_overlap(self.comm.overlap)
         _check_topology(self)
+        _check_membership(self)
         _check_faults(self)
         _check_compression(self)
         _check_optim(self)
@@ -578,6 +613,35 @@ def _check_compression(cfg: TrainConfig) -> None:
         raise ValueError(
             f"checkpoint.ledger sums the pushes sent, not the compressed ones the center applies "
             f"(comm.compression={name}); set checkpoint.ledger=false"
+        )
+
+
+def _check_membership(cfg: TrainConfig) -> None:
+    """membership.mode=elastic where it is served: one parameter server, real processes."""
+    if cfg.membership.mode != "elastic":
+        return
+    where = (
+        "topology=allreduce"
+        if cfg.topology == "allreduce"
+        else "a sequential baseline"
+        if not cfg.algorithm.uses_server
+        else f"server.shards={cfg.server.shards}"
+        if cfg.server.shards > 1
+        else "mode=simulate"
+        if cfg.mode == "simulate"
+        else None
+    )
+    if where is not None:
+        raise ValueError(
+            f"membership.mode=elastic serves workers that come and go on one parameter server "
+            f"(topology=server, server.shards=1, mode=distributed), not {where}; "
+            "use membership.mode=fixed"
+        )
+    if cfg.checkpoint.ledger:
+        raise ValueError(
+            "checkpoint.ledger audits consistent snapshots of a fixed roster; with "
+            "membership.mode=elastic the server keeps every member's ledger itself "
+            "(checkpoints/ledger-slot*.pt): set checkpoint.ledger=false"
         )
 
 

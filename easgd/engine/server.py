@@ -174,6 +174,9 @@ class ParameterServer:
         self.before_update: list[UpdateHook] = []
         self.on_exchange: list[ExchangeHook] = []
         self.on_worker_end: list[WorkerEndHook] = []
+        self.on_member_join: list[WorkerEndHook] = []
+        """Called with a slot when a new member connected (workers that come and go:
+        :mod:`easgd.engine.members`; a fixed worker is watched from the start)."""
         self.links: dict[int, ServerLink] = {}
         """Each worker's compressed link (comm.compression; none: no entry), restarted from every
         float32 center the worker is sent (the handshake, a refused update)."""
@@ -310,7 +313,11 @@ class ParameterServer:
         self.stats[rank].steps = self.resumed_steps[rank] = header.step
         self.stats[rank].redone_steps = header.redone_steps
         self._restart_link(rank, transport, center)
-        _send(transport, Header(Op.REPLY, step=self.role.updates), center, control=True)
+        _send(transport, Header(Op.REPLY, step=self._reply_step(rank)), center, control=True)
+
+    def _reply_step(self, rank: int) -> int:
+        """The ``step`` of the HELLO reply: the server's update count."""
+        return self.role.updates
 
     def _exchange(
         self, rank: int, transport: PairTransport, header: Header, payload: Tensor | None

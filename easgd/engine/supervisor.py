@@ -103,6 +103,8 @@ class Supervisor:
         self._last_heartbeat_check = 0.0
         self._shown_steps = 0
         server.on_worker_end.append(self._worker_ended)
+        if heartbeat is not None:
+            server.on_member_join.append(heartbeat.watch)
         if runlog.writes_scalars:
             server.on_exchange.append(self._log_exchange)
         if server.snapshots is not None:

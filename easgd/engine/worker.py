@@ -38,7 +38,7 @@ from easgd.comm.message import (
     ServerFailed,
     ServerRejected,
 )
-from easgd.comm.transport import WorkerTransport
+from easgd.comm.transport import PairTransport, WorkerTransport
 from easgd.recovery.snapshot import WorkerSnapshots
 from easgd.roles import GradientFn, WorkerRole, exchange_if_due, worker_step
 
@@ -55,9 +55,34 @@ ROUND_TRIPS_KEPT = 100_000
 
 def handshake(transport: WorkerTransport, *, step: int = 0, redone_steps: int = 0) -> Tensor:
     """Tell the server our parameter count (and resumed step) and receive the center."""
+    return hello(transport, step=step, redone_steps=redone_steps)[1]
+
+
+def hello(
+    transport: WorkerTransport,
+    *,
+    step: int = 0,
+    redone_steps: int = 0,
+    member: int = 0,
+    ledger: Tensor | None = None,
+) -> tuple[Header, Tensor]:
+    """:func:`handshake`, with the server's reply header (a slot's step under elastic membership).
+
+    ``member``: this member's number in its slot; ``ledger``: rejoining a restarted server, the
+    member's ledger, sent after the HELLO (workers that come and go)."""
     transport.send_control(
-        Header(Op.HELLO, step=step, num_params=transport.numel, redone_steps=redone_steps)
+        Header(
+            Op.HELLO,
+            step=step,
+            num_params=transport.numel,
+            redone_steps=redone_steps,
+            member=member,
+            ledger=ledger is not None,
+        )
     )
+    if ledger is not None:
+        assert isinstance(transport, PairTransport), "a rejoining member has one server"
+        transport.send_tensor(ledger)
     header, center = transport.recv_control()
     if header.error == ERROR_FORMAT_MISMATCH:
         raise ServerRejected(
@@ -69,7 +94,7 @@ def handshake(transport: WorkerTransport, *, step: int = 0, redone_steps: int = 
             f"this worker's model has {transport.numel} parameters but the server's has "
             f"{header.num_params}; every rank must build the same model (same model.* config)"
         )
-    return center.clone()
+    return header, center.clone()
 
 
 @dataclass

@@ -120,6 +120,7 @@ def transport_for(
     *,
     pin_memory: bool = False,
     worker: bool = False,
+    direct: bool = False,
 ) -> PairTransport:
     """The pair transport to ``peer`` (compressed with ``comm.compression``; ``worker``: this is
     the worker's end, which encodes and decodes)."""
@@ -130,6 +131,7 @@ def transport_for(
         numel=numel,
         delay=Delay(cfg.comm.latency_ms, cfg.comm.jitter_ms),
         seed=cfg.seed * 7919 + own_rank * 31 + peer,
+        direct=direct,
     )
     comm, compression = cfg.comm, None
     if comm.compression != "none":
@@ -139,14 +141,28 @@ def transport_for(
 
 
 def worker_transport(
-    cfg: TrainConfig, groups: dict[int, Any], numel: int, own_rank: int, *, pin_memory: bool = False
+    cfg: TrainConfig,
+    groups: dict[int, Any],
+    numel: int,
+    own_rank: int,
+    *,
+    pin_memory: bool = False,
+    direct: bool = False,
 ) -> WorkerTransport:
     """A worker's link to the center: one server (rank 0, ``groups[own_rank]``), or with
     ``server.shards`` = k > 1, the k shard ranks 0..k-1 (``groups[shard]``), each with its slice."""
     shards = cfg.server.shards
     if shards == 1:
+        group = groups[own_rank]
         return transport_for(
-            cfg, SERVER_RANK, groups[own_rank], numel, own_rank, pin_memory=pin_memory, worker=True
+            cfg,
+            SERVER_RANK,
+            group,
+            numel,
+            own_rank,
+            pin_memory=pin_memory,
+            worker=True,
+            direct=direct,
         )
     from easgd.comm.sharded import ShardedTransport
     from easgd.roles.sharded import shard_bounds

@@ -316,6 +316,10 @@ class StepMarker:
         self._LAYOUT.pack_into(self._map, 0, step, redone)
         return int(redone)
 
+    def reached(self) -> int:
+        """The step the marker's last process had reached (0 for a new marker)."""
+        return int(self._LAYOUT.unpack_from(self._map, 0)[0])
+
     def mark(self, step: int) -> None:
         """This step has been computed."""
         struct.pack_into("<q", self._map, 0, step)

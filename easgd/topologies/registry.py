@@ -59,6 +59,10 @@ def role_name(rank: int) -> str:
 def run_process(cfg: TrainConfig) -> dict[str, Any] | None:
     """Run this process's part; the process that owns the run's record returns the summary."""
     topology = topology_of(cfg)
+    if cfg.membership.mode == "elastic":
+        from easgd.topologies.keeper import keep
+
+        return keep(cfg)
     module, _, function = TOPOLOGY_MAINS[topology].partition(":")
     main = getattr(importlib.import_module(module), function)
     catch = topology in INTERRUPTIBLE and threading.current_thread() is threading.main_thread()

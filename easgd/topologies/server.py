@@ -158,6 +158,8 @@ def record_server_run(
     committed: int | None,
     restarts: int,
     num_params: int,
+    *,
+    membership: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write summary.json (and the HParams entry) of a parameter-server run, one server or shard
     0 of a sharded center, whose final committed snapshot is ``committed``; returns it."""
@@ -178,6 +180,7 @@ def record_server_run(
             "redone_worker_steps": sum(s.redone_steps for s in server.stats.values()),
             "redone_steps_by_worker": {str(r): s.redone_steps for r, s in server.stats.items()},
             "committed_snapshot": committed,
+            **({"membership": membership} if membership is not None else {}),
         },
     )
     return write_summary(record.runlog, summary, hparams_of(cfg))

@@ -37,6 +37,9 @@ def _copy(state: dict[str, Any]) -> dict[str, Any]:
 class WorkerProcess:
     """Worker rank ``env.rank``: its model, data stream, link to the center and restart state."""
 
+    keeps_snapshots = True
+    """Whether this worker saves its parts of consistent snapshots (a fixed roster does)."""
+
     def __init__(self, parts: RunParts, env: DistEnv, pairs: PairGroups) -> None:
         cfg = self.cfg = parts.cfg
         self.rank = env.rank
@@ -46,7 +49,12 @@ class WorkerProcess:
         self.sampler = parts.sampler(self.index, device=self.device)
         self.slowdown = parts.slowdown(self.index)
         self.transport = worker_transport(
-            cfg, pairs.groups, self.flat.num_params, env.rank, pin_memory=self.device.type == "cuda"
+            cfg,
+            pairs.groups,
+            self.flat.num_params,
+            env.rank,
+            pin_memory=self.device.type == "cuda",
+            direct=pairs.direct,
         )
         self.heartbeat = LoopHeartbeat(
             pairs.store, env.rank, timeout_s=cfg.comm.heartbeat_timeout_s
@@ -105,8 +113,12 @@ class WorkerProcess:
 
     def _loop(self, role: WorkerRole) -> WorkerLoop:
         cfg, flat, sampler = self.cfg, self.flat, self.sampler
-        snapshots = WorkerSnapshots(
-            self.checkpointer, lambda: self._capture(role), after_reply=cfg.server.shards > 1
+        snapshots = (
+            WorkerSnapshots(
+                self.checkpointer, lambda: self._capture(role), after_reply=cfg.server.shards > 1
+            )
+            if self.keeps_snapshots
+            else None
         )
         loop = WorkerLoop(
             role,

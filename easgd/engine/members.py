@@ -1,0 +1,298 @@
+"""A parameter server for workers that come and go (``membership=elastic``).
+
+:class:`ElasticServer` serves p *slots* instead of p fixed ranks. Each slot's thread waits for a
+member (:class:`easgd.comm.membership.SlotListener`), serves it from its HELLO to its DONE as
+:class:`~easgd.engine.server.ParameterServer` serves a fixed worker, and when the member dies
+(its group breaks) or hangs (the liveness check, which asks the member's keeper to kill it),
+waits for the next one. The center keeps everything the departed member's exchanges gave it.
+
+A new member starts from the center (DOWNPOUR: pulls it, accumulation zero) and continues the
+slot's step count from the slot's last exchange (the HELLO reply's ``step``), so the run's stop
+rules count what the run has done: a slot is finished once some member of it has taken
+``steps_per_worker`` steps. The steps a dead member took after its last exchange are lost (its
+replacement takes them again: ``redone_steps``).
+
+Ledger: for every member the server sums, in float64, the center changes its exchanges caused
+(EASGD/EAMSGD: the elastic differences; DOWNPOUR and its averaging variants: the pushes). When a
+member leaves, its sum is written to ``checkpoints/ledger-slot<s>-<n>.pt``; a member that
+finishes writes its own sum (counted on its side) there instead. So, at the end of a run,
+center = initial center + the sum of every member's file, whatever joined and left (the audit:
+:func:`easgd.analysis.audit.membership_gap`). Memory: 8 bytes per parameter per slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from easgd.comm.membership import SlotListener
+from easgd.comm.message import Header
+from easgd.comm.transport import PairTransport
+from easgd.engine.server import ParameterServer, PeerLost, Resumed, ServePolicy, WorkerStats
+from easgd.recovery.snapshot import SnapshotCut
+from easgd.roles import ServerRole
+
+log = logging.getLogger("easgd.server")
+
+MakeTransport = Callable[[int, dist.ProcessGroup], PairTransport]
+"""(slot, the member's 2-rank group) -> the server's end of its link."""
+
+
+LEDGER_BASE = "ledger-base.pt"
+"""The center this job's first server started from (float64): the ledgers add up from it."""
+
+
+def ledger_path(directory: Path, slot: int, member: int) -> Path:
+    """Where the ledger of member ``member`` of ``slot`` is kept."""
+    return directory / f"ledger-slot{slot}-{member}.pt"
+
+
+def own_ledger_path(directory: Path, slot: int, member: int) -> Path:
+    """Where a finished member leaves the ledger it counted itself (the audit compares)."""
+    return directory / f"own-ledger-slot{slot}-{member}.pt"
+
+
+def recover_center(directory: Path, center: Tensor, *, first_start: bool) -> Tensor:
+    """The center a server starts from, in float64.
+
+    A job's first server start keeps ``center`` (initial, or the resumed snapshot's) and writes it
+    as the base, dropping ledgers of an earlier job. A server restarted within the job rebuilds
+    the center exactly instead: the base plus the ledger of every member that finished or left;
+    the members still running add theirs when they rejoin.
+    """
+    if first_start:
+        for stale in directory.glob("ledger-slot*.pt"):
+            stale.unlink()
+        base = center.to(torch.float64)
+        torch.save(base, directory / LEDGER_BASE)
+        return base
+    total = torch.load(directory / LEDGER_BASE).clone()
+    for path in sorted(directory.glob("ledger-slot*.pt")):
+        total += torch.load(path)
+    return total
+
+
+class ElasticServer(ParameterServer):
+    """Serves ``slots`` with ``role``, each slot's members in turn (see the module docstring)."""
+
+    def __init__(
+        self,
+        role: ServerRole,
+        slots: list[int],
+        members: SlotListener,
+        make_transport: MakeTransport,
+        *,
+        ledger_dir: Path,
+        slot_wait_s: float,
+        ledger: str | None,
+        policy: ServePolicy | None = None,
+        resumed: Resumed | None = None,
+        snapshots: SnapshotCut | None = None,
+    ) -> None:
+        super().__init__(role, {}, policy, resumed=resumed, snapshots=snapshots)
+        steps = resumed.steps if resumed is not None else {}
+        self.slots = slots
+        self.members = members
+        self.make_transport = make_transport
+        self.ledger_dir = ledger_dir
+        self.slot_wait_s = slot_wait_s
+        self.stats = {slot: WorkerStats(steps=steps.get(slot, 0)) for slot in slots}
+        self.incarnation: dict[int, int] = {}
+        """Each slot's current connection (its incarnation number in the store)."""
+        self.member: dict[int, int] = {}
+        """Each slot's current member's number (a rejoining member keeps its own)."""
+        self.rejoined = 0
+        """Members that rejoined this server after its predecessor died (their ledgers added)."""
+        self.departures: list[dict[str, float]] = []
+        """One row per member that left before finishing: slot, incarnation, step, time."""
+        self._slot_step: dict[int, int] = {}
+        self._ledgers: dict[int, Tensor] = {}
+        """Per slot, the current member's ledger (None: this rule's center changes are not
+        audited, e.g. MDOWNPOUR's server momentum)."""
+        self._ledger = ledger
+        if ledger == "payload":
+            self.before_update.append(self._count_payload)
+        elif ledger == "reply":
+            self.on_exchange.append(self._count_reply)
+
+    # -- threads ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start one thread per slot."""
+        self._threads = {
+            slot: threading.Thread(
+                target=self._serve_slot, args=(slot,), name=f"slot{slot}", daemon=True
+            )
+            for slot in self.slots
+        }
+        for thread in self._threads.values():
+            thread.start()
+
+    def _serve_slot(self, slot: int) -> None:
+        try:
+            while not self._slot_done(slot):
+                got = self.members.wait(slot, self.stop, give_up_s=self.slot_wait_s)
+                if got is None:
+                    if not self.stop.is_set():
+                        self._worker_lost(
+                            slot,
+                            f"no member came for {self.slot_wait_s:g} s",
+                            RuntimeError(f"slot {slot} empty"),
+                        )
+                    return
+                incarnation, group = got
+                self._serve_member(slot, incarnation, group)
+        except Exception as err:  # the server's own code
+            self.fail(err)
+        finally:
+            for hook in self.on_worker_end:
+                hook(slot)
+
+    def _slot_done(self, slot: int) -> bool:
+        stats = self.stats[slot]
+        return stats.finished or stats.failed is not None or self.server_error is not None
+
+    def _serve_member(self, slot: int, incarnation: int, group: dist.ProcessGroup) -> None:
+        self.transports[slot] = self.make_transport(slot, group)
+        self.incarnation[slot] = self.member[slot] = incarnation
+        if self._ledger is not None:
+            self._ledgers[slot] = torch.zeros(self.role.center.numel(), dtype=torch.float64)
+        self.links.pop(slot, None)
+        for hook in self.on_member_join:
+            hook(slot)
+        log.info("slot %d: a member connected (connection %d)", slot, incarnation)
+        try:
+            self._serve_worker(slot)
+        except PeerLost as err:
+            self._member_left(slot, incarnation, str(err))
+            return
+        except Exception:
+            self._tell_server_failed(slot)
+            raise
+        finally:
+            self.stats[slot].in_service = False
+            self.members.release(slot)
+        if self.stats[slot].failed is None and not self.stats[slot].finished:
+            self._member_left(slot, incarnation, "left")
+
+    def _save_ledger(self, slot: int) -> None:
+        """Write the slot's current member's ledger (it leaves, or says DONE)."""
+        ledger = self._ledgers.pop(slot, None)
+        if ledger is not None:
+            torch.save(ledger, ledger_path(self.ledger_dir, slot, self.member[slot]))
+
+    def _done(
+        self, rank: int, transport: PairTransport, header: Header, payload: Tensor | None
+    ) -> None:
+        """A member's DONE: its ledger is written before DONE is acknowledged (a member whose
+        acknowledgement is lost rejoins, and its ledger is not counted twice)."""
+        self._save_ledger(rank)
+        super()._done(rank, transport, header, payload)
+
+    def _member_left(self, slot: int, incarnation: int, why: str) -> None:
+        stats = self.stats[slot]
+        why = why.split(". This is typically")[0]  # gloo's closed connection: its first sentence
+        self._save_ledger(slot)
+        self.departures.append(
+            {"slot": slot, "incarnation": incarnation, "step": stats.steps, "time": time.time()}
+        )
+        self.lost.discard(slot)
+        log.warning(
+            "slot %d: member %d left at step %d (%s); waiting for a replacement",
+            slot,
+            incarnation,
+            stats.steps,
+            why,
+        )
+        for hook in self.on_worker_end:
+            hook(slot)
+
+    # -- the protocol's differences -----------------------------------------------------------
+    def _hello(self, rank: int, transport: PairTransport, header: Header) -> None:
+        """As a fixed worker's HELLO, but the reply's ``step`` is where the slot goes on from;
+        the HELLO's ``step`` is where the slot's previous process had got to (its step marker),
+        so the steps in between are taken again (``redone_steps``). A member rejoining a
+        restarted server (``header.ledger``) sends its ledger first: the center gets it back,
+        and the member goes on from its own step with its own parameters."""
+        stats = self.stats[rank]
+        self.member[rank] = header.member or self.incarnation[rank]
+        if header.ledger:
+            self._take_back(rank, transport)
+            self._slot_step[rank] = stats.steps = header.step
+            super()._hello(rank, transport, header)
+            stats.steps = header.step
+            return
+        slot_step = self._slot_step[rank] = stats.steps
+        super()._hello(rank, transport, header)
+        stats.steps = slot_step
+        stats.redone_steps += max(0, header.step - slot_step)
+
+    def _take_back(self, rank: int, transport: PairTransport) -> None:
+        """Receive a rejoining member's ledger and add it to the center (and to its ledger)."""
+        ledger = torch.zeros(self.role.center.numel(), dtype=torch.float64)
+        try:
+            transport.recv_tensor(ledger)
+        except Exception as err:
+            raise PeerLost(f"{type(err).__name__}: {err}") from err
+        if ledger_path(self.ledger_dir, rank, self.member[rank]).exists():
+            log.info(
+                "slot %d: member %d rejoined; its ledger was counted already",
+                rank,
+                self.member[rank],
+            )
+            self._ledgers.pop(rank, None)
+            return
+        with self.lock:
+            self.role.center.add_(ledger.to(self.role.center.dtype))
+            self.rejoined += 1
+        if self._ledger is not None:
+            self._ledgers[rank] = ledger
+        log.info("slot %d: its member rejoined; its ledger is back in the center", rank)
+
+    def _reply_step(self, rank: int) -> int:
+        return self._slot_step[rank]
+
+    def _count_payload(self, rank: int, payload: Tensor | None) -> None:
+        if payload is not None and rank in self._ledgers:
+            self._ledgers[rank] += payload.reshape(-1).to(torch.float64)
+
+    def _count_reply(self, rank: int, header: Header, reply: Tensor, staleness: int) -> None:
+        if rank in self._ledgers:
+            self._ledgers[rank] += reply.reshape(-1).to(torch.float64)
+
+    def _failed(self, rank: int, header: Header) -> None:
+        """A member that raised: under fail_fast the run stops; else it leaves like one that
+        died (the slot waits for the next)."""
+        if not self.policy.continue_on_failure:
+            super()._failed(rank, header)
+            return
+        self.stats[rank].steps = max(self.stats[rank].steps, header.step)
+        log.warning("slot %d: member left after an exception at step %d", rank, header.step)
+
+    def membership_figures(self) -> dict[str, object]:
+        """What summary.json says about the members: joins, departures, redone steps."""
+        joins = self.members.join_times
+        return {
+            "members_joined": sum(len(t) for t in joins.values()),
+            "members_left": len(self.departures),
+            "members_rejoined": self.rejoined,
+            "departures": self.departures,
+            "joins_by_slot": {str(s): len(t) for s, t in joins.items()},
+        }
+
+    def declare_lost(self, rank: int, reason: str) -> None:
+        """A hung member: its keeper is asked to kill it, which breaks its group (then the slot
+        waits for the next member)."""
+        log.warning("slot %d: member hung (%s); asking its keeper to replace it", rank, reason)
+        self.members.evict(rank)
+
+    def running_workers(self) -> list[int]:
+        """No worker is part of a snapshot: with members coming and going, a snapshot is the
+        server's state alone (a whole-job restart starts every worker from the center)."""
+        return []

@@ -1,0 +1,310 @@
+"""One process of a ``membership.mode=elastic`` run: the server, or a member in a worker slot.
+
+It runs as the child of its rank's keeper (:mod:`easgd.topologies.keeper`) and joins no default
+process group: the server announces its start (a new *epoch*) through the rendezvous store,
+serves p slots (:class:`easgd.engine.members.ElasticServer`) and writes only its own state into
+snapshots; a member waits for the server, claims its slot, opens its own 2-rank group with the
+server (:mod:`easgd.comm.membership`), starts from the center at the slot's step and trains.
+The store is torchrun's (the agent's), which outlives every child.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from easgd.comm.groups import SERVER_RANK, DistEnv, LaunchError, PairGroups, open_store
+from easgd.comm.membership import (
+    MEMBER_END,
+    RunOver,
+    SlotListener,
+    SlotRefused,
+    free_slots,
+    join,
+    mark_run_over,
+    start_server_epoch,
+)
+from easgd.comm.message import Header, ServerFailed
+from easgd.comm.transport import PairTransport
+from easgd.config.schema import TrainConfig
+from easgd.engine.members import ElasticServer, own_ledger_path, recover_center
+from easgd.engine.worker import hello
+from easgd.parts import interrupt
+from easgd.parts.assembly import RunParts
+from easgd.parts.build import transport_for
+from easgd.recovery.checkpoint import Checkpointer
+from easgd.recovery.resume import checkpoint_dir, checkpoint_signature, resume_server
+from easgd.recovery.snapshot import Ledger, SnapshotCut, SnapshotLog, SnapshotWriter
+from easgd.roles import WorkerRole, make_server_role, make_worker_role
+from easgd.topologies.server import (
+    evaluate_center,
+    record_server_run,
+    resumed_from,
+    serve_policy,
+    supervise,
+)
+from easgd.topologies.worker import WorkerProcess
+
+log = logging.getLogger("easgd")
+
+SEED_STRIDE = 104_729
+"""A member after the first in its slot draws minibatches from the slot's seed plus this times
+its number, so a replacement does not replay its predecessor's stream."""
+
+
+def run_member(cfg: TrainConfig, *, incarnation: int) -> dict[str, Any] | None:
+    """This keeper child's part: the server on rank 0, a slot's member on the others."""
+    from easgd.topologies.registry import role_name, setup_logging
+
+    env = DistEnv.from_environ()
+    setup_logging(role_name(env.rank))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        raise LaunchError(
+            "membership.mode=elastic needs torchrun's shared rendezvous store (it outlives the "
+            "processes that come and go); unset TORCH_DISABLE_SHARE_RDZV_TCP_STORE, or use "
+            "membership.mode=fixed"
+        )
+    interrupt.install()
+    parts = RunParts.load(cfg)
+    store, generation = open_store(env, timeout_s=cfg.comm.timeout_s)
+    if env.rank == SERVER_RANK:
+        try:
+            return run_elastic_server(parts, store, generation, starts=incarnation)
+        finally:
+            mark_run_over(store)
+    try:
+        MemberProcess(parts, env, store, generation, starts=incarnation).run()
+    except (RunOver, SlotRefused) as err:
+        log.info("%s; leaving", err)
+    return None
+
+
+def run_elastic_server(
+    parts: RunParts, store: Any, generation: int, *, starts: int
+) -> dict[str, Any]:
+    """Rank 0's child: recover the center (newest committed snapshot), serve the slots."""
+    cfg, split = parts.cfg, parts.split
+    flat = parts.flat_model()
+    role = make_server_role(cfg.algorithm, flat.initial_point(), num_workers=cfg.workers)
+    signature = checkpoint_signature(cfg, flat.num_params)
+    directory = checkpoint_dir(cfg)
+    server_files = Checkpointer(directory, "server", keep=cfg.checkpoint.keep)
+    restarts, resumed = resumed_from(role, resume_server(server_files, cfg, signature))
+    directory.mkdir(parents=True, exist_ok=True)
+    if cfg.algorithm.spec.ledger is not None:  # else (MDOWNPOUR) the snapshot's center
+        center = recover_center(directory, role.center, first_start=starts == 1)
+        role.center.copy_(center.to(role.center.dtype))
+    free_slots(store, range(1, cfg.workers + 1))  # members of a dead server claim them again
+    epoch = start_server_epoch(store)
+    record = parts.record(lead=True, progress=False)
+    log.info(
+        "%s with %d worker slots (elastic membership, server start %d, pid %d), tau=%d, "
+        "%d parameters; run directory %s",
+        cfg.algorithm.name,
+        cfg.workers,
+        epoch,
+        os.getpid(),
+        cfg.comm.period,
+        flat.num_params,
+        os.path.abspath(cfg.run_dir),
+    )
+
+    def make_transport(slot: int, group: Any) -> Any:
+        transport = transport_for(cfg, MEMBER_END, group, flat.num_params, SERVER_RANK, direct=True)
+        transport.recv_timeout_s = 7 * 24 * 3600.0  # liveness is the heartbeat's call
+        return transport
+
+    cut = SnapshotCut(next_number=SnapshotLog(directory).next_number())
+    server = ElasticServer(
+        role,
+        list(range(1, cfg.workers + 1)),
+        SlotListener(store, epoch=epoch, timeout_s=cfg.comm.timeout_s),
+        make_transport,
+        ledger_dir=directory,
+        slot_wait_s=cfg.membership.slot_wait_s,
+        ledger=cfg.algorithm.spec.ledger,
+        policy=serve_policy(cfg),
+        resumed=resumed,
+        snapshots=cut,
+    )
+    supervisor = supervise(record, server, lambda p: evaluate_center(flat, split, p), store)
+    snapshots = SnapshotWriter(
+        cut,
+        supervisor,
+        directory,
+        every_s=cfg.checkpoint.every_s,
+        names=["server"],
+        keep=cfg.checkpoint.keep,
+        extra={"restarts": restarts + starts - 1, "signature": signature},
+    )
+    faults = parts.faults(SERVER_RANK, generation=generation + starts - 1)
+    faults.watch_server(server)
+    supervisor.on_tick.append(snapshots.tick)
+    supervisor.on_tick.append(lambda: faults.server_tick(role.updates))
+    try:
+        outcome = supervisor.run()
+        snapshots.finish()
+        summary = record_server_run(
+            record,
+            outcome,
+            server,
+            snapshots.committed,
+            restarts,
+            flat.num_params,
+            membership=server.membership_figures(),
+        )
+        return summary
+    finally:
+        record.runlog.close()
+
+
+class MemberProcess(WorkerProcess):
+    """A worker in a slot (its keeper's rank): joins, trains from the center at the slot's step."""
+
+    keeps_snapshots = False
+
+    def __init__(
+        self, parts: RunParts, env: DistEnv, store: Any, generation: int, starts: int
+    ) -> None:
+        cfg = parts.cfg
+        member = join(
+            store,
+            [env.rank],
+            workers=cfg.workers,
+            timeout_s=cfg.comm.timeout_s,
+            claim_wait_s=cfg.membership.slot_wait_s,
+        )
+        self.member = member
+        self.store = store
+        pairs = PairGroups({env.rank: member.group}, store, generation + starts - 1, direct=True)
+        super().__init__(parts, env, pairs)
+        if starts > 1:  # a fresh stream: not the predecessor's minibatches again
+            seed = cfg.seed * 1_000_003 + self.index + SEED_STRIDE * (starts - 1)
+            self.sampler.generator.manual_seed(seed)
+        if not cfg.comm.overlap and cfg.algorithm.spec.ledger is not None:
+            # (else a server's death ends this process: overlap, or MDOWNPOUR's server momentum)
+            assert isinstance(self.transport, PairTransport)
+            self.transport = RejoiningLink(self, self.transport)
+
+    def _join(self) -> WorkerRole:
+        """HELLO with the step this slot's last process reached; start at the slot's step."""
+        cfg = self.cfg
+        reached = self.marker.reached()
+        header, center = hello(self.transport, step=reached, member=self.member.incarnation)
+        self.marker.start(header.step, resumed=False)
+        role = make_worker_role(
+            cfg.algorithm,
+            center.to(self.device),
+            comm_period=cfg.comm.period,
+            scratch=self.flat.flat_params,
+            schedule=cfg.optim.schedule(cfg.steps_per_worker),
+            max_grad_norm=cfg.optim.clip_grad_norm,
+        )
+        role.step = header.step
+        if cfg.algorithm.spec.ledger is not None:
+            self.ledger = Ledger(role, cfg.algorithm.name)
+        log.info(
+            "joined slot %d as member %d at step %d (pid %d)",
+            self.member.slot,
+            self.member.incarnation,
+            role.step,
+            os.getpid(),
+        )
+        return role
+
+    def run(self) -> None:
+        """Train to the end, then leave this member's own ledger for the audit. Any failure ends
+        this process (its keeper starts the next member); a server that failed ends it quietly."""
+        self.heartbeat.start()
+        try:
+            self.loop = self._loop(self._join())
+            self.loop.run()
+            if self.ledger is not None:
+                slot, number = self.member.slot, self.member.incarnation
+                path = own_ledger_path(checkpoint_dir(self.cfg), slot, number)
+                torch.save(self.ledger.total, path)
+        except ServerFailed as err:
+            log.error("%s; leaving", err)
+        finally:
+            self.heartbeat.stop()
+            self.marker.close()
+
+
+class RejoiningLink:
+    """A member's link to the server that outlives the server (``comm.overlap=false``).
+
+    When a send or receive fails (the server died), the member waits for the next server start
+    (at most ``membership.slot_wait_s``, with a log line), claims its slot again, says HELLO with
+    its own step, member number and ledger (the new server adds the ledger back into the center),
+    keeps its own parameters, and sends the message in flight again. An exchange the dead server
+    applied but never answered was not counted in the ledger and not applied by the member, so it
+    is neither lost nor applied twice (DOWNPOUR's push included).
+    """
+
+    def __init__(self, process: MemberProcess, transport: PairTransport) -> None:
+        self.process = process
+        self.transport = transport
+        self.numel = transport.numel
+        self._in_flight: tuple[Header, Tensor | None] | None = None
+
+    def send(self, header: Header, payload: Tensor | None = None) -> None:
+        """Send ``header`` (+ ``payload``); rejoin and send again if the server is gone."""
+        self._in_flight = (header, payload)
+        try:
+            self.transport.send(header, payload)
+        except Exception as err:
+            self._rejoin(err)
+
+    def recv(self) -> tuple[Header, Tensor | None]:
+        """The reply to the message in flight; rejoin and ask again if the server is gone."""
+        while True:
+            try:
+                return self.transport.recv()
+            except Exception as err:
+                self._rejoin(err)
+
+    def send_control(self, header: Header, payload: Tensor | None = None) -> None:
+        """The handshake's send (no rejoin: a member that cannot say HELLO starts anew)."""
+        self.transport.send_control(header, payload)
+
+    def recv_control(self) -> tuple[Header, Tensor | None]:
+        """The handshake's receive."""
+        return self.transport.recv_control()
+
+    def send_tensor(self, tensor: Tensor) -> None:
+        """A raw tensor (the ledger after a rejoining HELLO)."""
+        self.transport.send_tensor(tensor)
+
+    def _rejoin(self, err: BaseException) -> None:
+        """Wait for the next server, rejoin with this member's state, resend what was in flight."""
+        process, cfg = self.process, self.process.cfg
+        old = process.member
+        why = str(err).split(". This is typically")[0]
+        log.warning(
+            "the server is gone (%s); waiting up to %g s for it to come back",
+            why,
+            cfg.membership.slot_wait_s,
+        )
+        member = join(
+            process.store,
+            [old.slot],
+            workers=cfg.workers,
+            timeout_s=cfg.membership.slot_wait_s,
+            claim_wait_s=cfg.membership.slot_wait_s,
+            after_epoch=old.epoch,
+        )
+        process.member = replace(member, incarnation=old.incarnation)
+        self.transport = transport_for(
+            cfg, SERVER_RANK, member.group, self.numel, process.rank, worker=True, direct=True
+        )
+        role, ledger = process.loop.role if process.loop else None, process.ledger
+        assert role is not None and ledger is not None, "a member rejoins only with a ledger"
+        hello(self.transport, step=role.step, member=old.incarnation, ledger=ledger.total)
+        log.info("rejoined the server (start %d) at step %d", member.epoch, role.step)
+        if self._in_flight is not None:
+            self.transport.send(*self._in_flight)

@@ -1,0 +1,122 @@
+"""The process torchrun starts, under ``membership.mode=elastic``: it keeps its slot filled.
+
+torchrun restarts every process of a job when one of them dies. So with elastic membership the
+process torchrun starts (a *keeper*, one per rank) does no training itself: it runs its rank's
+part (the server on rank 0, a worker on the others) in a child process, and when the child dies
+of anything but a clean end (``kill -9``, an out-of-memory kill, a crash) it starts a new one,
+which rejoins the running server (:mod:`easgd.topologies.elastic`). torchrun sees nothing; the
+server and every other worker go on. A child that ends normally (exit code 0: its slot finished,
+the run ended or its slot was taken) ends the keeper. After ``membership.max_respawns`` starts
+the keeper gives up and exits with the child's code, and torchrun's own policy applies.
+
+SIGINT and SIGTERM are passed to the child (an interrupted run ends as without a keeper), and no
+new child is started after one.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from typing import Any
+
+from easgd.config.schema import TrainConfig, to_dict
+
+log = logging.getLogger("easgd.keeper")
+
+EVICT_CHECK_S = 0.5
+"""How often a keeper checks whether the server asked it to kill its (hung) child."""
+
+RESPAWN_PAUSE_S = 0.2
+"""Pause before a new child, so a child that dies at once does not spin."""
+
+
+def _member_entry(config: dict[str, Any], incarnation: int) -> None:
+    """The child: this rank's part of an elastic run."""
+    from omegaconf import OmegaConf
+
+    from easgd.config.schema import validate
+    from easgd.topologies.elastic import run_member
+
+    run_member(validate(OmegaConf.create(config)), incarnation=incarnation)
+
+
+class Keeper:
+    """Keeps one child running this rank's part, starting a new one when it dies."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self._signal: int | None = None
+        self._child: Any = None
+
+    def _forward(self, signum: int, frame: object) -> None:
+        self._signal = signum
+        if self._child is not None and self._child.is_alive():
+            os.kill(self._child.pid, signum)  # the child ends the run cleanly on it
+
+    def run(self) -> int:
+        """Run children until one ends cleanly (or the respawn budget is spent); its exit code."""
+        from easgd.topologies.registry import setup_logging
+
+        setup_logging(f"keeper{os.environ.get('RANK', '0')}")
+        context = multiprocessing.get_context("spawn")
+        previous = {s: signal.signal(s, self._forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        starts, code = 0, 0
+        try:
+            while True:
+                starts += 1
+                self._child = context.Process(
+                    target=_member_entry, args=(to_dict(self.cfg), starts), daemon=False
+                )
+                self._child.start()
+                self._wait()
+                code = self._child.exitcode
+                if code == 0 or self._signal is not None:
+                    return int(code or 0)
+                if starts > self.cfg.membership.max_respawns:
+                    log.error("the child ended with %s %d times; giving up", _how(code), starts)
+                    return int(code) if code and code > 0 else 1
+                log.warning("the child ended with %s; starting a new one", _how(code))
+                time.sleep(RESPAWN_PAUSE_S)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _wait(self) -> None:
+        """Wait for the child; kill it if the server asks (it declared the child hung)."""
+        from easgd.comm.groups import DistEnv, open_store
+        from easgd.comm.membership import eviction_requested
+
+        env = DistEnv.from_environ()
+        store = None
+        while self._child.is_alive():
+            self._child.join(timeout=EVICT_CHECK_S)
+            if env.rank == 0 or not self._child.is_alive():
+                continue
+            if store is None:
+                store = open_store(env, timeout_s=self.cfg.comm.timeout_s)[0]
+            if eviction_requested(store, env.rank):
+                log.warning("the server declared this slot's worker hung; killing it")
+                self._child.kill()
+
+
+def _how(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"signal {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def keep(cfg: TrainConfig) -> dict[str, Any] | None:
+    """This rank's part of an elastic run, kept filled; rank 0 returns the run's summary."""
+    import json
+    from pathlib import Path
+
+    code = Keeper(cfg).run()
+    if code != 0:
+        raise SystemExit(code)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    summary = Path(cfg.run_dir) / "summary.json"
+    return json.loads(summary.read_text()) if summary.exists() else None

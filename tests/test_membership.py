@@ -1,0 +1,201 @@
+"""Workers that come and go (membership.mode=elastic): the store protocol and the center's
+recovery in process, then real torchrun runs where a worker, or the server, is killed."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from easgd.analysis.audit import membership_gap
+from easgd.comm import membership
+from easgd.config.schema import validate
+from easgd.engine.members import LEDGER_BASE, ledger_path, own_ledger_path, recover_center
+from tests.test_train_e2e import run
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        ({"topology": "allreduce"}, "topology=allreduce"),
+        ({"server": {"shards": 2}}, "server.shards=2"),
+        ({"mode": "simulate"}, "mode=simulate"),
+        ({"algorithm": {"name": "sgd"}, "workers": 1}, "a sequential baseline"),
+    ],
+)
+def test_elastic_membership_is_refused_where_it_is_not_served(overrides: dict, named: str) -> None:
+    cfg = {"membership": {"mode": "elastic"}, **overrides}
+    with pytest.raises(ValueError, match=re.escape(named) + ".*use membership.mode=fixed"):
+        validate(cfg)
+
+
+def test_bad_membership_values_name_the_key() -> None:
+    with pytest.raises(ValueError, match="membership.mode='sometimes'"):
+        validate({"membership": {"mode": "sometimes"}})
+    with pytest.raises(ValueError, match="membership.slot_wait_s must be > 0"):
+        validate({"membership": {"slot_wait_s": 0}})
+
+
+# -- the store protocol ------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def store() -> dist.Store:
+    return dist.TCPStore("127.0.0.1", _free_port(), 1, is_master=True, wait_for_workers=False)
+
+
+def _client(store: dist.TCPStore) -> dist.Store:
+    """Another connection to ``store`` (a process of its own would have one)."""
+    return dist.TCPStore("127.0.0.1", store.port, 1, is_master=False)
+
+
+def test_a_slot_is_held_by_one_process_and_a_worker_beyond_p_is_refused(store) -> None:
+    assert membership.claim(store, [1, 2], "a") == 1
+    assert membership.claim(store, [1, 2], "b") == 2
+    assert membership.claim(store, [1, 2], "c") is None  # both held
+    membership.start_server_epoch(store)
+    with pytest.raises(membership.SlotRefused, match="all 2 worker slots are held"):
+        membership.join(store, [1, 2], workers=2, timeout_s=5)
+    store.set("member/2/owner", "")  # the server frees a slot when its member leaves
+    assert membership.claim(store, [1, 2], "c") == 2
+
+
+def test_a_member_waits_for_a_newer_server_and_the_run_end_is_told(store) -> None:
+    with pytest.raises(TimeoutError, match="no server came up"):
+        membership.wait_for_server(store, after=0, timeout_s=0.2)
+    assert membership.start_server_epoch(store) == 1
+    assert membership.wait_for_server(store, after=0, timeout_s=1) == 1
+    assert membership.start_server_epoch(store) == 2  # a restarted server: the next epoch
+    assert membership.wait_for_server(store, after=1, timeout_s=1) == 2
+    membership.mark_run_over(store)
+    with pytest.raises(membership.RunOver):
+        membership.wait_for_server(store, after=2, timeout_s=1)
+
+
+def test_member_and_server_meet_on_a_fresh_group_per_member(store) -> None:
+    epoch = membership.start_server_epoch(store)
+    listener = membership.SlotListener(store, epoch=epoch, timeout_s=10)
+    stop = threading.Event()
+    got: dict[str, object] = {}
+    thread = threading.Thread(
+        target=lambda: got.update(server=listener.wait(3, stop, give_up_s=10))
+    )
+    thread.start()
+    member = membership.join(_client(store), [3], workers=3, timeout_s=10)
+    thread.join()
+    number, group = got["server"]  # type: ignore[misc]
+    assert (member.slot, member.incarnation, number, member.epoch) == (3, 1, 1, 1)
+    sent = torch.arange(5, dtype=torch.float32)
+    received = torch.zeros(5)
+    work = group.recv([received], membership.MEMBER_END, 0)
+    member.group.send([sent], membership.SERVER_END, 0).wait()
+    work.wait()
+    assert torch.equal(received, sent)
+
+
+# -- the center's recovery ---------------------------------------------------------------------
+
+
+def test_a_restarted_server_rebuilds_the_center_from_the_base_and_the_ledgers(
+    tmp_path: Path,
+) -> None:
+    start = torch.tensor([1.0, -2.0, 0.5])
+    (tmp_path / "ledger-slot9-1.pt").write_bytes(b"")  # an earlier job's: dropped
+    base = recover_center(tmp_path, start, first_start=True)
+    assert torch.equal(base, start.double()) and not (tmp_path / "ledger-slot9-1.pt").exists()
+    torch.save(torch.tensor([0.25, 0.0, -1.0], dtype=torch.float64), ledger_path(tmp_path, 1, 1))
+    torch.save(torch.tensor([0.0, 4.0, 0.125], dtype=torch.float64), ledger_path(tmp_path, 2, 3))
+    torch.save(torch.tensor([9.0, 9.0, 9.0], dtype=torch.float64), own_ledger_path(tmp_path, 2, 3))
+    rebuilt = recover_center(tmp_path, torch.zeros(3), first_start=False)
+    # base + the two ledgers; a member's own copy (for the audit) is not counted
+    assert torch.equal(rebuilt, torch.tensor([1.25, 2.0, -0.375], dtype=torch.float64))
+    assert torch.equal(torch.load(tmp_path / LEDGER_BASE), start.double())
+
+
+# -- real runs -------------------------------------------------------------------------------
+
+ELASTIC = [
+    "membership.mode=elastic", "progress=false", "tensorboard=false", "workers=3",
+    "steps_per_worker=1500", "checkpoint.every_s=0.5",
+]  # fmt: skip
+
+
+def _torchrun(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess[str], dict]:
+    result = run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+         "--max-restarts=0", "-m", "easgd.train", *ELASTIC, f"hydra.run.dir={tmp_path}",
+         *overrides],
+        timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result, json.loads((tmp_path / "summary.json").read_text())
+
+
+def _own_ledgers_match(directory: Path) -> int:
+    """Each finished member's own ledger equals the one the server kept for it (bit for bit);
+    returns how many were compared."""
+    compared = 0
+    for own in directory.glob("own-ledger-slot*.pt"):
+        server_side = directory / own.name.removeprefix("own-")
+        assert torch.equal(torch.load(own), torch.load(server_side)), own.name
+        compared += 1
+    return compared
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_replaced_and_nothing_else_restarts(tmp_path: Path) -> None:
+    result, summary = _torchrun(tmp_path, "fault.kill_rank=2", "fault.kill_at_step=300")
+    log = result.stderr
+    assert log.count("server start ") == 1  # one server process all along
+    assert log.count("the child ended with signal SIGKILL; starting a new one") == 1
+    assert "[keeper2] WARNING the child ended with signal SIGKILL" in log
+    for slot in (1, 3):  # the other workers joined once and were never replaced
+        assert log.count(f"joined slot {slot} as member") == 1
+    joined = re.findall(r"joined slot 2 as member 2 at step (\d+)", log)
+    left = re.findall(r"slot 2: member 1 left at step (\d+)", log)
+    assert joined == left and int(left[0]) % 10 == 0 and int(left[0]) <= 300  # its last exchange
+    figures = summary["details"]["membership"]
+    assert (figures["members_joined"], figures["members_left"]) == (4, 1)
+    redone = summary["details"]["redone_steps_by_worker"]
+    assert redone["1"] == redone["3"] == 0
+    assert 0 < redone["2"] <= 300 - int(left[0])  # only the dead worker's steps since its exchange
+    assert summary["worker_steps"] == 3 * 1500  # every slot finished its budget
+    assert _own_ledgers_match(tmp_path / "checkpoints") == 3
+    assert membership_gap(tmp_path) < 2e-5  # center == base + every member's ledger
+
+
+@pytest.mark.slow
+def test_a_killed_server_comes_back_with_the_exact_center_and_no_worker_restarts(
+    tmp_path: Path,
+) -> None:
+    result, summary = _torchrun(tmp_path, "fault.kill_rank=0", "fault.kill_at_step=200")
+    log = result.stderr
+    assert "[keeper0] WARNING the child ended with signal SIGKILL; starting a new one" in log
+    assert log.count("server start 2") == 1
+    for slot in (1, 2, 3):  # each worker process lived through it
+        assert f"[keeper{slot}] WARNING" not in log
+        assert log.count(f"joined slot {slot} as member") == 1
+    assert (
+        log.count("rejoined the server (start 2)")
+        == summary["details"]["membership"]["members_rejoined"]
+    )
+    assert summary["worker_steps"] == 3 * 1500
+    assert sum(summary["details"]["redone_steps_by_worker"].values()) == 0  # no steps lost
+    assert _own_ledgers_match(tmp_path / "checkpoints") == 3
+    assert membership_gap(tmp_path) < 2e-5  # nothing the dead server had applied was lost
