@@ -199,3 +199,25 @@ def test_a_killed_server_comes_back_with_the_exact_center_and_no_worker_restarts
     assert sum(summary["details"]["redone_steps_by_worker"].values()) == 0  # no steps lost
     assert _own_ledgers_match(tmp_path / "checkpoints") == 3
     assert membership_gap(tmp_path) < 2e-5  # nothing the dead server had applied was lost
+
+
+def test_a_restarted_server_connects_only_to_members_joining_it(store) -> None:
+    """A join announced to the dead server (epoch 1) is skipped; the member's join to the new
+    server (epoch 2) gets a fresh group under a new connection number."""
+    first = membership.start_server_epoch(store)
+    # a member announces its join to the first server, which dies before it connects
+    with pytest.raises(dist.DistStoreError):
+        membership.join(_client(store), [2], workers=2, timeout_s=1)
+    membership.free_slots(store, [1, 2])
+    listener = membership.SlotListener(
+        store, epoch=membership.start_server_epoch(store), timeout_s=10
+    )
+    got: dict[str, object] = {}
+    thread = threading.Thread(
+        target=lambda: got.update(server=listener.wait(2, threading.Event(), give_up_s=10))
+    )
+    thread.start()
+    again = membership.join(_client(store), [2], workers=2, timeout_s=10, after_epoch=first)
+    thread.join()
+    assert (again.incarnation, again.epoch) == (2, 2)
+    assert got["server"][0] == 2  # type: ignore[index]

@@ -182,10 +182,11 @@ class SlotListener:
         deadline = time.perf_counter() + give_up_s
         while not stop.is_set() and time.perf_counter() < deadline:
             latest = int(self.store.add(f"member/{slot}/incarnation", 0))
-            if latest > self._served.get(slot, 0) and self.store.check(
-                [f"member/{slot}/join{latest}"]
-            ):
+            key = f"member/{slot}/join{latest}"
+            if latest > self._served.get(slot, 0) and self.store.check([key]):
                 self._served[slot] = latest
+                if not self.store.get(key).decode().endswith(f"@{self.epoch}"):
+                    continue  # it joined an earlier server start: gone, or joining again
                 group = _group(self.store, slot, latest, SERVER_END, self.timeout_s)
                 with self._lock:
                     self.join_times.setdefault(slot, []).append(time.time())
