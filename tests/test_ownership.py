@@ -31,6 +31,7 @@ from easgd.roles import (
 )
 
 NUMEL = 3 * inplace.CHUNK + 5  # several chunks: a read in the middle of an update would show
+SNAPSHOTS = 16  # per watcher: each is a copy of the center (3 MB)
 
 
 # -- strict, copying state dictionaries -------------------------------------------------------
@@ -138,19 +139,28 @@ def hammer(role, payloads, exchanges: int):  # type: ignore[no-untyped-def]
                 receive.copy_(payloads[rank](transports[rank].replies))
                 server._exchange(rank, transports[rank], Header(Op.EXCHANGE, step=step), receive)  # type: ignore[arg-type]
 
-        def evaluator() -> None:
-            while not done.is_set():
-                supervisor._evaluate()
+        def watch(take) -> None:  # type: ignore[no-untyped-def]
+            """Call ``take`` once per distinct exchange count seen, at most SNAPSHOTS times (each
+            keeps a copy of the center: unbounded, a slow machine's watchers ran out of memory)."""
+            seen, taken = -1, 0
+            while not done.is_set() and taken < SNAPSHOTS:
+                if server.exchanges != seen:
+                    seen, taken = server.exchanges, taken + 1
+                    take()
+                else:
+                    done.wait(0.0002)
 
-        def checkpointer() -> None:
-            while not done.is_set():
-                with server.lock:
-                    state = role.state_dict()
-                    truth = role.center.clone()
-                checkpoints.append((state["center"], truth))  # compared after more updates
+        def checkpoint() -> None:
+            with server.lock:
+                state = role.state_dict()
+                truth = role.center.clone()
+            checkpoints.append((state["center"], truth))  # compared after more updates
 
         workers = [threading.Thread(target=worker, args=(r,)) for r in payloads]
-        watchers = [threading.Thread(target=evaluator), threading.Thread(target=checkpointer)]
+        watchers = [
+            threading.Thread(target=watch, args=(supervisor._evaluate,)),
+            threading.Thread(target=watch, args=(checkpoint,)),
+        ]
         for thread in watchers + workers:
             thread.start()
         for thread in workers:
