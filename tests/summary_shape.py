@@ -51,6 +51,7 @@ DETAILS = {
         "redone_worker_steps",
         "redone_steps_by_worker",
         "committed_snapshot",
+        "membership",
     },
     "allreduce": {
         "steps_per_s_rank0",
@@ -95,6 +96,12 @@ def assert_summary_shape(
     assert summary["topology"] == topology and summary["mode"] == mode
     details = DETAILS["simulate" if mode == "simulate" else topology]
     assert set(summary["details"]) == details, sorted(summary["details"])
+    if topology == "server" and mode == "distributed":
+        membership = summary["details"]["membership"]
+        assert membership["mode"] in ("fixed", "elastic"), membership
+        if membership["mode"] == "elastic":  # every departure is counted once, with its slot
+            assert len(membership["departures"]) == membership["members_left"]
+            assert len(membership["rejoin_s"]) <= membership["members_left"]
     rate = (summary["exchanges"] - summary["resumed_exchanges"]) / max(summary["wall_time_s"], 1e-9)
     assert math.isclose(summary["exchanges_per_s"], rate, rel_tol=1e-9)
     if summary["config"] is not None:  # easgd.train runs: the config agrees with the record

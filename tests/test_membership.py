@@ -172,6 +172,7 @@ def test_a_killed_worker_is_replaced_and_nothing_else_restarts(tmp_path: Path) -
     assert joined == left and int(left[0]) % 10 == 0 and int(left[0]) <= 300  # its last exchange
     figures = summary["details"]["membership"]
     assert (figures["members_joined"], figures["members_left"]) == (4, 1)
+    assert figures["mode"] == "elastic" and len(figures["rejoin_s"]) == 1  # the one replacement
     redone = summary["details"]["redone_steps_by_worker"]
     assert redone["1"] == redone["3"] == 0
     assert 0 < redone["2"] <= 300 - int(left[0])  # only the dead worker's steps since its exchange

@@ -20,7 +20,9 @@ from tests.test_train_e2e import ROOT, run
 
 pytestmark = pytest.mark.slow
 
-BASE = ["progress=false", "tensorboard=false", "eval_interval_s=0.2"]
+# these tests are about a fixed roster: a lost, stuck or failing process ends (or restarts) the
+# job; with elastic membership its keeper would replace it instead (tests/test_membership.py)
+BASE = ["progress=false", "tensorboard=false", "eval_interval_s=0.2", "membership.mode=fixed"]
 
 
 def torchrun(

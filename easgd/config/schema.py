@@ -8,6 +8,8 @@ fails there); :func:`validate` instantiates them so the range checks run before 
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -191,7 +193,7 @@ class ServerConfig:
             raise ValueError(f"server.shards must be an integer >= 1, got {self.shards!r}")
 
 
-MEMBERSHIP_MODES = ("fixed", "elastic")
+MEMBERSHIP_MODES = ("auto", "fixed", "elastic")
 
 
 @dataclass
@@ -201,11 +203,14 @@ class MembershipConfig:
     fixed: the p workers of the launch; a dead process ends the job (torchrun --max-restarts
     restarts every process from the newest consistent snapshot). elastic: p worker slots; each
     launched process keeps its slot's worker in a child process and starts a new one when it
-    dies, which rejoins the running server from the center (docs/reliability.md).
+    dies, which rejoins the running server from the center (docs/reliability.md). auto (the
+    default): elastic where it is served, fixed elsewhere (:func:`membership_mode`).
     """
 
-    mode: str = "fixed"
-    """fixed or elastic."""
+    mode: str = "auto"
+    """auto, fixed or elastic. auto is elastic for one parameter server (topology=server,
+    server.shards=1, mode=distributed) launched with torchrun's shared store and without
+    checkpoint.ledger, fixed for every other run."""
     max_respawns: int = 100
     """elastic: how many times a process starts its slot's worker (or the server) again before
     it gives up and exits with the failure (then torchrun's own restart policy applies)."""
@@ -616,32 +621,51 @@ def _check_compression(cfg: TrainConfig) -> None:
         )
 
 
+def elastic_unserved(cfg: TrainConfig) -> str | None:
+    """Why ``cfg`` cannot run with elastic membership (None: it can)."""
+    if cfg.topology == "allreduce":
+        return "topology=allreduce"
+    if not cfg.algorithm.uses_server:
+        return "a sequential baseline"
+    if cfg.server.shards > 1:
+        return f"server.shards={cfg.server.shards}"
+    if cfg.mode == "simulate":
+        return "mode=simulate"
+    if cfg.checkpoint.ledger:
+        return "checkpoint.ledger=true"
+    return None
+
+
+def membership_mode(cfg: TrainConfig, environ: Mapping[str, str] | None = None) -> str:
+    """The membership this process runs: ``fixed`` or ``elastic``.
+
+    ``auto`` resolves to elastic where it is served (:func:`elastic_unserved`) and the launcher's
+    rendezvous store is shared with its processes (torchrun's default; the store outlives the
+    processes that come and go), else to fixed. ``environ`` defaults to this process's.
+    """
+    if cfg.membership.mode != "auto":
+        return cfg.membership.mode
+    env = os.environ if environ is None else environ
+    shared = env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    return "elastic" if shared and elastic_unserved(cfg) is None else "fixed"
+
+
 def _check_membership(cfg: TrainConfig) -> None:
     """membership.mode=elastic where it is served: one parameter server, real processes."""
     if cfg.membership.mode != "elastic":
         return
-    where = (
-        "topology=allreduce"
-        if cfg.topology == "allreduce"
-        else "a sequential baseline"
-        if not cfg.algorithm.uses_server
-        else f"server.shards={cfg.server.shards}"
-        if cfg.server.shards > 1
-        else "mode=simulate"
-        if cfg.mode == "simulate"
-        else None
-    )
+    where = elastic_unserved(cfg)
+    if where == "checkpoint.ledger=true":
+        raise ValueError(
+            "checkpoint.ledger audits consistent snapshots of a fixed roster; with "
+            "membership.mode=elastic the server keeps every member's ledger itself "
+            "(checkpoints/ledger-slot*.pt): set checkpoint.ledger=false"
+        )
     if where is not None:
         raise ValueError(
             f"membership.mode=elastic serves workers that come and go on one parameter server "
             f"(topology=server, server.shards=1, mode=distributed), not {where}; "
             "use membership.mode=fixed"
-        )
-    if cfg.checkpoint.ledger:
-        raise ValueError(
-            "checkpoint.ledger audits consistent snapshots of a fixed roster; with "
-            "membership.mode=elastic the server keeps every member's ledger itself "
-            "(checkpoints/ledger-slot*.pt): set checkpoint.ledger=false"
         )
 
 

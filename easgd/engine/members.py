@@ -278,12 +278,19 @@ class ElasticServer(ParameterServer):
     def membership_figures(self) -> dict[str, object]:
         """What summary.json says about the members: joins, departures, redone steps."""
         joins = self.members.join_times
+        rejoin_s = []  # from each departure to its slot's next join
+        for gone in self.departures:
+            later = [t for t in joins.get(int(gone["slot"]), []) if t >= gone["time"]]
+            if later:
+                rejoin_s.append(round(min(later) - gone["time"], 4))
         return {
+            "mode": "elastic",
             "members_joined": sum(len(t) for t in joins.values()),
             "members_left": len(self.departures),
             "members_rejoined": self.rejoined,
             "departures": self.departures,
             "joins_by_slot": {str(s): len(t) for s, t in joins.items()},
+            "rejoin_s": rejoin_s,
         }
 
     def declare_lost(self, rank: int, reason: str) -> None:

@@ -57,8 +57,9 @@ SEED_STRIDE = 104_729
 its number, so a replacement does not replay its predecessor's stream."""
 
 
-def run_member(cfg: TrainConfig, *, incarnation: int) -> dict[str, Any] | None:
-    """This keeper child's part: the server on rank 0, a slot's member on the others."""
+def run_member(cfg: TrainConfig, *, incarnation: int, started: Any = None) -> dict[str, Any] | None:
+    """This keeper child's part: the server on rank 0, a slot's member on the others.
+    ``started`` (an event, optional) is set once the server serves or the member has joined."""
     from easgd.topologies.registry import role_name, setup_logging
 
     env = DistEnv.from_environ()
@@ -74,18 +75,18 @@ def run_member(cfg: TrainConfig, *, incarnation: int) -> dict[str, Any] | None:
     store, generation = open_store(env, timeout_s=cfg.comm.timeout_s)
     if env.rank == SERVER_RANK:
         try:
-            return run_elastic_server(parts, store, generation, starts=incarnation)
+            return run_elastic_server(parts, store, generation, starts=incarnation, started=started)
         finally:
             mark_run_over(store)
     try:
-        MemberProcess(parts, env, store, generation, starts=incarnation).run()
+        MemberProcess(parts, env, store, generation, starts=incarnation, started=started).run()
     except (RunOver, SlotRefused) as err:
         log.info("%s; leaving", err)
     return None
 
 
 def run_elastic_server(
-    parts: RunParts, store: Any, generation: int, *, starts: int
+    parts: RunParts, store: Any, generation: int, *, starts: int, started: Any = None
 ) -> dict[str, Any]:
     """Rank 0's child: recover the center (newest committed snapshot), serve the slots."""
     cfg, split = parts.cfg, parts.split
@@ -101,6 +102,8 @@ def run_elastic_server(
         role.center.copy_(center.to(role.center.dtype))
     free_slots(store, range(1, cfg.workers + 1))  # members of a dead server claim them again
     epoch = start_server_epoch(store)
+    if started is not None:
+        started.set()
     record = parts.record(lead=True, progress=False)
     log.info(
         "%s with %d worker slots (elastic membership, server start %d, pid %d), tau=%d, "
@@ -169,9 +172,16 @@ class MemberProcess(WorkerProcess):
     keeps_snapshots = False
 
     def __init__(
-        self, parts: RunParts, env: DistEnv, store: Any, generation: int, starts: int
+        self,
+        parts: RunParts,
+        env: DistEnv,
+        store: Any,
+        generation: int,
+        starts: int,
+        started: Any = None,
     ) -> None:
         cfg = parts.cfg
+        self.started = started
         member = join(
             store,
             [env.rank],
@@ -208,6 +218,8 @@ class MemberProcess(WorkerProcess):
         role.step = header.step
         if cfg.algorithm.spec.ledger is not None:
             self.ledger = Ledger(role, cfg.algorithm.name)
+        if self.started is not None:
+            self.started.set()
         log.info(
             "joined slot %d as member %d at step %d (pid %d)",
             self.member.slot,

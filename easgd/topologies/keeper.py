@@ -6,8 +6,11 @@ part (the server on rank 0, a worker on the others) in a child process, and when
 of anything but a clean end (``kill -9``, an out-of-memory kill, a crash) it starts a new one,
 which rejoins the running server (:mod:`easgd.topologies.elastic`). torchrun sees nothing; the
 server and every other worker go on. A child that ends normally (exit code 0: its slot finished,
-the run ended or its slot was taken) ends the keeper. After ``membership.max_respawns`` starts
-the keeper gives up and exits with the child's code, and torchrun's own policy applies.
+the run ended or its slot was taken) ends the keeper. A child that fails before it has started
+(the server: before it serves; a worker: before its HELLO was answered) with an error of its own
+(a wrong launch or model, not a signal) would fail again: the keeper exits with its code at once.
+After ``membership.max_respawns`` starts the keeper gives up and exits with the child's code, and
+torchrun's own policy applies.
 
 SIGINT and SIGTERM are passed to the child (an interrupted run ends as without a keeper), and no
 new child is started after one.
@@ -33,14 +36,15 @@ RESPAWN_PAUSE_S = 0.2
 """Pause before a new child, so a child that dies at once does not spin."""
 
 
-def _member_entry(config: dict[str, Any], incarnation: int) -> None:
-    """The child: this rank's part of an elastic run."""
+def _member_entry(config: dict[str, Any], incarnation: int, started: Any) -> None:
+    """The child: this rank's part of an elastic run (it sets ``started`` once it serves or
+    has joined its slot)."""
     from omegaconf import OmegaConf
 
     from easgd.config.schema import validate
     from easgd.topologies.elastic import run_member
 
-    run_member(validate(OmegaConf.create(config)), incarnation=incarnation)
+    run_member(validate(OmegaConf.create(config)), incarnation=incarnation, started=started)
 
 
 class Keeper:
@@ -67,22 +71,39 @@ class Keeper:
         try:
             while True:
                 starts += 1
+                started = context.Event()
                 self._child = context.Process(
-                    target=_member_entry, args=(to_dict(self.cfg), starts), daemon=False
+                    target=_member_entry, args=(to_dict(self.cfg), starts, started), daemon=False
                 )
                 self._child.start()
                 self._wait()
                 code = self._child.exitcode
                 if code == 0 or self._signal is not None:
                     return int(code or 0)
+                if code is not None and code > 0 and not started.is_set():
+                    log.error("the child failed before it started (exit code %d); not again", code)
+                    if starts == 1:
+                        self._give_up()
+                    return int(code)
                 if starts > self.cfg.membership.max_respawns:
                     log.error("the child ended with %s %d times; giving up", _how(code), starts)
+                    self._give_up()
                     return int(code) if code and code > 0 else 1
                 log.warning("the child ended with %s; starting a new one", _how(code))
                 time.sleep(RESPAWN_PAUSE_S)
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+    def _give_up(self) -> None:
+        """Rank 0 giving up ends the run for the members too (else they would wait for a server
+        that is not coming, and their keepers would start new ones)."""
+        from easgd.comm.groups import DistEnv, open_store
+        from easgd.comm.membership import mark_run_over
+
+        env = DistEnv.from_environ()
+        if env.rank == 0:
+            mark_run_over(open_store(env, timeout_s=self.cfg.comm.timeout_s)[0])
 
     def _wait(self) -> None:
         """Wait for the child; kill it if the server asks (it declared the child hung)."""
@@ -113,6 +134,9 @@ def keep(cfg: TrainConfig) -> dict[str, Any] | None:
     import json
     from pathlib import Path
 
+    from easgd.comm.groups import DistEnv, check_world
+
+    check_world(DistEnv.from_environ(), expected_world_size=cfg.world_size, workers=cfg.workers)
     code = Keeper(cfg).run()
     if code != 0:
         raise SystemExit(code)

@@ -16,7 +16,7 @@ import threading
 from typing import Any
 
 from easgd.comm.groups import SERVER_RANK
-from easgd.config.schema import TrainConfig
+from easgd.config.schema import TrainConfig, membership_mode
 from easgd.parts import interrupt
 
 TOPOLOGY_MAINS = {
@@ -59,7 +59,7 @@ def role_name(rank: int) -> str:
 def run_process(cfg: TrainConfig) -> dict[str, Any] | None:
     """Run this process's part; the process that owns the run's record returns the summary."""
     topology = topology_of(cfg)
-    if cfg.membership.mode == "elastic":
+    if membership_mode(cfg) == "elastic":
         from easgd.topologies.keeper import keep
 
         return keep(cfg)

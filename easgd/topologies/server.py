@@ -180,7 +180,7 @@ def record_server_run(
             "redone_worker_steps": sum(s.redone_steps for s in server.stats.values()),
             "redone_steps_by_worker": {str(r): s.redone_steps for r, s in server.stats.items()},
             "committed_snapshot": committed,
-            **({"membership": membership} if membership is not None else {}),
+            "membership": membership if membership is not None else {"mode": "fixed"},
         },
     )
     return write_summary(record.runlog, summary, hparams_of(cfg))
