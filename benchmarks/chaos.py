@@ -5,6 +5,8 @@ center = initial center + every worker's ledger; plus a soak run whose resident 
     python benchmarks/chaos.py --worker-kills 20 --server-kills 10 --soak-s 0   # kills only
     python benchmarks/chaos.py --worker-kills 0 --server-kills 0 --soak-s 300   # the soak
     python benchmarks/chaos.py --quick                                          # CI: ~30 s
+    python benchmarks/chaos.py --membership-s 600   # elastic membership: kills every 15 s, twice
+                                                    # the server, and an undisturbed twin run
 
 Kill runs append to benchmarks/results/chaos_runs.jsonl (so the full set can be run in chunks);
 the summary (chaos.json / chaos.log) is recomputed from every row there. The kill lands a random
@@ -27,7 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import parser, suffix, write_json  # noqa: E402
-from easgd.analysis.audit import conservation_gap  # noqa: E402
+from easgd.analysis.audit import conservation_gap, membership_gap  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = 3
@@ -63,14 +65,26 @@ def rss_mb(pid: int) -> float:
 
 
 def torchrun(
-    run_dir: Path, workers: int, overrides: list[str], restarts: int, shards: int = 1
+    run_dir: Path,
+    workers: int,
+    overrides: list[str],
+    restarts: int,
+    shards: int = 1,
+    *,
+    fixed: bool = True,
 ) -> subprocess.Popen[str]:
+    """A torchrun job; ``fixed``: a fixed roster with the ledger audit of its snapshots, else
+    elastic membership (whose server keeps the members' ledgers itself)."""
+    kept = (
+        ["eval_interval_s=0.25", "checkpoint.every_s=0.2", "checkpoint.ledger=true"]
+        if fixed
+        else ["eval_interval_s=1", "checkpoint.every_s=5", "membership.mode=elastic"]
+    )
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc_per_node={workers + shards}", f"--max-restarts={restarts}", "-m", "easgd.train",
         f"workers={workers}", f"server.shards={shards}", "progress=false", "tensorboard=false",
-        "eval_interval_s=0.25", "checkpoint.every_s=0.2", "checkpoint.ledger=true", *overrides,
-        f"hydra.run.dir={run_dir}",
+        *kept, *overrides, f"hydra.run.dir={run_dir}",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "EASGD_LOG_LEVEL": "WARNING"}
     return subprocess.Popen(
@@ -173,6 +187,141 @@ def soak(run_dir: Path, workers: int, seconds: float, every_s: float) -> dict[st
     }  # fmt: skip
 
 
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def descendants(root: int) -> list[int]:
+    """Every live process below ``root``."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                parents[int(entry.name)] = parent_of(int(entry.name))
+    found, frontier = [], [root]
+    while frontier:
+        children = [pid for pid, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def keeper_child(keeper: int) -> int | None:
+    """The process a keeper runs its rank's part in (not multiprocessing's resource tracker)."""
+    for pid in descendants(keeper):
+        with contextlib.suppress(OSError):
+            if (
+                parent_of(pid) == keeper
+                and b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            ):
+                return pid
+    return None
+
+
+def membership_run(
+    run_dir: Path,
+    workers: int,
+    seconds: float,
+    rng: random.Random,
+    *,
+    kill_every_s: float,
+    server_kills: int,
+    period: int,
+) -> dict[str, Any]:
+    """An elastic-membership run of ``seconds`` (max_wall_s): kill -9 of a random worker every
+    ``kill_every_s`` and of the server ``server_kills`` times, evenly spread (no kills when
+    ``kill_every_s`` is 0); resident memory of all its processes sampled every 5 s."""
+    proc = torchrun(
+        run_dir, workers, ["algorithm=eamsgd", f"comm.period={period}",
+                           "steps_per_worker=100000000", f"max_wall_s={seconds}"],
+        restarts=0, fixed=False,
+    )  # fmt: skip
+    metrics = run_dir / "metrics.csv"
+    while proc.poll() is None and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.1)  # start-up is not part of the schedule
+    started = time.time()
+    plan: list[tuple[float, str]] = []
+    if kill_every_s > 0:
+        plan = [
+            (t, "worker") for t in range(int(kill_every_s), int(seconds) - 5, int(kill_every_s))
+        ]
+        server_at = [seconds * (k + 1) / (server_kills + 1) for k in range(server_kills)]
+        plan = sorted(plan + [(t + kill_every_s / 2, "server") for t in server_at])
+    kills: list[dict[str, Any]] = []
+    samples: list[dict[str, float]] = []
+    next_sample = 0.0
+    while proc.poll() is None:
+        now = time.time() - started
+        if plan and now >= plan[0][0]:
+            _, victim = plan.pop(0)
+            rank = 0 if victim == "server" else rng.randint(1, workers)
+            keeper = rank_pids(proc.pid).get(rank)
+            child = keeper_child(keeper) if keeper is not None else None
+            if child is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
+                    kills.append({"t": round(now, 2), "victim": victim, "rank": rank})
+        if now >= next_sample:
+            with contextlib.suppress(OSError):
+                total = sum(rss_mb(pid) for pid in [proc.pid, *descendants(proc.pid)])
+                samples.append({"t": round(now, 1), "total_mb": round(total, 1)})
+            next_sample = now + 5.0
+        time.sleep(0.05)
+    _, stderr = proc.communicate()
+    row: dict[str, Any] = {"returncode": proc.returncode, "seconds": seconds, "workers": workers,
+                           "tau": period, "kills": kills, "trace": samples}  # fmt: skip
+    if proc.returncode != 0 or not (run_dir / "summary.json").exists():
+        row["error"] = stderr[-3000:]
+        return row
+    summary = json.loads((run_dir / "summary.json").read_text())
+    figures = summary["details"]["membership"]
+    worker_kills = sum(k["victim"] == "worker" for k in kills)
+    redone = summary["details"]["redone_steps_by_worker"]
+    steady = [s for s in samples if s["t"] >= seconds / 5] or samples
+    row.update(
+        job_restarts=summary["restarts"],
+        worker_kills=worker_kills,
+        server_kills=sum(k["victim"] == "server" for k in kills),
+        members_left=figures["members_left"],
+        members_rejoined=figures["members_rejoined"],
+        server_starts=stderr.count("worker slots (elastic membership, server start"),
+        redone_steps=sum(redone.values()),
+        redone_per_worker_kill=sum(redone.values()) / max(1, worker_kills),
+        rejoin_s=figures["rejoin_s"],
+        worker_steps=summary["worker_steps"],
+        exchanges=summary["exchanges"],
+        test_error=summary["test_error"],
+        ledger_gap=membership_gap(run_dir),
+        rss_start_mb=steady[0]["total_mb"] if steady else None,
+        rss_end_mb=steady[-1]["total_mb"] if steady else None,
+    )
+    return row
+
+
+def plot_membership(chaos: dict[str, Any], calm: dict[str, Any], path: Path) -> None:
+    """Resident memory of every process of the run over time, with the kills marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for row, label in ((chaos, "with kills"), (calm, "undisturbed")):
+        trace = row["trace"]
+        ax.plot([s["t"] for s in trace], [s["total_mb"] for s in trace], label=label)
+    for kill in chaos["kills"]:
+        ax.axvline(kill["t"], color="red" if kill["victim"] == "server" else "gray",
+                   alpha=0.6 if kill["victim"] == "server" else 0.2, linewidth=1)  # fmt: skip
+    ax.set_xlabel("seconds (gray: a worker killed, red: the server killed)")
+    ax.set_ylabel("resident memory, all processes (MB)")
+    ax.set_title(f"elastic membership, {chaos['workers']} workers, kill -9 every "
+                 f"{chaos['seconds'] / max(1, len(chaos['kills'])):.0f} s")  # fmt: skip
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def group(row: dict[str, Any]) -> str:
     """worker / server kills of one-server runs; worker / shard kills of sharded runs."""
     shards = row.get("shards", 1)
@@ -234,7 +383,19 @@ def main() -> None:
         help="server.shards for the kill runs (server kills hit a random shard)",
     )
     p.add_argument("--scratch", type=Path, default=Path("/tmp/easgd-chaos"))
+    p.add_argument(
+        "--membership-s",
+        type=float,
+        default=0.0,
+        help="seconds of the elastic-membership run (and of its undisturbed twin); 0: none",
+    )
+    p.add_argument("--membership-workers", type=int, default=4)
+    p.add_argument("--kill-every-s", type=float, default=15.0)
+    p.add_argument("--membership-server-kills", type=int, default=2)
     args = p.parse_args()
+    if args.membership_s > 0:
+        membership_main(args)
+        return
     if args.quick:
         args.worker_kills, args.server_kills, args.soak_s, args.soak_workers = 1, 0, 6.0, 2
     rng = random.Random(args.seed + int(time.time()))
@@ -295,6 +456,44 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     (args.out / f"chaos{tag}.log").write_text(text + "\n")
+
+
+def membership_main(args: Any) -> None:
+    """The elastic-membership run with kills and its undisturbed twin, side by side."""
+    rng = random.Random(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = suffix(args.quick)
+    common = {"kill_every_s": args.kill_every_s, "server_kills": args.membership_server_kills,
+              "period": 10}  # fmt: skip
+    chaos = membership_run(args.scratch / f"members{time.time_ns()}", args.membership_workers,
+                           args.membership_s, rng, **common)  # fmt: skip
+    common["kill_every_s"] = 0.0
+    calm = membership_run(args.scratch / f"calm{time.time_ns()}", args.membership_workers,
+                          args.membership_s, rng, **common)  # fmt: skip
+    write_json(args.out / f"chaos_membership{tag}.json", {"chaos": chaos, "undisturbed": calm})
+    if chaos.get("trace") and calm.get("trace"):
+        plot_membership(chaos, calm, args.out / f"chaos_membership{tag}.png")
+    lines = []
+    for name, row in (("with kills", chaos), ("undisturbed", calm)):
+        if "error" in row:
+            lines.append(f"{name}: FAILED rc={row['returncode']}\n{row['error']}")
+            continue
+        rejoin = row["rejoin_s"]
+        lines.append(
+            f"{name}: rc={row['returncode']} job restarts={row['job_restarts']} "
+            f"worker kills={row['worker_kills']} server kills={row['server_kills']} "
+            f"server starts={row['server_starts']} members left={row['members_left']} "
+            f"rejoined after a server loss={row['members_rejoined']} "
+            f"redone steps={row['redone_steps']} ({row['redone_per_worker_kill']:.2f} per worker "
+            f"kill, tau={row['tau']}) rejoin s mean="
+            f"{sum(rejoin) / max(1, len(rejoin)):.2f} max={max(rejoin, default=0):.2f} "
+            f"worker steps={row['worker_steps']} test error={row['test_error']:.4f} "
+            f"ledger gap={row['ledger_gap']:.2e} resident memory {row['rss_start_mb']:.0f} -> "
+            f"{row['rss_end_mb']:.0f} MB"
+        )
+    text = "\n".join(lines)
+    print(text)
+    (args.out / f"chaos_membership{tag}.log").write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from easgd.analysis.audit import membership_gap
 from easgd.comm import membership
-from easgd.config.schema import validate
+from easgd.config.schema import membership_mode, validate
 from easgd.engine.members import LEDGER_BASE, ledger_path, own_ledger_path, recover_center
 from tests.test_train_e2e import run
 
@@ -44,6 +44,30 @@ def test_bad_membership_values_name_the_key() -> None:
         validate({"membership": {"mode": "sometimes"}})
     with pytest.raises(ValueError, match="membership.slot_wait_s must be > 0"):
         validate({"membership": {"slot_wait_s": 0}})
+
+
+TORCHRUN = {"TORCHELASTIC_USE_AGENT_STORE": "True"}  # what torchrun's agent sets by default
+
+
+@pytest.mark.parametrize(
+    "overrides, environ, resolved",
+    [
+        ({}, TORCHRUN, "elastic"),  # the README's main job
+        ({}, {}, "fixed"),  # no shared store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, or none)
+        ({"topology": "allreduce"}, TORCHRUN, "fixed"),
+        ({"server": {"shards": 2}}, TORCHRUN, "fixed"),
+        ({"mode": "simulate"}, TORCHRUN, "fixed"),
+        ({"algorithm": {"name": "msgd"}, "workers": 1}, TORCHRUN, "fixed"),
+        ({"checkpoint": {"ledger": True}}, TORCHRUN, "fixed"),
+        ({"fault": {"kill_rank": 2, "kill_at_step": 5}}, TORCHRUN, "fixed"),  # a drill
+        ({"membership": {"mode": "fixed"}}, TORCHRUN, "fixed"),
+        ({"membership": {"mode": "elastic"}}, {}, "elastic"),  # asked for: run_member refuses
+    ],
+)
+def test_auto_membership_is_elastic_only_where_it_is_served(
+    overrides: dict, environ: dict, resolved: str
+) -> None:
+    assert membership_mode(validate(overrides), environ) == resolved
 
 
 # -- the store protocol ------------------------------------------------------------------------

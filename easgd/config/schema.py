@@ -209,8 +209,8 @@ class MembershipConfig:
 
     mode: str = "auto"
     """auto, fixed or elastic. auto is elastic for one parameter server (topology=server,
-    server.shards=1, mode=distributed) launched with torchrun's shared store and without
-    checkpoint.ledger, fixed for every other run."""
+    server.shards=1, mode=distributed) launched with torchrun's shared store, without
+    checkpoint.ledger and without fault.* drills, fixed for every other run."""
     max_respawns: int = 100
     """elastic: how many times a process starts its slot's worker (or the server) again before
     it gives up and exits with the failure (then torchrun's own restart policy applies)."""
@@ -639,15 +639,18 @@ def elastic_unserved(cfg: TrainConfig) -> str | None:
 def membership_mode(cfg: TrainConfig, environ: Mapping[str, str] | None = None) -> str:
     """The membership this process runs: ``fixed`` or ``elastic``.
 
-    ``auto`` resolves to elastic where it is served (:func:`elastic_unserved`) and the launcher's
+    ``auto`` resolves to elastic where it is served (:func:`elastic_unserved`), the launcher's
     rendezvous store is shared with its processes (torchrun's default; the store outlives the
-    processes that come and go), else to fixed. ``environ`` defaults to this process's.
+    processes that come and go) and no ``fault.*`` is armed (a failure drill's documented outcome,
+    the fault matrix, is the fixed roster's; ask for elastic to drill it), else to fixed.
+    ``environ`` defaults to this process's.
     """
     if cfg.membership.mode != "auto":
         return cfg.membership.mode
     env = os.environ if environ is None else environ
     shared = env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-    return "elastic" if shared and elastic_unserved(cfg) is None else "fixed"
+    drill = bool(cfg.fault.armed())  # the fault matrix's outcomes are the fixed roster's
+    return "elastic" if shared and not drill and elastic_unserved(cfg) is None else "fixed"
 
 
 def _check_membership(cfg: TrainConfig) -> None:

@@ -40,7 +40,7 @@ from easgd.parts.build import transport_for
 from easgd.recovery.checkpoint import Checkpointer
 from easgd.recovery.resume import checkpoint_dir, checkpoint_signature, resume_server
 from easgd.recovery.snapshot import Ledger, SnapshotCut, SnapshotLog, SnapshotWriter
-from easgd.roles import WorkerRole, make_server_role, make_worker_role
+from easgd.roles import WorkerRole, make_server_role
 from easgd.topologies.server import (
     evaluate_center,
     record_server_run,
@@ -207,14 +207,7 @@ class MemberProcess(WorkerProcess):
         reached = self.marker.reached()
         header, center = hello(self.transport, step=reached, member=self.member.incarnation)
         self.marker.start(header.step, resumed=False)
-        role = make_worker_role(
-            cfg.algorithm,
-            center.to(self.device),
-            comm_period=cfg.comm.period,
-            scratch=self.flat.flat_params,
-            schedule=cfg.optim.schedule(cfg.steps_per_worker),
-            max_grad_norm=cfg.optim.clip_grad_norm,
-        )
+        role = self._make_role(center)
         role.step = header.step
         if cfg.algorithm.spec.ledger is not None:
             self.ledger = Ledger(role, cfg.algorithm.name)

@@ -72,14 +72,10 @@ class WorkerProcess:
     def _progress(self) -> int:
         return self.loop.role.step if self.loop is not None else -1
 
-    def _join(self) -> WorkerRole:
-        """Resume this worker's part of the committed snapshot (if any), say HELLO, build the role."""
+    def _make_role(self, center: torch.Tensor) -> WorkerRole:
+        """This worker's role, starting from ``center`` (the server's HELLO reply)."""
         cfg = self.cfg
-        state = resume_worker(self.checkpointer, cfg, self.signature)
-        resumed_step = int(state["role"]["step"]) if state is not None else 0
-        redone = self.marker.start(resumed_step, resumed=state is not None)
-        center = handshake(self.transport, step=resumed_step, redone_steps=redone)
-        role = make_worker_role(
+        return make_worker_role(
             cfg.algorithm,
             center.to(self.device),
             comm_period=cfg.comm.period,
@@ -87,6 +83,15 @@ class WorkerProcess:
             schedule=cfg.optim.schedule(cfg.steps_per_worker),
             max_grad_norm=cfg.optim.clip_grad_norm,
         )
+
+    def _join(self) -> WorkerRole:
+        """Resume this worker's part of the committed snapshot (if any), say HELLO, build the role."""
+        cfg = self.cfg
+        state = resume_worker(self.checkpointer, cfg, self.signature)
+        resumed_step = int(state["role"]["step"]) if state is not None else 0
+        redone = self.marker.start(resumed_step, resumed=state is not None)
+        center = handshake(self.transport, step=resumed_step, redone_steps=redone)
+        role = self._make_role(center)
         self.ledger = Ledger(role, cfg.algorithm.name) if cfg.checkpoint.ledger else None
         if state is not None:
             role.load_state_dict({k: _to(v, self.device) for k, v in state["role"].items()})
