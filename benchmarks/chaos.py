@@ -279,12 +279,12 @@ def membership_run(
     redone = summary["details"]["redone_steps_by_worker"]
     steady = [s for s in samples if s["t"] >= seconds / 5] or samples
     row.update(
-        job_restarts=summary["restarts"],
+        job_restarts=0,  # torchrun --max-restarts=0 and the job exited 0
+        server_restarts=summary["restarts"],
         worker_kills=worker_kills,
         server_kills=sum(k["victim"] == "server" for k in kills),
         members_left=figures["members_left"],
         members_rejoined=figures["members_rejoined"],
-        server_starts=stderr.count("worker slots (elastic membership, server start"),
         redone_steps=sum(redone.values()),
         redone_per_worker_kill=sum(redone.values()) / max(1, worker_kills),
         rejoin_s=figures["rejoin_s"],
@@ -482,7 +482,7 @@ def membership_main(args: Any) -> None:
         lines.append(
             f"{name}: rc={row['returncode']} job restarts={row['job_restarts']} "
             f"worker kills={row['worker_kills']} server kills={row['server_kills']} "
-            f"server starts={row['server_starts']} members left={row['members_left']} "
+            f"server restarts={row['server_restarts']} members left={row['members_left']} "
             f"rejoined after a server loss={row['members_rejoined']} "
             f"redone steps={row['redone_steps']} ({row['redone_per_worker_kill']:.2f} per worker "
             f"kill, tau={row['tau']}) rejoin s mean="

@@ -22,11 +22,15 @@ The store protocol (keys under the run's generation prefix):
 - ``member/evict/<slot>``: set by the server when it declares a member hung; the process that
   keeps the slot (:mod:`easgd.topologies.keeper`) kills the hung one, so its group breaks too.
 - ``run/over``: set when the run has ended; a member arriving afterwards leaves quietly.
+- ``events/<kind>``: the job's membership events (``join``, ``left``, ``redone``), one JSON row
+  per line, appended by whichever server start saw them (:class:`EventLog`), so a restarted
+  server's summary counts what happened before it.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import threading
@@ -162,6 +166,29 @@ def join(
     return Member(slot, incarnation, group, member_id, epoch)
 
 
+class EventLog:
+    """Membership events of the whole job, kept in the store (which outlives every server start).
+
+    Kinds: ``join`` (slot, member, time, rejoin: whether a live member came back to a restarted
+    server), ``left`` (slot, incarnation, step, time) and ``redone`` (slot, steps).
+    """
+
+    def __init__(self, store: dist.Store) -> None:
+        self.store = store
+
+    def add(self, kind: str, **row: Any) -> None:
+        """Append one event (an atomic store append: slot threads may add at once)."""
+        # Store.append is in torch (c10d) but not in its type stubs
+        self.store.append(f"events/{kind}", json.dumps(row) + "\n")  # type: ignore[attr-defined]
+
+    def rows(self, kind: str) -> list[dict[str, Any]]:
+        """Every event of ``kind`` so far, oldest first."""
+        key = f"events/{kind}"
+        if not self.store.check([key]):
+            return []
+        return [json.loads(line) for line in self.store.get(key).decode().splitlines() if line]
+
+
 class SlotListener:
     """Server side: waits for each slot's next member and connects to it."""
 
@@ -170,9 +197,6 @@ class SlotListener:
         self.epoch = epoch
         self.timeout_s = timeout_s
         self._served: dict[int, int] = {}
-        self.join_times: dict[int, list[float]] = {}
-        """Per slot, when each member connected (seconds on this process's clock)."""
-        self._lock = threading.Lock()
 
     def wait(
         self, slot: int, stop: threading.Event, *, give_up_s: float
@@ -187,10 +211,7 @@ class SlotListener:
                 self._served[slot] = latest
                 if not self.store.get(key).decode().endswith(f"@{self.epoch}"):
                     continue  # it joined an earlier server start: gone, or joining again
-                group = _group(self.store, slot, latest, SERVER_END, self.timeout_s)
-                with self._lock:
-                    self.join_times.setdefault(slot, []).append(time.time())
-                return latest, group
+                return latest, _group(self.store, slot, latest, SERVER_END, self.timeout_s)
             time.sleep(POLL_S)
         return None
 

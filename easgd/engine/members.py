@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from easgd.comm.membership import SlotListener
+from easgd.comm.membership import EventLog, SlotListener
 from easgd.comm.message import Header
 from easgd.comm.transport import PairTransport
 from easgd.engine.server import ParameterServer, PeerLost, Resumed, ServePolicy, WorkerStats
@@ -108,10 +108,11 @@ class ElasticServer(ParameterServer):
         """Each slot's current connection (its incarnation number in the store)."""
         self.member: dict[int, int] = {}
         """Each slot's current member's number (a rejoining member keeps its own)."""
-        self.rejoined = 0
-        """Members that rejoined this server after its predecessor died (their ledgers added)."""
-        self.departures: list[dict[str, float]] = []
-        """One row per member that left before finishing: slot, incarnation, step, time."""
+        self.events = EventLog(members.store)
+        """The job's joins, departures and redone steps (every server start's)."""
+        for row in self.events.rows("redone"):
+            if row["slot"] in self.stats:
+                self.stats[row["slot"]].redone_steps += row["steps"]
         self._slot_step: dict[int, int] = {}
         self._ledgers: dict[int, Tensor] = {}
         """Per slot, the current member's ledger (None: this rule's center changes are not
@@ -199,8 +200,8 @@ class ElasticServer(ParameterServer):
         stats = self.stats[slot]
         why = why.split(". This is typically")[0]  # gloo's closed connection: its first sentence
         self._save_ledger(slot)
-        self.departures.append(
-            {"slot": slot, "incarnation": incarnation, "step": stats.steps, "time": time.time()}
+        self.events.add(
+            "left", slot=slot, incarnation=incarnation, step=stats.steps, time=time.time()
         )
         self.lost.discard(slot)
         log.warning(
@@ -222,6 +223,8 @@ class ElasticServer(ParameterServer):
         and the member goes on from its own step with its own parameters."""
         stats = self.stats[rank]
         self.member[rank] = header.member or self.incarnation[rank]
+        self.events.add("join", slot=rank, member=self.member[rank], time=time.time(),
+                        rejoin=bool(header.ledger))  # fmt: skip
         if header.ledger:
             self._take_back(rank, transport)
             self._slot_step[rank] = stats.steps = header.step
@@ -231,7 +234,10 @@ class ElasticServer(ParameterServer):
         slot_step = self._slot_step[rank] = stats.steps
         super()._hello(rank, transport, header)
         stats.steps = slot_step
-        stats.redone_steps += max(0, header.step - slot_step)
+        redone = max(0, header.step - slot_step)
+        stats.redone_steps += redone
+        if redone:
+            self.events.add("redone", slot=rank, steps=redone)
 
     def _take_back(self, rank: int, transport: PairTransport) -> None:
         """Receive a rejoining member's ledger and add it to the center (and to its ledger)."""
@@ -250,7 +256,6 @@ class ElasticServer(ParameterServer):
             return
         with self.lock:
             self.role.center.add_(ledger.to(self.role.center.dtype))
-            self.rejoined += 1
         if self._ledger is not None:
             self._ledgers[rank] = ledger
         log.info("slot %d: its member rejoined; its ledger is back in the center", rank)
@@ -276,20 +281,25 @@ class ElasticServer(ParameterServer):
         log.warning("slot %d: member left after an exception at step %d", rank, header.step)
 
     def membership_figures(self) -> dict[str, object]:
-        """What summary.json says about the members: joins, departures, redone steps."""
-        joins = self.members.join_times
-        rejoin_s = []  # from each departure to its slot's next join
-        for gone in self.departures:
-            later = [t for t in joins.get(int(gone["slot"]), []) if t >= gone["time"]]
+        """What summary.json says about the members, over every server start of the job: joins
+        (new members), rejoins (live members back at a restarted server), departures, and
+        ``rejoin_s``: from each departure to its slot's next join."""
+        joins, departures = self.events.rows("join"), self.events.rows("left")
+        rejoin_s = []
+        for gone in departures:
+            later = [
+                j["time"] for j in joins if j["slot"] == gone["slot"] and j["time"] >= gone["time"]
+            ]
             if later:
                 rejoin_s.append(round(min(later) - gone["time"], 4))
+        new = [j for j in joins if not j["rejoin"]]
         return {
             "mode": "elastic",
-            "members_joined": sum(len(t) for t in joins.values()),
-            "members_left": len(self.departures),
-            "members_rejoined": self.rejoined,
-            "departures": self.departures,
-            "joins_by_slot": {str(s): len(t) for s, t in joins.items()},
+            "members_joined": len(new),
+            "members_left": len(departures),
+            "members_rejoined": len(joins) - len(new),
+            "departures": departures,
+            "joins_by_slot": {str(s): sum(j["slot"] == s for j in new) for s in self.slots},
             "rejoin_s": rejoin_s,
         }
 
