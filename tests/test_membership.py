@@ -246,3 +246,26 @@ def test_a_restarted_server_connects_only_to_members_joining_it(store) -> None:
     thread.join()
     assert (again.incarnation, again.epoch) == (2, 2)
     assert got["server"][0] == 2  # type: ignore[index]
+
+
+def test_a_slot_nobody_comes_for_is_given_up_and_the_run_goes_on(store, tmp_path: Path) -> None:
+    """Under the default worker_failure=fail_fast too: an empty slot is not a failed worker."""
+    from easgd.config.algorithm import AlgorithmConfig
+    from easgd.engine.members import ElasticServer
+    from easgd.roles import make_server_role
+
+    role = make_server_role(AlgorithmConfig("easgd"), torch.zeros(4), num_workers=2)
+    listener = membership.SlotListener(
+        store, epoch=membership.start_server_epoch(store), timeout_s=5
+    )
+    server = ElasticServer(
+        role, [1, 2], listener, lambda slot, group: None,  # type: ignore[arg-type,return-value]
+        ledger_dir=tmp_path, slot_wait_s=0.3, ledger="reply",
+    )  # fmt: skip
+    server.start()
+    for thread in server._threads.values():
+        thread.join(timeout=30)
+    assert not server.serving()
+    assert [server.stats[s].failed for s in (1, 2)] == ["no member came for 0.3 s"] * 2
+    assert not server.stop.is_set() and server.server_error is None  # nothing stopped the run
+    assert torch.equal(role.center, torch.zeros(4))

@@ -141,11 +141,7 @@ class ElasticServer(ParameterServer):
                 got = self.members.wait(slot, self.stop, give_up_s=self.slot_wait_s)
                 if got is None:
                     if not self.stop.is_set():
-                        self._worker_lost(
-                            slot,
-                            f"no member came for {self.slot_wait_s:g} s",
-                            RuntimeError(f"slot {slot} empty"),
-                        )
+                        self._give_up_slot(slot)
                     return
                 incarnation, group = got
                 self._serve_member(slot, incarnation, group)
@@ -154,6 +150,17 @@ class ElasticServer(ParameterServer):
         finally:
             for hook in self.on_worker_end:
                 hook(slot)
+
+    def _give_up_slot(self, slot: int) -> None:
+        """Nobody came for the slot in ``slot_wait_s``: the run goes on with the others, whatever
+        ``worker_failure`` says (the slot is listed in ``failed_workers``)."""
+        self.stats[slot].failed = f"no member came for {self.slot_wait_s:g} s"
+        self._drop(slot)
+        log.warning(
+            "slot %d: no member came for %g s; the run goes on with the others",
+            slot,
+            self.slot_wait_s,
+        )
 
     def _slot_done(self, slot: int) -> bool:
         stats = self.stats[slot]
