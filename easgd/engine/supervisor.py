@@ -100,6 +100,9 @@ class Supervisor:
         """Called in order after every pass of the main loop (about every 0.1 s)."""
         self._wake = threading.Condition()
         self._started = time.perf_counter()
+        self.elapsed_before_s = 0.0
+        """Seconds the run had been going before this process's :meth:`run` (a server restarted
+        within an elastic job): ``max_wall_s`` counts them too."""
         self._last_heartbeat_check = 0.0
         self._shown_steps = 0
         server.on_worker_end.append(self._worker_ended)
@@ -154,7 +157,7 @@ class Supervisor:
         """Apply the stop rules: the target on a fresh ``test_error``, the wall-clock budget always."""
         if self.server.stop.is_set():
             return
-        elapsed = time.perf_counter() - self._started
+        elapsed = time.perf_counter() - self._started + self.elapsed_before_s
         reason = self.settings.stop_rule.reason(elapsed_s=elapsed, test_error=test_error)
         if reason is not None:
             self.server.stop_run(reason)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -136,6 +137,9 @@ def run_elastic_server(
         snapshots=cut,
     )
     supervisor = supervise(record, server, lambda p: evaluate_center(flat, split, p), store)
+    job_started = float(store.compare_set("run/started_at", "", repr(time.time())).decode())
+    if epoch > 1:  # a restart within the job: max_wall_s is the job's
+        supervisor.elapsed_before_s = max(0.0, time.time() - job_started)
     snapshots = SnapshotWriter(
         cut,
         supervisor,
