@@ -277,7 +277,6 @@ def membership_run(
     figures = summary["details"]["membership"]
     worker_kills = sum(k["victim"] == "worker" for k in kills)
     redone = summary["details"]["redone_steps_by_worker"]
-    steady = [s for s in samples if s["t"] >= seconds / 5] or samples
     row.update(
         job_restarts=0,  # torchrun --max-restarts=0 and the job exited 0
         server_restarts=summary["restarts"],
@@ -292,10 +291,16 @@ def membership_run(
         exchanges=summary["exchanges"],
         test_error=summary["test_error"],
         ledger_gap=membership_gap(run_dir),
-        rss_start_mb=steady[0]["total_mb"] if steady else None,
-        rss_end_mb=steady[-1]["total_mb"] if steady else None,
     )
     return row
+
+
+def steady_memory(row: dict[str, Any]) -> tuple[float, float, float]:
+    """(first, last, largest) total resident MB from a fifth of the run to 5 s before its end
+    (start-up and shutdown are not the steady state)."""
+    seconds = row["seconds"]
+    steady = [s["total_mb"] for s in row["trace"] if seconds / 5 <= s["t"] <= seconds - 5]
+    return (steady[0], steady[-1], max(steady)) if steady else (0.0, 0.0, 0.0)
 
 
 def plot_membership(chaos: dict[str, Any], calm: dict[str, Any], path: Path) -> None:
@@ -392,8 +397,13 @@ def main() -> None:
     p.add_argument("--membership-workers", type=int, default=4)
     p.add_argument("--kill-every-s", type=float, default=15.0)
     p.add_argument("--membership-server-kills", type=int, default=2)
+    p.add_argument(
+        "--membership-report",
+        action="store_true",
+        help="print the membership figures again from the saved chaos_membership.json",
+    )
     args = p.parse_args()
-    if args.membership_s > 0:
+    if args.membership_s > 0 or args.membership_report:
         membership_main(args)
         return
     if args.quick:
@@ -465,12 +475,17 @@ def membership_main(args: Any) -> None:
     tag = suffix(args.quick)
     common = {"kill_every_s": args.kill_every_s, "server_kills": args.membership_server_kills,
               "period": 10}  # fmt: skip
-    chaos = membership_run(args.scratch / f"members{time.time_ns()}", args.membership_workers,
-                           args.membership_s, rng, **common)  # fmt: skip
-    common["kill_every_s"] = 0.0
-    calm = membership_run(args.scratch / f"calm{time.time_ns()}", args.membership_workers,
-                          args.membership_s, rng, **common)  # fmt: skip
-    write_json(args.out / f"chaos_membership{tag}.json", {"chaos": chaos, "undisturbed": calm})
+    saved = args.out / f"chaos_membership{tag}.json"
+    if args.membership_report:  # the figures again, from the saved runs
+        runs = json.loads(saved.read_text())
+        chaos, calm = runs["chaos"], runs["undisturbed"]
+    else:
+        chaos = membership_run(args.scratch / f"members{time.time_ns()}",
+                               args.membership_workers, args.membership_s, rng, **common)  # fmt: skip
+        common["kill_every_s"] = 0.0
+        calm = membership_run(args.scratch / f"calm{time.time_ns()}", args.membership_workers,
+                              args.membership_s, rng, **common)  # fmt: skip
+        write_json(saved, {"chaos": chaos, "undisturbed": calm})
     if chaos.get("trace") and calm.get("trace"):
         plot_membership(chaos, calm, args.out / f"chaos_membership{tag}.png")
     lines = []
@@ -479,6 +494,7 @@ def membership_main(args: Any) -> None:
             lines.append(f"{name}: FAILED rc={row['returncode']}\n{row['error']}")
             continue
         rejoin = row["rejoin_s"]
+        first, last, peak = steady_memory(row)
         lines.append(
             f"{name}: rc={row['returncode']} job restarts={row['job_restarts']} "
             f"worker kills={row['worker_kills']} server kills={row['server_kills']} "
@@ -488,8 +504,8 @@ def membership_main(args: Any) -> None:
             f"kill, tau={row['tau']}) rejoin s mean="
             f"{sum(rejoin) / max(1, len(rejoin)):.2f} max={max(rejoin, default=0):.2f} "
             f"worker steps={row['worker_steps']} test error={row['test_error']:.4f} "
-            f"ledger gap={row['ledger_gap']:.2e} resident memory {row['rss_start_mb']:.0f} -> "
-            f"{row['rss_end_mb']:.0f} MB"
+            f"ledger gap={row['ledger_gap']:.2e} resident memory (all processes, steady) "
+            f"{first:.0f} -> {last:.0f} MB, at most {peak:.0f} MB"
         )
     text = "\n".join(lines)
     print(text)

@@ -201,6 +201,7 @@ def test_a_killed_worker_is_replaced_and_nothing_else_restarts(tmp_path: Path) -
     assert redone["1"] == redone["3"] == 0
     assert 0 < redone["2"] <= 300 - int(left[0])  # only the dead worker's steps since its exchange
     assert summary["worker_steps"] == 3 * 1500  # every slot finished its budget
+    assert summary["restarts"] == 0  # neither the job nor the server restarted
     assert _own_ledgers_match(tmp_path / "checkpoints") == 3
     assert membership_gap(tmp_path) < 2e-5  # center == base + every member's ledger
 
@@ -221,6 +222,7 @@ def test_a_killed_server_comes_back_with_the_exact_center_and_no_worker_restarts
         == summary["details"]["membership"]["members_rejoined"]
     )
     assert summary["worker_steps"] == 3 * 1500
+    assert summary["restarts"] == 1  # the server's one restart
     assert sum(summary["details"]["redone_steps_by_worker"].values()) == 0  # no steps lost
     assert _own_ledgers_match(tmp_path / "checkpoints") == 3
     assert membership_gap(tmp_path) < 2e-5  # nothing the dead server had applied was lost

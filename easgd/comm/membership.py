@@ -23,7 +23,8 @@ The store protocol (keys under the run's generation prefix):
   keeps the slot (:mod:`easgd.topologies.keeper`) kills the hung one, so its group breaks too.
 - ``run/over``: set when the run has ended; a member arriving afterwards leaves quietly.
 - ``run/started_at``: the wall time of the job's first server start (a restarted server's
-  ``max_wall_s`` counts from it).
+  ``max_wall_s`` counts from it); ``run/restarts_before``: the restarts of earlier attempts of
+  the run (from the snapshot the job's first server resumed), to which each server restart adds.
 - ``events/<kind>``: the job's membership events (``join``, ``left``, ``redone``), one JSON row
   per line, appended by whichever server start saw them (:class:`EventLog`), so a restarted
   server's summary counts what happened before it.

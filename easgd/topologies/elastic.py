@@ -103,6 +103,9 @@ def run_elastic_server(
         role.center.copy_(center.to(role.center.dtype))
     free_slots(store, range(1, cfg.workers + 1))  # members of a dead server claim them again
     epoch = start_server_epoch(store)
+    if epoch == 1:  # the job's first server: restarts of earlier attempts (the snapshot's)
+        store.set("run/restarts_before", str(restarts))
+    restarts = int(store.get("run/restarts_before")) + epoch - 1  # + this job's server restarts
     if started is not None:
         started.set()
     record = parts.record(lead=True, progress=False)
@@ -147,7 +150,7 @@ def run_elastic_server(
         every_s=cfg.checkpoint.every_s,
         names=["server"],
         keep=cfg.checkpoint.keep,
-        extra={"restarts": restarts + starts - 1, "signature": signature},
+        extra={"restarts": restarts, "signature": signature},
     )
     faults = parts.faults(SERVER_RANK, generation=generation + starts - 1)
     faults.watch_server(server)
