@@ -463,9 +463,7 @@ def main() -> None:
             f"{s['rss_total_start_mb']:.0f} -> {s['rss_total_end_mb']:.0f} MB "
             f"({100 * s['growth_total']:+.2f}% total, {100 * s['growth_max_rank']:+.2f}% worst rank)"
         )
-    text = "\n".join(lines)
-    print(text)
-    (args.out / f"chaos{tag}.log").write_text(text + "\n")
+    print_and_save(lines, args.out / f"chaos{tag}.log")
 
 
 def membership_main(args: Any) -> None:
@@ -507,9 +505,14 @@ def membership_main(args: Any) -> None:
             f"ledger gap={row['ledger_gap']:.2e} resident memory (all processes, steady) "
             f"{first:.0f} -> {last:.0f} MB, at most {peak:.0f} MB"
         )
+    print_and_save(lines, args.out / f"chaos_membership{tag}.log")
+
+
+def print_and_save(lines: list[str], path: Path) -> None:
+    """Print the figures and keep them in ``path``."""
     text = "\n".join(lines)
     print(text)
-    (args.out / f"chaos_membership{tag}.log").write_text(text + "\n")
+    path.write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -82,8 +82,7 @@ class Keeper:
                     return int(code or 0)
                 if code is not None and code > 0 and not started.is_set():
                     log.error("the child failed before it started (exit code %d); not again", code)
-                    if starts == 1:
-                        self._give_up()
+                    self._give_up()
                     return int(code)
                 if starts > self.cfg.membership.max_respawns:
                     log.error("the child ended with %s %d times; giving up", _how(code), starts)
