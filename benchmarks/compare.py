@@ -262,18 +262,35 @@ def run_all(jobs: list[dict[str, Any]], cache: Cache, deadline: float) -> list[d
 # -- the protocol --------------------------------------------------------------------------------
 
 
-def resolved_costs(task: Task, protocol: Protocol) -> dict[tuple[str, str], dict[str, Any]]:
-    """Each (profile, algorithm)'s cost as concrete numbers (measured once, then fixed per job)."""
+def resolved_costs(
+    task: Task, protocol: Protocol, cache: Cache
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """Each (profile, algorithm)'s cost as concrete numbers (measured once, then fixed per job).
+
+    The cache pins them: a (profile, algorithm) with cached runs keeps the costs those runs used,
+    and a new one (a method added later) takes the cached task's step time and measured link, so
+    runs from an earlier invocation or machine stay comparable and their cache keys still match.
+    """
+    pinned, step_s, link = pinned_costs(task, cache)
     split = build_split(task.data)
     objective = ClassifierObjective(build_model(task.model, split, seed=0), split)
     costs = {}
     for profile in PROFILES:
         for method in METHODS:
+            if (profile, method.name) in pinned:
+                costs[(profile, method.name)] = pinned[(profile, method.name)]
+                continue
+            cost = profile_config(profile)
+            if step_s is not None:
+                cost.step_time_s = step_s
+            if cost.measure_network and link is not None:
+                cost.measure_network = False
+                cost.latency_us, cost.bandwidth_gbps = link
             cfg = TrainConfig(
                 algorithm=AlgorithmConfig(method.name, momentum=method.momentum),
                 model=task.model,
                 data=task.data,
-                cost=profile_config(profile),
+                cost=cost,
                 comm=CommConfig(period=1),
                 topology=topology_of(method.name),
             )
@@ -286,6 +303,27 @@ def resolved_costs(task: Task, protocol: Protocol) -> dict[tuple[str, str], dict
                 "step_time_s": figures.step_time_s,
             }
     return costs
+
+
+def pinned_costs(
+    task: Task, cache: Cache
+) -> tuple[dict[tuple[str, str], dict[str, Any]], float | None, tuple[float, float] | None]:
+    """From the task's cached runs: the cost each (profile, algorithm) ran with, the step time,
+    and the measured link (latency in us, bandwidth in Gb/s) of the ``measured`` profile."""
+    pinned: dict[tuple[str, str], dict[str, Any]] = {}
+    for run in cache.runs.values():
+        if run.get("task") == task.name:
+            pinned.setdefault((run["cost"]["name"], run["name"]), run["cost"])
+    step_s = next((c["step_time_s"] for c in pinned.values()), None)
+    link = next(
+        (
+            (c["latency_us"], c["bandwidth_gbps"])
+            for (profile, name), c in pinned.items()
+            if profile == "measured" and topology_of(name) == "server" and spec_of(name).uses_server
+        ),
+        None,
+    )
+    return pinned, step_s, link
 
 
 def job(
@@ -583,7 +621,7 @@ def run_protocol() -> None:
     for task in protocol.tasks:
         try:
             print(f"{task.name}: costs, grid stage", flush=True)
-            costs = resolved_costs(task, protocol)
+            costs = resolved_costs(task, protocol, cache)
             split = build_split(task.data)
             numel = ClassifierObjective(
                 build_model(task.model, split, seed=0), split
