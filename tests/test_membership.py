@@ -271,3 +271,22 @@ def test_a_slot_nobody_comes_for_is_given_up_and_the_run_goes_on(store, tmp_path
     assert [server.stats[s].failed for s in (1, 2)] == ["no member came for 0.3 s"] * 2
     assert not server.stop.is_set() and server.server_error is None  # nothing stopped the run
     assert torch.equal(role.center, torch.zeros(4))
+
+
+@pytest.mark.slow
+def test_a_server_that_raises_ends_the_run_and_is_not_started_again(tmp_path: Path) -> None:
+    """A server's own error (not a kill) ends an elastic run at once: its keeper does not start
+    a new server (which would wait for members that have left), and the members end cleanly."""
+    result = run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+         "--max-restarts=0", "-m", "easgd.train", *ELASTIC, f"hydra.run.dir={tmp_path}",
+         "fault.raise_rank=0", "fault.raise_at_step=50"],
+        timeout=240,
+    )  # fmt: skip
+    log = result.stderr
+    assert result.returncode != 0
+    assert "[keeper0] ERROR the child failed (exit code 1) and the run is over; not again" in log
+    assert log.count("server start ") == 1  # no second server
+    assert "starting a new one" not in log  # and no member was replaced
+    for slot in (1, 2, 3):
+        assert f"[keeper{slot}] ERROR" not in log  # each member left without an error

@@ -8,7 +8,9 @@ which rejoins the running server (:mod:`easgd.topologies.elastic`). torchrun see
 server and every other worker go on. A child that ends normally (exit code 0: its slot finished,
 the run ended or its slot was taken) ends the keeper. A child that fails before it has started
 (the server: before it serves; a worker: before its HELLO was answered) with an error of its own
-(a wrong launch or model, not a signal) would fail again: the keeper exits with its code at once.
+(a wrong launch or model, not a signal) would fail again: the keeper exits with its code at once;
+so does one whose child failed on its own error after the run was marked over (the server marks
+it on the way out when it raises, so a new server does not wait for members that have left).
 After ``membership.max_respawns`` starts the keeper gives up and exits with the child's code, and
 torchrun's own policy applies.
 
@@ -84,6 +86,9 @@ class Keeper:
                     log.error("the child failed before it started (exit code %d); not again", code)
                     self._give_up()
                     return int(code)
+                if code is not None and code > 0 and self._run_is_over():
+                    log.error("the child failed (exit code %d) and the run is over; not again", code)
+                    return int(code)
                 if starts > self.cfg.membership.max_respawns:
                     log.error("the child ended with %s %d times; giving up", _how(code), starts)
                     self._give_up()
@@ -103,6 +108,14 @@ class Keeper:
         env = DistEnv.from_environ()
         if env.rank == 0:
             mark_run_over(open_store(env, timeout_s=self.cfg.comm.timeout_s)[0])
+
+    def _run_is_over(self) -> bool:
+        """Whether the run has ended (a server that failed on its own error ends it on the way
+        out: a new one would only wait for members that have left)."""
+        from easgd.comm.groups import DistEnv, open_store
+        from easgd.comm.membership import run_over
+
+        return run_over(open_store(DistEnv.from_environ(), timeout_s=self.cfg.comm.timeout_s)[0])
 
     def _wait(self) -> None:
         """Wait for the child; kill it if the server asks (it declared the child hung)."""
