@@ -290,3 +290,58 @@ def test_a_server_that_raises_ends_the_run_and_is_not_started_again(tmp_path: Pa
     assert "starting a new one" not in log  # and no member was replaced
     for slot in (1, 2, 3):
         assert f"[keeper{slot}] ERROR" not in log  # each member left without an error
+
+
+@pytest.mark.slow
+def test_a_worker_that_comes_late_joins_the_running_server(tmp_path: Path) -> None:
+    """The run starts with two of its three workers; the third process is started only once the
+    server has applied updates (seen in metrics.csv), and joins the running server: nothing
+    restarts, every worker does its whole budget, and the center equals base + every ledger.
+    The test plays torchrun's agent: it hosts the shared store and starts the four processes
+    with the environment torchrun gives them."""
+    import os
+    import time
+
+    host = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+    command = [sys.executable, "-m", "easgd.train", *ELASTIC, f"hydra.run.dir={tmp_path}",
+               "eval_interval_s=0.5"]  # fmt: skip
+    logs = {rank: open(tmp_path / f"rank{rank}.log", "w") for rank in range(4)}  # noqa: SIM115
+
+    def start(rank: int) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "4",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(host.port),
+               "TORCHELASTIC_USE_AGENT_STORE": "true"}  # fmt: skip
+        return subprocess.Popen(command, env=env, stdout=logs[rank], stderr=subprocess.STDOUT)
+
+    processes = [start(rank) for rank in range(3)]
+    metrics, deadline = tmp_path / "metrics.csv", time.monotonic() + 180
+    try:
+        while not (metrics.exists() and _updates_seen(metrics) > 0):
+            assert time.monotonic() < deadline, "the server applied no update"
+            assert all(p.poll() is None for p in processes), "a process ended before the late one"
+            time.sleep(0.1)
+        updates_before = _updates_seen(metrics)
+        processes.append(start(3))
+        codes = [p.wait(timeout=240) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+        for handle in logs.values():
+            handle.close()
+    log = "\n".join((tmp_path / f"rank{rank}.log").read_text() for rank in range(4))
+    assert codes == [0, 0, 0, 0], log[-4000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert updates_before > 0 and log.count("joined slot 3 as member 1") == 1
+    figures = summary["details"]["membership"]
+    assert (figures["members_joined"], figures["members_left"]) == (3, 0)
+    assert "starting a new one" not in log and summary["restarts"] == 0
+    assert summary["worker_steps"] == 3 * 1500  # the late worker did its whole budget too
+    assert sum(summary["details"]["redone_steps_by_worker"].values()) == 0
+    assert _own_ledgers_match(tmp_path / "checkpoints") == 3
+    assert membership_gap(tmp_path) < 2e-5  # center == base + the three members' ledgers
+
+
+def _updates_seen(metrics: Path) -> int:
+    """The most server updates any evaluation row of metrics.csv reports (0 before the first)."""
+    rows = metrics.read_text().splitlines()[1:]
+    return max((int(row.split(",")[2]) for row in rows if row.count(",") >= 5), default=0)

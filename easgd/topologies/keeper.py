@@ -87,7 +87,9 @@ class Keeper:
                     self._give_up()
                     return int(code)
                 if code is not None and code > 0 and self._run_is_over():
-                    log.error("the child failed (exit code %d) and the run is over; not again", code)
+                    log.error(
+                        "the child failed (exit code %d) and the run is over; not again", code
+                    )
                     return int(code)
                 if starts > self.cfg.membership.max_respawns:
                     log.error("the child ended with %s %d times; giving up", _how(code), starts)
