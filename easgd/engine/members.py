@@ -26,13 +26,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from easgd.comm.membership import EventLog, SlotListener
+from easgd.comm.membership import EventLog, SlotListener, free_slots, start_server_epoch
 from easgd.comm.message import Header
 from easgd.comm.transport import PairTransport
 from easgd.engine.server import ParameterServer, PeerLost, Resumed, ServePolicy, WorkerStats
@@ -77,6 +78,49 @@ def recover_center(directory: Path, center: Tensor, *, first_start: bool) -> Ten
     for path in sorted(directory.glob("ledger-slot*.pt")):
         total += torch.load(path)
     return total
+
+
+@dataclass(frozen=True)
+class ServerStart:
+    """One start of an elastic run's server, as the job counts it."""
+
+    epoch: int
+    """This start's number within the job (1: the job's first server)."""
+    restarts: int
+    """Restarts of the run so far: earlier attempts' (the resumed snapshot's) + this job's."""
+    elapsed_before_s: float
+    """Wall time of the job before this start (``max_wall_s`` counts the job's)."""
+
+
+def start_server(
+    store: dist.Store,
+    role: ServerRole,
+    directory: Path,
+    slots: list[int],
+    *,
+    first_start: bool,
+    restarts: int,
+    audited: bool,
+) -> ServerStart:
+    """Recover the center and announce a server start to the members (easgd.train's elastic
+    server and ``api.serve`` share it).
+
+    ``audited`` (the rule keeps ledgers): the center is :func:`recover_center`'s (a restart's is
+    rebuilt exactly); else it stays as resumed from the snapshot. Every slot is freed (members
+    of a dead server claim theirs again) and the next epoch is announced. ``restarts``: those
+    of the snapshot the job's first server resumed from."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if audited:
+        center = recover_center(directory, role.center, first_start=first_start)
+        role.center.copy_(center.to(role.center.dtype))
+    free_slots(store, slots)
+    epoch = start_server_epoch(store)
+    if epoch == 1:  # the job's first server: restarts of earlier attempts (the snapshot's)
+        store.set("run/restarts_before", str(restarts))
+    restarts = int(store.get("run/restarts_before")) + epoch - 1  # + this job's server restarts
+    job_started = float(store.compare_set("run/started_at", "", repr(time.time())).decode())
+    elapsed = max(0.0, time.time() - job_started) if epoch > 1 else 0.0
+    return ServerStart(epoch, restarts, elapsed)
 
 
 class ElasticServer(ParameterServer):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -22,18 +22,17 @@ from torch import Tensor
 from easgd.comm.groups import SERVER_RANK, DistEnv, LaunchError, PairGroups, open_store
 from easgd.comm.membership import (
     MEMBER_END,
+    Member,
     RunOver,
     SlotListener,
     SlotRefused,
-    free_slots,
     join,
     mark_run_over,
-    start_server_epoch,
 )
 from easgd.comm.message import Header, ServerFailed
 from easgd.comm.transport import PairTransport
 from easgd.config.schema import TrainConfig
-from easgd.engine.members import ElasticServer, own_ledger_path, recover_center
+from easgd.engine.members import ElasticServer, own_ledger_path, start_server
 from easgd.engine.worker import hello
 from easgd.parts import interrupt
 from easgd.parts.assembly import RunParts
@@ -97,15 +96,16 @@ def run_elastic_server(
     directory = checkpoint_dir(cfg)
     server_files = Checkpointer(directory, "server", keep=cfg.checkpoint.keep)
     restarts, resumed = resumed_from(role, resume_server(server_files, cfg, signature))
-    directory.mkdir(parents=True, exist_ok=True)
-    if cfg.algorithm.spec.ledger is not None:  # else (MDOWNPOUR) the snapshot's center
-        center = recover_center(directory, role.center, first_start=starts == 1)
-        role.center.copy_(center.to(role.center.dtype))
-    free_slots(store, range(1, cfg.workers + 1))  # members of a dead server claim them again
-    epoch = start_server_epoch(store)
-    if epoch == 1:  # the job's first server: restarts of earlier attempts (the snapshot's)
-        store.set("run/restarts_before", str(restarts))
-    restarts = int(store.get("run/restarts_before")) + epoch - 1  # + this job's server restarts
+    start = start_server(
+        store,
+        role,
+        directory,
+        list(range(1, cfg.workers + 1)),
+        first_start=starts == 1,
+        restarts=restarts,
+        audited=cfg.algorithm.spec.ledger is not None,  # else (MDOWNPOUR) the snapshot's center
+    )
+    epoch, restarts = start.epoch, start.restarts
     if started is not None:
         started.set()
     record = parts.record(lead=True, progress=False)
@@ -140,9 +140,7 @@ def run_elastic_server(
         snapshots=cut,
     )
     supervisor = supervise(record, server, lambda p: evaluate_center(flat, split, p), store)
-    job_started = float(store.compare_set("run/started_at", "", repr(time.time())).decode())
-    if epoch > 1:  # a restart within the job: max_wall_s is the job's
-        supervisor.elapsed_before_s = max(0.0, time.time() - job_started)
+    supervisor.elapsed_before_s = start.elapsed_before_s  # max_wall_s is the job's
     snapshots = SnapshotWriter(
         cut,
         supervisor,
@@ -206,7 +204,31 @@ class MemberProcess(WorkerProcess):
         if not cfg.comm.overlap and cfg.algorithm.spec.ledger is not None:
             # (else a server's death ends this process: overlap, or MDOWNPOUR's server momentum)
             assert isinstance(self.transport, PairTransport)
-            self.transport = RejoiningLink(self, self.transport)
+            self.transport = RejoiningLink(self.transport, self._reconnect)
+
+    def _reconnect(self, err: BaseException) -> PairTransport:
+        """The server is gone: rejoin the next one with this member's state (RejoiningLink)."""
+        cfg, role, ledger = self.cfg, self.loop.role if self.loop else None, self.ledger
+        assert role is not None and ledger is not None, "a member rejoins only with a ledger"
+        self.member, transport = rejoin(
+            self.store,
+            self.member,
+            err,
+            workers=cfg.workers,
+            wait_s=cfg.membership.slot_wait_s,
+            make_transport=lambda member: transport_for(
+                cfg,
+                SERVER_RANK,
+                member.group,
+                self.flat.num_params,
+                self.rank,
+                worker=True,
+                direct=True,
+            ),
+            step=role.step,
+            ledger=ledger.total,
+        )
+        return transport
 
     def _join(self) -> WorkerRole:
         """HELLO with the step this slot's last process reached; start at the slot's step."""
@@ -247,20 +269,53 @@ class MemberProcess(WorkerProcess):
             self.marker.close()
 
 
+def rejoin(
+    store: Any,
+    old: Member,
+    err: BaseException,
+    *,
+    workers: int,
+    wait_s: float,
+    make_transport: Callable[[Member], PairTransport],
+    step: int,
+    ledger: Tensor,
+) -> tuple[Member, PairTransport]:
+    """A live member whose server died (``err``): wait up to ``wait_s`` for the next server start
+    (with a log line), claim the slot again, say HELLO with the member's ``step``, number and
+    ``ledger`` (the new server adds it back into the center). Returns the member (keeping its
+    number) and its new link; easgd.train's members and own-loop workers share it."""
+    why = str(err).split(". This is typically")[0]
+    log.warning("the server is gone (%s); waiting up to %g s for it to come back", why, wait_s)
+    member = join(
+        store,
+        [old.slot],
+        workers=workers,
+        timeout_s=wait_s,
+        claim_wait_s=wait_s,
+        after_epoch=old.epoch,
+    )
+    transport = make_transport(member)
+    hello(transport, step=step, member=old.incarnation, ledger=ledger)
+    log.info("rejoined the server (start %d) at step %d", member.epoch, step)
+    return replace(member, incarnation=old.incarnation), transport
+
+
 class RejoiningLink:
     """A member's link to the server that outlives the server (``comm.overlap=false``).
 
-    When a send or receive fails (the server died), the member waits for the next server start
-    (at most ``membership.slot_wait_s``, with a log line), claims its slot again, says HELLO with
-    its own step, member number and ledger (the new server adds the ledger back into the center),
-    keeps its own parameters, and sends the message in flight again. An exchange the dead server
-    applied but never answered was not counted in the ledger and not applied by the member, so it
-    is neither lost nor applied twice (DOWNPOUR's push included).
+    When a send or receive fails (the server died), ``reconnect`` waits for the next server start
+    and rejoins it with the member's state (:func:`rejoin`: its own step, member number and
+    ledger; the member keeps its own parameters) and returns the new link; the message in flight
+    is sent again. An exchange the dead server applied but never answered was not counted in the
+    ledger and not applied by the member, so it is neither lost nor applied twice (DOWNPOUR's
+    push included).
     """
 
-    def __init__(self, process: MemberProcess, transport: PairTransport) -> None:
-        self.process = process
+    def __init__(
+        self, transport: PairTransport, reconnect: Callable[[BaseException], PairTransport]
+    ) -> None:
         self.transport = transport
+        self.reconnect = reconnect
         self.numel = transport.numel
         self._in_flight: tuple[Header, Tensor | None] | None = None
 
@@ -293,30 +348,7 @@ class RejoiningLink:
         self.transport.send_tensor(tensor)
 
     def _rejoin(self, err: BaseException) -> None:
-        """Wait for the next server, rejoin with this member's state, resend what was in flight."""
-        process, cfg = self.process, self.process.cfg
-        old = process.member
-        why = str(err).split(". This is typically")[0]
-        log.warning(
-            "the server is gone (%s); waiting up to %g s for it to come back",
-            why,
-            cfg.membership.slot_wait_s,
-        )
-        member = join(
-            process.store,
-            [old.slot],
-            workers=cfg.workers,
-            timeout_s=cfg.membership.slot_wait_s,
-            claim_wait_s=cfg.membership.slot_wait_s,
-            after_epoch=old.epoch,
-        )
-        process.member = replace(member, incarnation=old.incarnation)
-        self.transport = transport_for(
-            cfg, SERVER_RANK, member.group, self.numel, process.rank, worker=True, direct=True
-        )
-        role, ledger = process.loop.role if process.loop else None, process.ledger
-        assert role is not None and ledger is not None, "a member rejoins only with a ledger"
-        hello(self.transport, step=role.step, member=old.incarnation, ledger=ledger.total)
-        log.info("rejoined the server (start %d) at step %d", member.epoch, role.step)
+        """Rejoin the next server, then resend what was in flight."""
+        self.transport = self.reconnect(err)
         if self._in_flight is not None:
             self.transport.send(*self._in_flight)

@@ -49,13 +49,25 @@ def _member_entry(config: dict[str, Any], incarnation: int, started: Any) -> Non
     run_member(validate(OmegaConf.create(config)), incarnation=incarnation, started=started)
 
 
-class Keeper:
-    """Keeps one child running this rank's part, starting a new one when it dies."""
+class ChildKeeper:
+    """The keeper's rules over a child of any kind; :meth:`start_child` starts one.
 
-    def __init__(self, cfg: TrainConfig) -> None:
-        self.cfg = cfg
+    A child has multiprocessing's ``Process`` interface (``pid``, ``is_alive``, ``join``,
+    ``exitcode``, ``kill``); its *started* flag has ``is_set``. :class:`Keeper` runs easgd.train's
+    part in a spawned process, :class:`easgd.api.keep.ScriptKeeper` a user's own script again.
+    """
+
+    def __init__(self, *, max_respawns: int, store_timeout_s: float) -> None:
+        self.max_respawns = max_respawns
+        """Starts after which the keeper gives up (``membership.max_respawns``)."""
+        self.store_timeout_s = store_timeout_s
+        """The rendezvous store's timeout (``comm.timeout_s``)."""
         self._signal: int | None = None
         self._child: Any = None
+
+    def start_child(self, starts: int) -> tuple[Any, Any]:
+        """Start the ``starts``-th child: (the child, the flag it sets once it serves or joined)."""
+        raise NotImplementedError
 
     def _forward(self, signum: int, frame: object) -> None:
         self._signal = signum
@@ -67,17 +79,12 @@ class Keeper:
         from easgd.topologies.registry import setup_logging
 
         setup_logging(f"keeper{os.environ.get('RANK', '0')}")
-        context = multiprocessing.get_context("spawn")
         previous = {s: signal.signal(s, self._forward) for s in (signal.SIGINT, signal.SIGTERM)}
         starts, code = 0, 0
         try:
             while True:
                 starts += 1
-                started = context.Event()
-                self._child = context.Process(
-                    target=_member_entry, args=(to_dict(self.cfg), starts, started), daemon=False
-                )
-                self._child.start()
+                self._child, started = self.start_child(starts)
                 self._wait()
                 code = self._child.exitcode
                 if code == 0 or self._signal is not None:
@@ -91,7 +98,7 @@ class Keeper:
                         "the child failed (exit code %d) and the run is over; not again", code
                     )
                     return int(code)
-                if starts > self.cfg.membership.max_respawns:
+                if starts > self.max_respawns:
                     log.error("the child ended with %s %d times; giving up", _how(code), starts)
                     self._give_up()
                     return int(code) if code and code > 0 else 1
@@ -109,7 +116,7 @@ class Keeper:
 
         env = DistEnv.from_environ()
         if env.rank == 0:
-            mark_run_over(open_store(env, timeout_s=self.cfg.comm.timeout_s)[0])
+            mark_run_over(open_store(env, timeout_s=self.store_timeout_s)[0])
 
     def _run_is_over(self) -> bool:
         """Whether the run has ended (a server that failed on its own error ends it on the way
@@ -117,7 +124,7 @@ class Keeper:
         from easgd.comm.groups import DistEnv, open_store
         from easgd.comm.membership import run_over
 
-        return run_over(open_store(DistEnv.from_environ(), timeout_s=self.cfg.comm.timeout_s)[0])
+        return run_over(open_store(DistEnv.from_environ(), timeout_s=self.store_timeout_s)[0])
 
     def _wait(self) -> None:
         """Wait for the child; kill it if the server asks (it declared the child hung)."""
@@ -131,10 +138,30 @@ class Keeper:
             if env.rank == 0 or not self._child.is_alive():
                 continue
             if store is None:
-                store = open_store(env, timeout_s=self.cfg.comm.timeout_s)[0]
+                store = open_store(env, timeout_s=self.store_timeout_s)[0]
             if eviction_requested(store, env.rank):
                 log.warning("the server declared this slot's worker hung; killing it")
                 self._child.kill()
+
+
+class Keeper(ChildKeeper):
+    """Keeps one child running this rank's part of an easgd.train run (:func:`run_member`)."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__(
+            max_respawns=cfg.membership.max_respawns, store_timeout_s=cfg.comm.timeout_s
+        )
+        self.cfg = cfg
+
+    def start_child(self, starts: int) -> tuple[Any, Any]:
+        """A spawned process running :func:`_member_entry`, and its started event."""
+        context = multiprocessing.get_context("spawn")
+        started = context.Event()
+        child = context.Process(
+            target=_member_entry, args=(to_dict(self.cfg), starts, started), daemon=False
+        )
+        child.start()
+        return child, started
 
 
 def _how(code: int | None) -> str:
