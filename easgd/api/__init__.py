@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from easgd.api.averaging import AveragingOptimizer
+from easgd.api.keeper import keep
 from easgd.api.optimizer import ElasticOptimizer
 from easgd.api.serve import serve
 from easgd.api.session import Session, join
@@ -88,5 +89,6 @@ __all__ = [
     "ElasticOptimizer",
     "Session",
     "join",
+    "keep",
     "serve",
 ]

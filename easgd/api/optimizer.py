@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from easgd.algorithms.hyperparams import check_comm_period
 from easgd.algorithms.registry import spec_of
+from easgd.api.members import SlotMember
 from easgd.api.naming import publish_optimizer
 from easgd.api.roles import DownpourOptimizerRole, ElasticOptimizerRole, ModelParams, OptimizerRole
 from easgd.api.session import Session
@@ -122,16 +123,29 @@ class ElasticOptimizer(torch.optim.Optimizer):
         self.param_groups = optimizer.param_groups
         self.defaults = optimizer.defaults
         self.algorithm = algorithm
+        compression = _compression(run, spec.elastic, model_params.numel)
+        self.member: SlotMember | None = None
+        """This worker's hold on its slot (elastic membership; None: a fixed roster)."""
+        if session.membership == "elastic":  # its own group with the server, made now
+            self.member = SlotMember(
+                session,
+                run,
+                numel=model_params.numel,
+                dtype=model_params.dtype,
+                compression=compression,
+            )
+            transport = transport or self.member.transport
         if transport is None:
             transport = pair_transport(
-                _compression(run, spec.elastic, model_params.numel),
+                compression,
                 worker=True,
                 peer=SERVER_RANK,
                 group=session.groups[session.env.rank],
                 numel=model_params.numel,
                 dtype=model_params.dtype,
             )
-        part = WorkerPart.of_run(run, session.env.rank)
+        # with members coming and going a snapshot is the server's state alone
+        part = WorkerPart.of_run(run, session.env.rank) if self.member is None else None
         saved = part.load() if part is not None else None
         role_type = ElasticOptimizerRole if spec.elastic else DownpourOptimizerRole
         self.role: OptimizerRole = self._join(
@@ -140,17 +154,20 @@ class ElasticOptimizer(torch.optim.Optimizer):
         if saved is not None:  # the run's committed snapshot: model, optimizer and t_i
             restore(self.role, model, saved)
         self.resumed_step = self.role.step
-        """t_i this worker resumed at from the run's committed snapshot (0: a fresh start)."""
+        """t_i this worker resumed at: from the run's committed snapshot, or (elastic
+        membership) the step its slot had reached (0: a fresh start)."""
         device = model_params.device
         self.loop = WorkerLoop(
             self.role,
-            transport,
+            transport if self.member is None else self.member.link(algorithm, overlap=overlap),
             _no_gradient,
             steps=0,
             overlap=overlap,
             to_device=lambda t: t.to(device, non_blocking=True),
             snapshots=part.snapshots(self.role, model) if part is not None else None,
         )
+        if self.member is not None:
+            self.member.attach(self.loop, algorithm)
         self._heartbeat = (
             LoopHeartbeat(session.store, session.env.rank) if session.store is not None else None
         )
@@ -204,14 +221,21 @@ class ElasticOptimizer(torch.optim.Optimizer):
         comm_period: int,
         saved: dict[str, Any] | None,
     ) -> OptimizerRole:
-        """Say HELLO (with the resumed step), set the model to the center, build the role."""
+        """Say HELLO (with the resumed step), set the model to the center, build the role
+        (elastic membership: at the step the slot had reached)."""
         step = int(saved["role"]["step"]) if saved is not None else 0
         try:
-            center = handshake(transport, step=step)
+            if self.member is not None:
+                step, center = self.member.hello()
+            else:
+                center = handshake(transport, step=step)
         except ServerRejected as err:
             raise ValueError(f"{err}; build the same model on every rank") from None
         model_params.assign(center)
-        return role_type(model_params, self.optimizer, comm_period=comm_period)
+        role = role_type(model_params, self.optimizer, comm_period=comm_period)
+        if self.member is not None:
+            role.restore_step(step)
+        return role
 
     @staticmethod
     def _check_same_model(run: dict[str, Any], model_params: ModelParams) -> None:
@@ -332,6 +356,8 @@ class ElasticOptimizer(torch.optim.Optimizer):
             self.outcome = self.loop.finish()
             if isinstance(self.role, ElasticOptimizerRole):
                 self.role.apply_pending_move()  # an overlapped reply that arrived at the end
+            if self.member is not None:
+                self.member.finish()
         finally:
             self._release()
         return self.outcome
@@ -351,6 +377,8 @@ class ElasticOptimizer(torch.optim.Optimizer):
             hook.remove()
         if self._heartbeat is not None:
             self._heartbeat.stop()
+        if self.member is not None:
+            self.member.close()
 
     def __enter__(self) -> ElasticOptimizer:
         return self

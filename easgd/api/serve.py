@@ -17,9 +17,11 @@ buffers; recompute them there for the center (as for any averaged weights, e.g. 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from easgd.algorithms.registry import spec_of
+from easgd.api.keeper import kept_start, mark_started
+from easgd.api.members import slot_server
 from easgd.api.naming import algorithm_ran, read_optimizers
 from easgd.api.optimizer import trainable_params
 from easgd.api.roles import ModelParams
@@ -35,8 +39,10 @@ from easgd.api.snapshots import run_description
 from easgd.comm.compression import Compression, check_format
 from easgd.comm.groups import LaunchError
 from easgd.comm.heartbeat import HeartbeatMonitor
+from easgd.comm.membership import mark_run_over
 from easgd.comm.transport import pair_transport
 from easgd.config.algorithm import AlgorithmConfig
+from easgd.engine.members import ElasticServer, ServerStart, start_server
 from easgd.engine.server import ParameterServer, Resumed, ServePolicy
 from easgd.engine.supervisor import ServerOutcome, Supervision, Supervisor
 from easgd.parts.assembly import StopRule
@@ -55,7 +61,15 @@ WORKER_FAILURE = ("fail_fast", "continue")
 Evaluate = Callable[[nn.Module], dict[str, float]]
 
 
-def _check(algorithm: str, worker_failure: str, eval_interval_s: float) -> None:
+def _check(
+    algorithm: str,
+    worker_failure: str,
+    eval_interval_s: float,
+    *,
+    elastic: bool = False,
+    run_dir: str | Path | None = None,
+    slot_wait_s: float = 1.0,
+) -> None:
     spec_of(algorithm, key="api.serve: algorithm").check_own_loop("api.serve")
     if worker_failure not in WORKER_FAILURE:
         raise ValueError(
@@ -63,6 +77,13 @@ def _check(algorithm: str, worker_failure: str, eval_interval_s: float) -> None:
         )
     if not eval_interval_s > 0:
         raise ValueError(f"api.serve(eval_interval_s={eval_interval_s!r}) must be > 0")
+    if not slot_wait_s > 0:
+        raise ValueError(f"api.serve(slot_wait_s={slot_wait_s!r}) must be > 0")
+    if elastic and run_dir is None:
+        raise ValueError(
+            "api.serve(run_dir=None) under membership='elastic': the ledgers that rebuild the "
+            "center after a server restart live in run_dir/checkpoints; pass a run_dir"
+        )
 
 
 def serve(
@@ -86,6 +107,7 @@ def serve(
     hparams: dict[str, Any] | None = None,
     compression: str = "none",
     error_feedback: bool = True,
+    slot_wait_s: float = 120.0,
 ) -> nn.Module:
     """Rank 0: hold the center until every worker has closed; return ``model`` holding it.
 
@@ -101,36 +123,69 @@ def serve(
     and TensorBoard's HParams entry. ``compression`` and ``error_feedback``: as
     ``comm.compression`` and ``comm.error_feedback`` of easgd.train (float32 models only); the
     workers learn them from the run description.
+
+    Under ``api.join(membership="elastic")`` (workers that come and go; :mod:`easgd.api.members`)
+    the run needs a ``run_dir`` (the ledgers), a slot whose worker died waits up to
+    ``slot_wait_s`` for its replacement (then the run goes on without it), and a server started
+    again by its keeper rebuilds the center exactly from the base and the ledgers.
     """
     if not session.is_server:
         raise LaunchError(
             "api.serve runs on rank 0; workers wrap their optimizer in ElasticOptimizer"
         )
-    _check(algorithm, worker_failure, eval_interval_s)
+    elastic = session.membership == "elastic"
+    _check(
+        algorithm,
+        worker_failure,
+        eval_interval_s,
+        elastic=elastic,
+        run_dir=run_dir,
+        slot_wait_s=slot_wait_s,
+    )
     config = AlgorithmConfig(name=algorithm, moving_rate=moving_rate, average_rate=average_rate)
-    center = _Center(model, session, config, run_dir, resume=resume)
-    center.publish(compression, error_feedback)
-    policy = ServePolicy(worker_failure == "continue", max_update_norm=max_update_norm)
-    stop_rule = StopRule(max_wall_s=max_wall_s, target_test_error=target_test_error)
-    runlog = RunLog(run_dir, tensorboard=tensorboard)  # run_dir None: records nothing
-    try:
-        supervisor = center.supervise(
-            policy, Supervision(eval_interval_s, stop_rule), runlog, evaluate, heartbeat_timeout_s
-        )
-        writer = center.snapshot_writer(supervisor, checkpoint_every_s)
-        outcome = supervisor.run()
-        if writer is not None:
-            writer.finish()  # the final snapshot: every worker's part is its final state
-        committed = writer.committed if writer is not None else None
-        described = read_optimizers(session.store, supervisor.server.transports)
-        center.algorithm = algorithm_ran(algorithm, described)  # eamsgd: workers with momentum
-        summary = center.summary(supervisor.server, outcome, committed, hparams or {})
-        record = {"algorithm": center.algorithm, "workers": session.num_workers, **(hparams or {})}
-        write_summary(runlog, summary, record)
-    finally:
-        runlog.close()
+    with _ends_the_run(session):
+        # a server its keeper started again goes on with this job's run: it resumes
+        center = _Center(model, session, config, run_dir, resume=resume or kept_start() > 1)
+        center.publish(compression, error_feedback, slot_wait_s if elastic else None)
+        if elastic:
+            center.start_slots()
+        policy = ServePolicy(worker_failure == "continue", max_update_norm=max_update_norm)
+        stop_rule = StopRule(max_wall_s=max_wall_s, target_test_error=target_test_error)
+        runlog = RunLog(run_dir, tensorboard=tensorboard)  # run_dir None: records nothing
+        try:
+            supervisor = center.supervise(
+                policy,
+                Supervision(eval_interval_s, stop_rule),
+                runlog,
+                evaluate,
+                heartbeat_timeout_s,
+                slot_wait_s if elastic else None,
+            )
+            writer = center.snapshot_writer(supervisor, checkpoint_every_s)
+            outcome = supervisor.run()
+            if writer is not None:
+                writer.finish()  # the final snapshot: every worker's part is its final state
+            committed = writer.committed if writer is not None else None
+            described = read_optimizers(session.store, supervisor.server.transports)
+            center.algorithm = algorithm_ran(algorithm, described)  # eamsgd: momentum workers
+            summary = center.summary(supervisor.server, outcome, committed, hparams or {})
+            record = {"algorithm": center.algorithm, "workers": session.num_workers}
+            write_summary(runlog, summary, {**record, **(hparams or {})})
+        finally:
+            runlog.close()
     center.params.assign(center.role.evaluated())
     return model
+
+
+@contextlib.contextmanager
+def _ends_the_run(session: Session) -> Iterator[None]:
+    """Elastic membership: the run is marked over when the server leaves (it ended, or it
+    raised), so members arriving from then on leave quietly; a fixed roster needs nothing."""
+    try:
+        yield
+    finally:
+        if session.membership == "elastic" and session.store is not None:
+            mark_run_over(session.store)
 
 
 class _Center:
@@ -155,6 +210,8 @@ class _Center:
         self.directory = Path(run_dir) / "checkpoints" if run_dir is not None else None
         self.number: int | None = None
         self.restarts, self.resumed = 0, Resumed()
+        self.start: ServerStart | None = None
+        """This server start (elastic membership; None: a fixed roster)."""
         if resume and self.directory is not None:
             self.number = SnapshotLog(self.directory).newest()
             checkpointer = Checkpointer(self.directory, "server")
@@ -179,10 +236,13 @@ class _Center:
             **description,
         }
 
-    def publish(self, compression: str, error_feedback: bool) -> None:
-        """Tell the workers about the run, with the exchanges' compression (``api.serve``)."""
+    def publish(self, compression: str, error_feedback: bool, slot_wait_s: float | None) -> None:
+        """Tell the workers about the run, with the exchanges' compression and the membership
+        (``slot_wait_s``: elastic, how long a member waits for a slot or a server)."""
         self.compression: Compression | None = None
         info = dict(self.published)
+        if slot_wait_s is not None:
+            info.update(membership="elastic", slot_wait_s=slot_wait_s)
         if check_format(compression) != "none":
             if self.params.dtype != torch.float32:
                 raise ValueError(f"api.serve(compression={compression!r}) needs float32 parameters")
@@ -191,6 +251,28 @@ class _Center:
             info.update(compression=compression, error_feedback=error_feedback)
         self.session.publish_run(info)
 
+    def start_slots(self) -> None:
+        """Elastic membership: recover the center (exact, from the base and the ledgers, for a
+        server its keeper started again) and announce this server start to the members."""
+        assert self.session.store is not None and self.directory is not None
+        self.start = start_server(
+            self.session.store,
+            self.role,
+            self.directory,
+            list(range(1, self.session.num_workers + 1)),
+            first_start=kept_start() == 1,
+            restarts=self.restarts,
+            audited=self.role_spec.ledger is not None,  # else the snapshot's center
+        )
+        self.restarts = self.start.restarts
+        mark_started()
+        log.info(
+            "serving %d worker slots (elastic membership, server start %d, pid %d)",
+            self.session.num_workers,
+            self.start.epoch,
+            os.getpid(),
+        )
+
     def supervise(
         self,
         policy: ServePolicy,
@@ -198,26 +280,54 @@ class _Center:
         runlog: RunLog,
         evaluate: Evaluate | None,
         heartbeat_timeout_s: float,
+        slot_wait_s: float | None,
     ) -> Supervisor:
-        """The parameter server over every worker's pair group, and its supervisor."""
+        """The parameter server over every worker's pair group (elastic membership: its slots),
+        and its supervisor."""
         params, session = self.params, self.session
-        transports = {
-            rank: pair_transport(
-                self.compression, peer=rank, group=group, numel=params.numel, dtype=params.dtype
-            )
-            for rank, group in session.groups.items()
-        }
         cut = None
         if self.directory is not None:
             cut = SnapshotCut(next_number=SnapshotLog(self.directory).next_number())
-        server = ParameterServer(self.role, transports, policy, resumed=self.resumed, snapshots=cut)
+        server: ParameterServer
+        if slot_wait_s is not None:
+            assert self.directory is not None and self.start is not None  # start_slots ran
+            server = slot_server(
+                session,
+                self.role,
+                self.algorithm,
+                epoch=self.start.epoch,
+                directory=self.directory,
+                slot_wait_s=slot_wait_s,
+                compression=self.compression,
+                dtype=params.dtype,
+                policy=policy,
+                resumed=self.resumed,
+                snapshots=cut,
+            )
+        else:
+            transports = {
+                rank: pair_transport(
+                    self.compression,
+                    peer=rank,
+                    group=group,
+                    numel=params.numel,
+                    dtype=params.dtype,
+                )
+                for rank, group in session.groups.items()
+            }
+            server = ParameterServer(
+                self.role, transports, policy, resumed=self.resumed, snapshots=cut
+            )
         heartbeat = None
         if session.store is not None:
             heartbeat = HeartbeatMonitor(
                 session.store, timeout_s=heartbeat_timeout_s, first_step_s=session.timeout_s
             )
         evaluator = _center_evaluator(self.model, params, evaluate)
-        return Supervisor(server, evaluator, runlog, supervision, heartbeat=heartbeat)
+        supervisor = Supervisor(server, evaluator, runlog, supervision, heartbeat=heartbeat)
+        if self.start is not None:  # max_wall_s counts the job's time
+            supervisor.elapsed_before_s = self.start.elapsed_before_s
+        return supervisor
 
     def snapshot_writer(
         self, supervisor: Supervisor, every_s: float | None
@@ -246,11 +356,14 @@ class _Center:
         hparams: dict[str, Any],
     ) -> Summary:
         """summary.json of an own-loop run."""
+        membership: dict[str, Any] = {"mode": "fixed"}
+        if isinstance(server, ElasticServer):
+            membership = server.membership_figures()
         return Summary(
             topology="own_loop",
             mode="distributed",
             algorithm=self.algorithm,
-            workers=len(server.transports),
+            workers=self.session.num_workers,
             comm_period=None,
             steps_per_worker=None,
             num_params=self.params.numel,
@@ -266,6 +379,8 @@ class _Center:
                 "resumed_snapshot": self.number,
                 "committed_snapshot": committed,
                 "hparams": hparams,
+                "redone_steps_by_worker": {str(r): s.redone_steps for r, s in server.stats.items()},
+                "membership": membership,
             },
         )
 

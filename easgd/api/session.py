@@ -4,6 +4,10 @@ Rank 0 serves the center (:func:`easgd.api.serve`); ranks 1..p train with
 :class:`easgd.api.ElasticOptimizer`. Each (server, worker) pair gets its own process group, as in
 ``easgd.train``; the store carries heartbeats and the server's run description to the workers
 (its algorithm and model size, and where the run's snapshots go and which one it resumed from).
+
+With ``membership="elastic"`` (under :func:`easgd.api.keeper`) no process joins a default group:
+each worker claims a slot and opens its own 2-rank group with the server when it joins
+(:mod:`easgd.api.members`), so workers can come and go.
 """
 
 from __future__ import annotations
@@ -13,9 +17,18 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from easgd.comm.groups import SERVER_RANK, DistEnv, LaunchError, init_pair_groups, shutdown
+from easgd.api.keeper import kept_start
+from easgd.comm.groups import (
+    SERVER_RANK,
+    DistEnv,
+    LaunchError,
+    init_pair_groups,
+    open_store,
+    shutdown,
+)
 
 BACKENDS = ("auto", "gloo")
+MEMBERSHIP = ("auto", "fixed", "elastic")
 
 RUN_KEY = "api/run"
 """Store key under which the server publishes the run description for its workers."""
@@ -29,6 +42,8 @@ class Session:
     groups: dict[int, dist.ProcessGroup]
     store: dist.Store | None = None
     timeout_s: float = 120.0
+    membership: str = "fixed"
+    """``fixed`` (every rank in one job-long roster) or ``elastic`` (workers come and go)."""
 
     @property
     def is_server(self) -> bool:
@@ -74,17 +89,47 @@ def check_backend(backend: str) -> str:
     return "gloo"
 
 
-def join(*, backend: str = "auto", timeout_s: float = 120.0) -> Session:
+def check_membership(membership: str) -> str:
+    """The membership ``membership`` resolves to here, or an error naming the fix.
+
+    ``auto`` is ``elastic`` in a script kept by :func:`easgd.api.keeper` (under torchrun with its
+    shared store) and ``fixed`` otherwise; ``elastic`` needs the keeper, and ``fixed`` refuses
+    it (a respawned worker cannot rejoin a fixed roster)."""
+    if membership not in MEMBERSHIP:
+        raise ValueError(f"api.join(membership={membership!r}); allowed: {', '.join(MEMBERSHIP)}")
+    kept = kept_start() > 0
+    if membership == "auto":
+        return "elastic" if kept else "fixed"
+    if membership == "elastic" and not kept:
+        raise LaunchError(
+            "api.join(membership='elastic') needs api.keep() as the script's first call, under "
+            "torchrun with its shared store (the default; not TORCH_DISABLE_SHARE_RDZV_TCP_STORE)"
+            ": it starts a new worker process when one dies"
+        )
+    if membership == "fixed" and kept:
+        raise LaunchError(
+            "api.join(membership='fixed') under api.keep(): a worker the keeper starts again "
+            "cannot rejoin a fixed roster; use membership='elastic' (or 'auto'), or drop api.keep()"
+        )
+    return membership
+
+
+def join(*, backend: str = "auto", timeout_s: float = 120.0, membership: str = "auto") -> Session:
     """Join the run started by torchrun (rank 0 = server, ranks 1..p = workers).
 
-    ``backend`` must be ``auto`` or ``gloo`` (checked before any connection is made);
+    ``backend`` must be ``auto`` or ``gloo`` and ``membership`` one of ``auto``, ``fixed``,
+    ``elastic`` (:func:`check_membership`; both checked before any connection is made);
     ``timeout_s`` bounds the rendezvous and every blocking receive.
     """
     name = check_backend(backend)
+    mode = check_membership(membership)
     env = DistEnv.from_environ()
     if env.world_size < 2:
         raise LaunchError(
             "easgd.api needs a server and at least one worker: torchrun --nproc_per_node>=2"
         )
+    if mode == "elastic":  # no default group: each worker's own group, made when it joins
+        store, _ = open_store(env, timeout_s=timeout_s)
+        return Session(env, {}, store, timeout_s, membership=mode)
     pairs = init_pair_groups(env, backend=name, timeout_s=timeout_s)
     return Session(env, pairs.groups, pairs.store, timeout_s)

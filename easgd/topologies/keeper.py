@@ -54,7 +54,7 @@ class ChildKeeper:
 
     A child has multiprocessing's ``Process`` interface (``pid``, ``is_alive``, ``join``,
     ``exitcode``, ``kill``); its *started* flag has ``is_set``. :class:`Keeper` runs easgd.train's
-    part in a spawned process, :class:`easgd.api.keep.ScriptKeeper` a user's own script again.
+    part in a spawned process, :class:`easgd.api.keeper.ScriptKeeper` a user's own script again.
     """
 
     def __init__(self, *, max_respawns: int, store_timeout_s: float) -> None:
