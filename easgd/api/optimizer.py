@@ -123,27 +123,9 @@ class ElasticOptimizer(torch.optim.Optimizer):
         self.param_groups = optimizer.param_groups
         self.defaults = optimizer.defaults
         self.algorithm = algorithm
-        compression = _compression(run, spec.elastic, model_params.numel)
         self.member: SlotMember | None = None
         """This worker's hold on its slot (elastic membership; None: a fixed roster)."""
-        if session.membership == "elastic":  # its own group with the server, made now
-            self.member = SlotMember(
-                session,
-                run,
-                numel=model_params.numel,
-                dtype=model_params.dtype,
-                compression=compression,
-            )
-            transport = transport or self.member.transport
-        if transport is None:
-            transport = pair_transport(
-                compression,
-                worker=True,
-                peer=SERVER_RANK,
-                group=session.groups[session.env.rank],
-                numel=model_params.numel,
-                dtype=model_params.dtype,
-            )
+        transport = transport or self._link(session, run, model_params, spec.elastic)
         # with members coming and going a snapshot is the server's state alone
         part = WorkerPart.of_run(run, session.env.rank) if self.member is None else None
         saved = part.load() if part is not None else None
@@ -212,6 +194,27 @@ class ElasticOptimizer(torch.optim.Optimizer):
             raise ValueError(f"ElasticOptimizer: {err}") from None
         spec.check_overlap(overlap, key="overlap=True")
         return run
+
+    def _link(
+        self, session: Session, run: dict[str, Any], model_params: ModelParams, elastic: bool
+    ) -> PairTransport:
+        """The link to the server: over the session's pair group, or (elastic membership) over
+        the group of the slot this worker claims now."""
+        compression = _compression(run, elastic, model_params.numel)
+        if session.membership == "elastic":
+            numel, dtype = model_params.numel, model_params.dtype
+            self.member = SlotMember(
+                session, run, numel=numel, dtype=dtype, compression=compression
+            )
+            return self.member.transport
+        return pair_transport(
+            compression,
+            worker=True,
+            peer=SERVER_RANK,
+            group=session.groups[session.env.rank],
+            numel=model_params.numel,
+            dtype=model_params.dtype,
+        )
 
     def _join(
         self,

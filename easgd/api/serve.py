@@ -146,31 +146,19 @@ def serve(
     with _ends_the_run(session):
         # a server its keeper started again goes on with this job's run: it resumes
         center = _Center(model, session, config, run_dir, resume=resume or kept_start() > 1)
-        center.publish(compression, error_feedback, slot_wait_s if elastic else None)
-        if elastic:
-            center.start_slots()
-        policy = ServePolicy(worker_failure == "continue", max_update_norm=max_update_norm)
+        center.open(compression, error_feedback, slot_wait_s if elastic else None)
         stop_rule = StopRule(max_wall_s=max_wall_s, target_test_error=target_test_error)
         runlog = RunLog(run_dir, tensorboard=tensorboard)  # run_dir None: records nothing
         try:
-            supervisor = center.supervise(
-                policy,
+            center.run(
+                ServePolicy(worker_failure == "continue", max_update_norm=max_update_norm),
                 Supervision(eval_interval_s, stop_rule),
                 runlog,
                 evaluate,
                 heartbeat_timeout_s,
-                slot_wait_s if elastic else None,
+                checkpoint_every_s,
+                hparams or {},
             )
-            writer = center.snapshot_writer(supervisor, checkpoint_every_s)
-            outcome = supervisor.run()
-            if writer is not None:
-                writer.finish()  # the final snapshot: every worker's part is its final state
-            committed = writer.committed if writer is not None else None
-            described = read_optimizers(session.store, supervisor.server.transports)
-            center.algorithm = algorithm_ran(algorithm, described)  # eamsgd: momentum workers
-            summary = center.summary(supervisor.server, outcome, committed, hparams or {})
-            record = {"algorithm": center.algorithm, "workers": session.num_workers}
-            write_summary(runlog, summary, {**record, **(hparams or {})})
         finally:
             runlog.close()
     center.params.assign(center.role.evaluated())
@@ -212,6 +200,8 @@ class _Center:
         self.restarts, self.resumed = 0, Resumed()
         self.start: ServerStart | None = None
         """This server start (elastic membership; None: a fixed roster)."""
+        self.slot_wait_s: float | None = None
+        """Elastic membership: how long a slot waits for its next member (None: fixed)."""
         if resume and self.directory is not None:
             self.number = SnapshotLog(self.directory).newest()
             checkpointer = Checkpointer(self.directory, "server")
@@ -236,9 +226,11 @@ class _Center:
             **description,
         }
 
-    def publish(self, compression: str, error_feedback: bool, slot_wait_s: float | None) -> None:
+    def open(self, compression: str, error_feedback: bool, slot_wait_s: float | None) -> None:
         """Tell the workers about the run, with the exchanges' compression and the membership
-        (``slot_wait_s``: elastic, how long a member waits for a slot or a server)."""
+        (``slot_wait_s``: elastic, how long a slot waits for a member and a member for a slot or
+        a server), then, under elastic membership, start serving slots (:meth:`start_slots`)."""
+        self.slot_wait_s = slot_wait_s
         self.compression: Compression | None = None
         info = dict(self.published)
         if slot_wait_s is not None:
@@ -250,6 +242,31 @@ class _Center:
             self.compression = Compression(compression, error_feedback, elastic, self.params.numel)
             info.update(compression=compression, error_feedback=error_feedback)
         self.session.publish_run(info)
+        if slot_wait_s is not None:
+            self.start_slots()
+
+    def run(
+        self,
+        policy: ServePolicy,
+        supervision: Supervision,
+        runlog: RunLog,
+        evaluate: Evaluate | None,
+        heartbeat_timeout_s: float,
+        checkpoint_every_s: float | None,
+        hparams: dict[str, Any],
+    ) -> None:
+        """Serve until every worker has closed (or a stop rule fired); write summary.json."""
+        supervisor = self.supervise(policy, supervision, runlog, evaluate, heartbeat_timeout_s)
+        writer = self.snapshot_writer(supervisor, checkpoint_every_s)
+        outcome = supervisor.run()
+        if writer is not None:
+            writer.finish()  # the final snapshot: every worker's part is its final state
+        committed = writer.committed if writer is not None else None
+        described = read_optimizers(self.session.store, supervisor.server.transports)
+        self.algorithm = algorithm_ran(self.algorithm, described)  # eamsgd: momentum workers
+        summary = self.summary(supervisor.server, outcome, committed, hparams)
+        record = {"algorithm": self.algorithm, "workers": self.session.num_workers}
+        write_summary(runlog, summary, {**record, **hparams})
 
     def start_slots(self) -> None:
         """Elastic membership: recover the center (exact, from the base and the ledgers, for a
@@ -280,7 +297,6 @@ class _Center:
         runlog: RunLog,
         evaluate: Evaluate | None,
         heartbeat_timeout_s: float,
-        slot_wait_s: float | None,
     ) -> Supervisor:
         """The parameter server over every worker's pair group (elastic membership: its slots),
         and its supervisor."""
@@ -289,7 +305,7 @@ class _Center:
         if self.directory is not None:
             cut = SnapshotCut(next_number=SnapshotLog(self.directory).next_number())
         server: ParameterServer
-        if slot_wait_s is not None:
+        if self.slot_wait_s is not None:
             assert self.directory is not None and self.start is not None  # start_slots ran
             server = slot_server(
                 session,
@@ -297,7 +313,7 @@ class _Center:
                 self.algorithm,
                 epoch=self.start.epoch,
                 directory=self.directory,
-                slot_wait_s=slot_wait_s,
+                slot_wait_s=self.slot_wait_s,
                 compression=self.compression,
                 dtype=params.dtype,
                 policy=policy,
