@@ -67,6 +67,8 @@ DETAILS = {
         "hparams",
         "committed_snapshot",
         "resumed_snapshot",
+        "redone_steps_by_worker",
+        "membership",
     },
     "simulate": {
         "clock",
