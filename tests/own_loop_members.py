@@ -10,7 +10,8 @@ server's first process kills itself once every worker is holding at step ``HOLD_
 starts a new one, which rebuilds the center from the base and the ledgers, and the workers rejoin
 it with their own state. Nothing waits on time: the workers hold at ``HOLD_AT`` until the store
 says the replacement is there (a worker's replacement has joined, or the second server is up),
-so the kill and the rejoin happen while every other process is alive.
+so the kill and the rejoin happen while every other process is alive. ``ALGORITHM``: the
+server's rule (default easgd).
 
 Each worker process writes ``final-worker<rank>.json`` (its pid, keeper start and steps);
 tests/test_own_loop_members.py checks them, the log and the run's summary.
@@ -101,8 +102,9 @@ def main() -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             return {"test_loss": 0.0, "test_error": 0.0}
 
-        api.serve(model, session, evaluate=evaluate, run_dir=run_dir, eval_interval_s=0.05,
-                  checkpoint_every_s=0.2, tensorboard=False)  # fmt: skip
+        algorithm = os.environ.get("ALGORITHM", "easgd")
+        api.serve(model, session, algorithm=algorithm, evaluate=evaluate, run_dir=run_dir,
+                  eval_interval_s=0.05, checkpoint_every_s=0.2, tensorboard=False)  # fmt: skip
     else:
         train(session, model, run_dir, kill)
     session.close()
