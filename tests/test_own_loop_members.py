@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from easgd.analysis.audit import membership_gap
-from easgd.api.keeper import KEEPER_START, keep
+from easgd.api.keeper import KEEPER_START, ScriptKeeper, keep
 from easgd.api.serve import _check
 from easgd.api.session import check_membership
 from easgd.comm.groups import LaunchError
@@ -53,6 +53,7 @@ def test_auto_membership_is_elastic_exactly_under_the_keeper(
 def test_keep_returns_at_once_in_a_kept_child_and_outside_torchrun(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(ScriptKeeper, "run", lambda self: pytest.fail("keep() kept the script"))
     for name in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     keep()  # no torchrun: nothing to keep
