@@ -16,6 +16,9 @@ torchrun's own policy applies.
 
 SIGINT and SIGTERM are passed to the child (an interrupted run ends as without a keeper), and no
 new child is started after one.
+
+The rules are :class:`ChildKeeper`'s, over any child; :class:`Keeper` runs easgd.train's part,
+and ``api.keep()`` (:mod:`easgd.api.keeper`) keeps a user's own script with the same rules.
 """
 
 from __future__ import annotations
