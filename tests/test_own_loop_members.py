@@ -9,14 +9,16 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
 
 from easgd.analysis.audit import membership_gap
 from easgd.api.keeper import KEEPER_START, ScriptKeeper, keep
+from easgd.api.members import SlotMember
 from easgd.api.serve import _check
-from easgd.api.session import check_membership
+from easgd.api.session import Session, check_membership
 from easgd.comm.groups import LaunchError
 from tests import own_loop_members
 from tests.test_own_loop import torchrun_script
@@ -34,6 +36,12 @@ def test_bad_membership_values_name_the_argument_and_what_is_allowed() -> None:
         _check("easgd", "fail_fast", 1.0, slot_wait_s=0)
     with pytest.raises(ValueError, match=r"api.serve\(run_dir=None\) under membership='elastic'"):
         _check("easgd", "fail_fast", 1.0, elastic=True, run_dir=None)
+
+
+def test_an_elastic_worker_refuses_a_server_with_a_fixed_roster() -> None:
+    session = cast(Session, None)  # refused before the session is used
+    with pytest.raises(LaunchError, match="the server runs a fixed roster"):
+        SlotMember(session, {"algorithm": "easgd"}, numel=4, dtype=torch.float32, compression=None)
 
 
 def test_auto_membership_is_elastic_exactly_under_the_keeper(
