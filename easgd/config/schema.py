@@ -217,8 +217,39 @@ class MembershipConfig:
     slot_wait_s: float = 120.0
     """elastic: how long the server keeps an empty slot open for a new member; after that the run
     goes on without it."""
+    open_slots: int = 0
+    """elastic, the server's launch: how many of the p worker slots this launch leaves to workers
+    that join from other nodes (``membership.join``); it then has p - open_slots worker
+    processes besides the server (slots 1 .. p - open_slots), and the open slots are the last."""
+    join: str | None = None
+    """HOST:PORT of a running elastic run's rendezvous store (its first node's ``torchrun
+    --rdzv-endpoint``): this launch runs no server, and each of its processes is a worker that
+    claims one of that run's open slots (``membership.open_slots``), so whole nodes join and leave
+    the running server (null: this launch is the run)."""
+    join_id: str = "none"
+    """With ``join``: that run's ``torchrun --rdzv-id`` (torchrun's default: none)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.open_slots, bool) or self.open_slots < 0:
+            raise ValueError(f"membership.open_slots must be >= 0, got {self.open_slots!r}")
+        if self.join is not None:
+            host, _, port = str(self.join).rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(
+                    f"membership.join={self.join!r}: give HOST:PORT of the first node's "
+                    "rendezvous endpoint (torchrun --rdzv-endpoint), e.g. node0:29400"
+                )
+        if self.join is not None and self.open_slots:
+            raise ValueError(
+                "membership.open_slots is the server's launch's (the slots it leaves open); a "
+                "launch with membership.join fills them: set open_slots=0 here"
+            )
+        if self.mode == "fixed" and (self.join is not None or self.open_slots):
+            key = "membership.join" if self.join is not None else "membership.open_slots"
+            raise ValueError(
+                f"{key} is for nodes that join a running elastic run; it needs "
+                "membership.mode=elastic or auto, not fixed"
+            )
         if self.mode not in MEMBERSHIP_MODES:
             raise ValueError(
                 f"membership.mode={self.mode!r}; allowed: {', '.join(MEMBERSHIP_MODES)}"
@@ -647,6 +678,8 @@ def membership_mode(cfg: TrainConfig, environ: Mapping[str, str] | None = None) 
     """
     if cfg.membership.mode != "auto":
         return cfg.membership.mode
+    if cfg.membership.join is not None or cfg.membership.open_slots:
+        return "elastic"  # asked for by name: nodes that come and go
     env = os.environ if environ is None else environ
     shared = env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     drill = bool(cfg.fault.armed())  # the fault matrix's outcomes are the fixed roster's
@@ -655,7 +688,13 @@ def membership_mode(cfg: TrainConfig, environ: Mapping[str, str] | None = None) 
 
 def _check_membership(cfg: TrainConfig) -> None:
     """membership.mode=elastic where it is served: one parameter server, real processes."""
-    if cfg.membership.mode != "elastic":
+    members = cfg.membership
+    if members.open_slots > cfg.workers:
+        raise ValueError(
+            f"membership.open_slots={members.open_slots} is more than workers={cfg.workers} "
+            "(the slots other nodes may fill are some of the p)"
+        )
+    if members.mode != "elastic" and members.join is None and not members.open_slots:
         return
     where = elastic_unserved(cfg)
     if where == "checkpoint.ledger=true":

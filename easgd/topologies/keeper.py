@@ -38,15 +38,16 @@ RESPAWN_PAUSE_S = 0.2
 """Pause before a new child, so a child that dies at once does not spin."""
 
 
-def _member_entry(config: dict[str, Any], incarnation: int, started: Any) -> None:
+def _member_entry(config: dict[str, Any], incarnation: int, started: Any, slot: Any) -> None:
     """The child: this rank's part of an elastic run (it sets ``started`` once it serves or
-    has joined its slot)."""
+    has joined its slot, and ``slot`` to the slot it holds)."""
     from omegaconf import OmegaConf
 
     from easgd.config.schema import validate
     from easgd.topologies.elastic import run_member
 
-    run_member(validate(OmegaConf.create(config)), incarnation=incarnation, started=started)
+    cfg = validate(OmegaConf.create(config))
+    run_member(cfg, incarnation=incarnation, started=started, slot_box=slot)
 
 
 class Keeper:
@@ -56,6 +57,10 @@ class Keeper:
         self.cfg = cfg
         self._signal: int | None = None
         self._child: Any = None
+        self._store: Any = None
+        self._slot: Any = None
+        self.joining = cfg.membership.join is not None
+        """This launch joins a run from another node: it has no server, and rank 0 is a member."""
 
     def _forward(self, signum: int, frame: object) -> None:
         self._signal = signum
@@ -73,9 +78,11 @@ class Keeper:
         try:
             while True:
                 starts += 1
-                started = context.Event()
+                started, self._slot = context.Event(), context.Value("i", 0)
                 self._child = context.Process(
-                    target=_member_entry, args=(to_dict(self.cfg), starts, started), daemon=False
+                    target=_member_entry,
+                    args=(to_dict(self.cfg), starts, started, self._slot),
+                    daemon=False,
                 )
                 self._child.start()
                 self._wait()
@@ -101,38 +108,41 @@ class Keeper:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
+    def _run_store(self) -> Any:
+        """The run's store (opened once): this launch's, or the joined run's."""
+        if self._store is None:
+            from easgd.comm.groups import DistEnv
+            from easgd.topologies.elastic import open_run_store
+
+            self._store = open_run_store(self.cfg, DistEnv.from_environ())[0]
+        return self._store
+
     def _give_up(self) -> None:
-        """Rank 0 giving up ends the run for the members too (else they would wait for a server
-        that is not coming, and their keepers would start new ones)."""
-        from easgd.comm.groups import DistEnv, open_store
+        """The server's keeper giving up ends the run for the members too (else they would wait
+        for a server that is not coming, and their keepers would start new ones)."""
         from easgd.comm.membership import mark_run_over
 
-        env = DistEnv.from_environ()
-        if env.rank == 0:
-            mark_run_over(open_store(env, timeout_s=self.cfg.comm.timeout_s)[0])
+        if int(os.environ.get("RANK", "0")) == 0 and not self.joining:
+            mark_run_over(self._run_store())
 
     def _run_is_over(self) -> bool:
         """Whether the run has ended (a server that failed on its own error ends it on the way
         out: a new one would only wait for members that have left)."""
-        from easgd.comm.groups import DistEnv, open_store
         from easgd.comm.membership import run_over
 
-        return run_over(open_store(DistEnv.from_environ(), timeout_s=self.cfg.comm.timeout_s)[0])
+        return run_over(self._run_store())
 
     def _wait(self) -> None:
         """Wait for the child; kill it if the server asks (it declared the child hung)."""
-        from easgd.comm.groups import DistEnv, open_store
         from easgd.comm.membership import eviction_requested
 
-        env = DistEnv.from_environ()
-        store = None
+        server = int(os.environ.get("RANK", "0")) == 0 and not self.joining
         while self._child.is_alive():
             self._child.join(timeout=EVICT_CHECK_S)
-            if env.rank == 0 or not self._child.is_alive():
+            slot = self._slot.value if self._slot is not None else 0
+            if server or slot == 0 or not self._child.is_alive():
                 continue
-            if store is None:
-                store = open_store(env, timeout_s=self.cfg.comm.timeout_s)[0]
-            if eviction_requested(store, env.rank):
+            if eviction_requested(self._run_store(), slot):
                 log.warning("the server declared this slot's worker hung; killing it")
                 self._child.kill()
 
@@ -150,11 +160,13 @@ def keep(cfg: TrainConfig) -> dict[str, Any] | None:
 
     from easgd.comm.groups import DistEnv, check_world
 
-    check_world(DistEnv.from_environ(), expected_world_size=cfg.world_size, workers=cfg.workers)
+    if cfg.membership.join is None:  # a joining launch fills the run's open slots, as many as come
+        expected = cfg.world_size - cfg.membership.open_slots
+        check_world(DistEnv.from_environ(), expected_world_size=expected, workers=cfg.workers)
     code = Keeper(cfg).run()
     if code != 0:
         raise SystemExit(code)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if int(os.environ.get("RANK", "0")) != 0 or cfg.membership.join is not None:
         return None
     summary = Path(cfg.run_dir) / "summary.json"
     return json.loads(summary.read_text()) if summary.exists() else None
