@@ -12,6 +12,7 @@ Every batched run also checks that it really batched (mean batch well above 1).
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -257,3 +258,25 @@ def test_stacked_gradients_equal_single_calls() -> None:
         loss, grad = objective.gradient(points[j], generators[j])
         assert float(losses[j]) == pytest.approx(loss, abs=1e-12)
         torch.testing.assert_close(grads[j], grad, rtol=0, atol=1e-12)
+
+
+# -- the config key --------------------------------------------------------------------------
+
+
+def test_sim_batched_composes_from_the_command_line_and_reaches_the_simulator(
+    tmp_path: Path,
+) -> None:
+    from easgd.config.schema import SimulateConfig
+    from easgd.topologies.simulate import build_simulation
+    from tests.test_configs import composed
+    from tests.test_simulate_mode import small_config
+
+    assert composed("mode=simulate").sim.batched == "auto"
+    assert composed("mode=simulate", "sim.batched=false").sim.batched == "false"
+    assert composed("mode=simulate", "sim.batched=true").sim.batched == "true"
+    with pytest.raises(Exception, match="sim.batched='often'; allowed: auto, true, false"):
+        composed("mode=simulate", "sim.batched=often")
+    for choice, batched in (("auto", True), ("true", True), ("false", False)):
+        cfg = small_config(tmp_path, workers=3, sim=SimulateConfig(batched=choice))
+        simulator, _ = build_simulation(cfg)
+        assert (simulator.batch is not None) is batched

@@ -28,6 +28,16 @@ FAILURE_POLICIES = ("fail_fast", "continue")
 MODES = ("distributed", "simulate")
 TOPOLOGIES = ("server", "allreduce")
 FAULT_KINDS = ("kill", "raise", "hang", "nan")
+BATCHED_MODES = ("auto", "true", "false")
+
+
+def check_batched(value: object, key: str = "sim.batched") -> str:
+    """``value`` as one of :data:`BATCHED_MODES` (booleans and any case accepted: Hydra reads
+    ``sim.batched=true`` as a boolean), or a ValueError naming ``key`` and the allowed values."""
+    text = str(value).strip().lower()
+    if text not in BATCHED_MODES:
+        raise ValueError(f"{key}={value!r}; allowed: {', '.join(BATCHED_MODES)}")
+    return text
 
 
 @dataclass
@@ -314,6 +324,22 @@ class CostConfig:
             raise ValueError(f"cost.step_time_s must be > 0 or null, got {self.step_time_s!r}")
 
 
+@dataclass
+class SimulateConfig:
+    """How ``mode=simulate`` computes (sim.* keys); what it simulates is set by the other groups
+    (workers, comm.*, cost/). See easgd/sim/simulator.py and easgd/sim/batched.py."""
+
+    batched: str = "auto"
+    """Take the gradient steps of many workers in one batched call (torch.func.vmap): auto (when
+    the model allows it: no BatchNorm buffers, no dropout, and more than one worker), true (an
+    error when it cannot), false (one gradient call per worker step, as before). The two paths
+    agree to float rounding (bit for bit for a model whose batched kernels sum in the same order);
+    the schedule, stragglers and cost clock are the same. Ignored with mode=distributed."""
+
+    def __post_init__(self) -> None:
+        self.batched = check_batched(self.batched)
+
+
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -445,6 +471,7 @@ class TrainConfig:
     fault: FaultConfig = field(default_factory=FaultConfig)
     cost: CostConfig = field(default_factory=CostConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    sim: SimulateConfig = field(default_factory=SimulateConfig)
     mode: str = "distributed"
     """distributed: real processes, wall-clock time; simulate: one process on the simulator's
     virtual clock with the cost/ profile's communication costs (the same outputs)."""

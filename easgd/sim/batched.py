@@ -20,21 +20,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from easgd.config.schema import BATCHED_MODES, check_batched
 from easgd.roles import WorkerRole, apply_gradient
 from easgd.sim.objectives import BatchedObjective, Objective
 
-BATCHED_MODES = ("auto", "true", "false")
-"""``sim.batched``: auto (batched where served, see :func:`batching_refusal`), true (batched, or
-an error saying why not), false (one gradient call per worker step)."""
-
-
-def check_batched(value: object, key: str = "sim.batched") -> str:
-    """``value`` as one of :data:`BATCHED_MODES` (booleans and any case accepted), or a
-    ValueError naming ``key`` and the allowed values."""
-    text = str(value).strip().lower()
-    if text not in BATCHED_MODES:
-        raise ValueError(f"{key}={value!r}; allowed: {', '.join(BATCHED_MODES)}")
-    return text
+__all__ = ["BATCHED_MODES", "DeferredSteps", "batching_refusal", "check_batched"]
 
 
 def batching_refusal(objective: Objective, num_workers: int) -> str | None:

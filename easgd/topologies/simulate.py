@@ -192,6 +192,7 @@ def build_simulation(
         error_feedback=cfg.comm.error_feedback,
         lr_schedule=cfg.optim.schedule(cfg.steps_per_worker),
         max_grad_norm=cfg.optim.clip_grad_norm,
+        batched=cfg.sim.batched,
     )
     return Simulator(cfg.algorithm, sim, objective), figures
 
