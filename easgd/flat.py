@@ -110,13 +110,28 @@ class FlatModel:
             grad = grad + self.weight_decay * point
         return float(loss.detach()), grad
 
-    def batch_support(self) -> str | None:
+    def batch_support(self, *, speed: bool = False) -> str | None:
         """None when :meth:`stacked_loss_and_grad` computes what k calls of :meth:`loss_and_grad`
-        would; otherwise why not (state that a call changes, or randomness of its own)."""
+        would; otherwise why not (state that a call changes, or randomness of its own).
+
+        ``speed``: also None only when the batched call is expected to be faster here. On a CPU a
+        batched convolution (oneDNN's grouped kernel) is slower than k single ones
+        (benchmarks/sim_batched.py measured 0.7x for the MNIST-1D CNN), so it is refused there.
+        """
         if any(True for _ in self.module.buffers()):
             return "the model has buffers (BatchNorm running statistics change at every step)"
         if any(isinstance(m, nn.modules.dropout._DropoutNd) for m in self.module.modules()):
             return "the model has dropout (its masks come from the global generator, in order)"
+        convolutions = (nn.modules.conv._ConvNd,)
+        if (
+            speed
+            and self.flat_params.device.type == "cpu"
+            and any(isinstance(m, convolutions) for m in self.module.modules())
+        ):
+            return (
+                "on a CPU batched convolutions are slower than one call per worker "
+                "(benchmarks/sim_batched.py); sim.batched=true uses them anyway"
+            )
         return None
 
     def stacked_loss_and_grad(

@@ -141,6 +141,11 @@ def test_auto_batches_a_served_objective_and_not_one_worker() -> None:
         Simulator(algorithm, SimConfig(num_workers=4, batched="false"), noisy_quadratic()).batch
         is None
     )
+    # a convolution on a CPU: correct batched, but slower, so auto leaves it; true takes it
+    assert Simulator(algorithm, SimConfig(num_workers=4), network("cnn1d")).batch is None
+    assert Simulator(algorithm, SimConfig(num_workers=4), network("mlp")).batch is not None
+    cnn = Simulator(algorithm, SimConfig(num_workers=4, batched="true"), network("cnn1d"))
+    assert cnn.batch is not None
 
 
 def test_bad_values_and_unserved_runs_are_refused_with_the_key() -> None:

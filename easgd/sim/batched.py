@@ -27,13 +27,19 @@ from easgd.sim.objectives import BatchedObjective, Objective
 __all__ = ["BATCHED_MODES", "DeferredSteps", "batching_refusal", "check_batched"]
 
 
-def batching_refusal(objective: Objective, num_workers: int) -> str | None:
-    """None when the batched path serves ``objective`` with ``num_workers`` workers; else why not."""
-    if num_workers < 2:
-        return "one worker has nothing to batch"
+def batching_refusal(
+    objective: Objective, num_workers: int, *, speed: bool = False
+) -> str | None:
+    """None when the batched path serves ``objective`` with ``num_workers`` workers; else why not.
+
+    ``speed`` (what ``sim.batched=auto`` asks): also refuse where batching is correct but
+    expected to be slower (one worker; a convolution on a CPU, see
+    :meth:`easgd.flat.FlatModel.batch_support`)."""
     if not isinstance(objective, BatchedObjective):
         return f"{type(objective).__name__} has no batched gradients()"
-    return objective.batch_support()
+    if speed and num_workers < 2:
+        return "one worker has nothing to batch"
+    return objective.batch_support(speed=speed)
 
 
 class DeferredSteps:

@@ -38,8 +38,9 @@ class Objective(Protocol):
 class BatchedObjective(Objective, Protocol):
     """An objective that also serves k gradients in one call."""
 
-    def batch_support(self) -> str | None:
-        """None when :meth:`gradients` serves this objective; otherwise why it does not."""
+    def batch_support(self, *, speed: bool = False) -> str | None:
+        """None when :meth:`gradients` serves this objective; otherwise why it does not
+        (``speed``: also when it is expected to be slower here than one call per point)."""
         ...
 
     def gradients(
@@ -77,7 +78,7 @@ class Quadratic:
             grad = grad + self.noise_std * noise
         return self._loss(point), grad
 
-    def batch_support(self) -> str | None:
+    def batch_support(self, *, speed: bool = False) -> str | None:
         return None
 
     def gradients(
@@ -124,8 +125,8 @@ class ClassifierObjective:
         index = torch.randint(len(self.split.train_y), (self.batch_size,), generator=generator)
         return self.flat.loss_and_grad(point, self.split.train_x[index], self.split.train_y[index])
 
-    def batch_support(self) -> str | None:
-        return self.flat.batch_support()
+    def batch_support(self, *, speed: bool = False) -> str | None:
+        return self.flat.batch_support(speed=speed)
 
     def gradients(
         self, points: Tensor, generators: Sequence[torch.Generator]

@@ -108,8 +108,8 @@ class SimConfig:
     """Clip each worker's gradients to this global norm (None: never), as in a real run."""
     batched: str = "auto"
     """Gradient steps of many workers in one batched call (:mod:`easgd.sim.batched`): auto (when
-    the objective serves it and p > 1), true (an error when it cannot), false (one call per
-    step)."""
+    the objective serves it, p > 1 and it is expected to be faster: not for convolutions on a
+    CPU), true (an error when it cannot), false (one call per step)."""
 
     def __post_init__(self) -> None:
         self.batched = check_batched(self.batched)
@@ -250,8 +250,12 @@ class Simulator:
 
     # -- batched gradient steps (easgd.sim.batched) -------------------------------------------
     def _batching(self) -> DeferredSteps | None:
-        refusal = batching_refusal(self.objective, len(self.workers))
-        if self.sim.batched == "false" or (self.sim.batched == "auto" and refusal is not None):
+        if self.sim.batched == "false":
+            return None
+        refusal = batching_refusal(
+            self.objective, len(self.workers), speed=self.sim.batched == "auto"
+        )
+        if refusal is not None and self.sim.batched == "auto":
             return None
         if refusal is not None:
             raise ValueError(f"sim.batched=true, but the batched path cannot serve this run: {refusal}")
