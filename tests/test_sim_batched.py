@@ -285,3 +285,31 @@ def test_sim_batched_composes_from_the_command_line_and_reaches_the_simulator(
         cfg = small_config(tmp_path, workers=3, sim=SimulateConfig(batched=choice))
         simulator, _ = build_simulation(cfg)
         assert (simulator.batch is not None) is batched
+
+
+def test_probes_read_the_same_workers_on_the_batched_path() -> None:
+    """Within 1e-6 (float64): the probes' worker spread at every evaluation (they read the
+    workers inside the evaluation, after the pending steps landed) and the travel per exchange."""
+    from easgd.analysis.probes import ExchangeProbe, ProbedObjective
+
+    records, travels = {}, {}
+    for batched in ("false", "true"):
+        probed = ProbedObjective(network("mlp"))
+        simulator = Simulator(
+            ALGORITHMS["eamsgd"],
+            SimConfig(num_workers=4, comm_period=3, duration=30.0, eval_interval=4.0,
+                      slowdown=STRAGGLERS, batched=batched),
+            probed,
+        )  # fmt: skip
+        probed.attach(simulator)
+        travel = ExchangeProbe(simulator.workers)
+        simulator.run()
+        assert (simulator.batch is not None) is (batched == "true")
+        records[batched], travels[batched] = probed.records, travel.travel
+    assert len(records["true"]) == len(records["false"]) > 5
+    for a, b in zip(records["true"], records["false"], strict=True):
+        assert (a.time, a.steps) == (b.time, b.steps)
+        assert a.worker_distance == pytest.approx(b.worker_distance, abs=1e-6)
+    flat = [v for per in travels["true"] for v in per]
+    assert flat == pytest.approx([v for per in travels["false"] for v in per], abs=1e-6)
+    assert len(flat) > 10
