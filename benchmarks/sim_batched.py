@@ -96,7 +96,9 @@ def measure(model: str, workers: int, steps: int, rounds: int, device: str) -> d
         ratios.append(seconds["false"] / seconds["true"])
         difference = max(
             difference,
-            max(float((a - b).abs().max()) for a, b in zip(ends["true"], ends["false"])),
+            max(
+                float((a - b).abs().max()) for a, b in zip(ends["true"], ends["false"], strict=True)
+            ),
         )
     total = workers * steps
     return {
@@ -119,14 +121,19 @@ def measure(model: str, workers: int, steps: int, rounds: int, device: str) -> d
 
 def plot(rows: list[dict[str, Any]], path: str, device: str) -> None:
     fig, axes = plt.subplots(1, len(MODELS), figsize=(9, 3.6), sharey=True)
-    for ax, model in zip(axes, MODELS):
+    for ax, model in zip(axes, MODELS, strict=True):
         mine = [r for r in rows if r["model"] == model]
         x = range(len(mine))
-        ax.bar([i - 0.2 for i in x], [r["per_worker_steps_per_s"] for r in mine], 0.4,
-               label="per worker (sim.batched=false)", color="tab:gray")
+        ax.bar(
+            [i - 0.2 for i in x],
+            [r["per_worker_steps_per_s"] for r in mine],
+            0.4,
+            label="per worker (sim.batched=false)",
+            color="tab:gray",
+        )
         ax.bar([i + 0.2 for i in x], [r["batched_steps_per_s"] for r in mine], 0.4,
                label="batched (sim.batched=true)", color="tab:blue")  # fmt: skip
-        for i, r in zip(x, mine):
+        for i, r in zip(x, mine, strict=True):
             top = max(r["per_worker_steps_per_s"], r["batched_steps_per_s"])
             target = f"\n(target {r['target']:g}x)" if r["target"] else ""
             ax.text(i, top * 1.03, f"{r['ratio']:.2f}x{target}", ha="center", fontsize=8)

@@ -148,9 +148,7 @@ class FlatModel:
         """
         count = points.shape[0]
         if points.shape != (count, self.num_params):
-            raise ValueError(
-                f"points must be (k, {self.num_params}), got {tuple(points.shape)}"
-            )
+            raise ValueError(f"points must be (k, {self.num_params}), got {tuple(points.shape)}")
         stacked, offset = {}, 0
         for name, p in self._named_params():
             stacked[name] = points[:, offset : offset + p.numel()].reshape(count, *p.shape)

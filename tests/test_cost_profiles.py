@@ -97,7 +97,9 @@ def test_named_cluster_profiles_state_their_numbers_and_sources(
 
 
 def test_charged_params_must_be_a_positive_integer() -> None:
-    with pytest.raises(ValueError, match="cost.charged_params=0; allowed: an integer >= 1, or null"):
+    with pytest.raises(
+        ValueError, match="cost.charged_params=0; allowed: an integer >= 1, or null"
+    ):
         CostConfig(charged_params=0)
     with pytest.raises(ValueError, match="cost.charged_params"):
         CostConfig(charged_params=2.5)  # type: ignore[arg-type]

@@ -245,7 +245,9 @@ def test_a_swapped_minibatch_stream_is_seen() -> None:
         points, list(reversed(generators))
     )
     many, _ = run(algorithm, objective, "true", duration=20.0, slowdown=STRAGGLERS)
-    difference = max(float((a - b).abs().max()) for a, b in zip(many.workers, one.workers))
+    difference = max(
+        float((a - b).abs().max()) for a, b in zip(many.workers, one.workers, strict=True)
+    )
     assert difference > 1e-4
 
 
@@ -254,7 +256,10 @@ def test_stacked_gradients_equal_single_calls() -> None:
     an MLP's batched matmul sums in the same order on CPU: bit for bit in this case."""
     objective = network("cnn1d")
     points = objective.initial_point() + 0.1 * torch.randn(
-        5, objective.flat.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+        5,
+        objective.flat.num_params,
+        dtype=torch.float64,
+        generator=torch.Generator().manual_seed(1),
     )
     generators = [torch.Generator().manual_seed(i) for i in range(5)]
     losses, grads = objective.gradients(points, generators)

@@ -27,9 +27,7 @@ from easgd.sim.objectives import BatchedObjective, Objective
 __all__ = ["BATCHED_MODES", "DeferredSteps", "batching_refusal", "check_batched"]
 
 
-def batching_refusal(
-    objective: Objective, num_workers: int, *, speed: bool = False
-) -> str | None:
+def batching_refusal(objective: Objective, num_workers: int, *, speed: bool = False) -> str | None:
     """None when the batched path serves ``objective`` with ``num_workers`` workers; else why not.
 
     ``speed`` (what ``sim.batched=auto`` asks): also refuse where batching is correct but

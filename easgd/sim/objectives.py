@@ -88,8 +88,10 @@ class Quadratic:
         grads = self.curvature * points
         if self.noise_std:
             noise = torch.stack(
-                [torch.randn(row.shape, dtype=row.dtype, generator=g) for row, g in zip(
-                    points, generators, strict=True)]
+                [
+                    torch.randn(row.shape, dtype=row.dtype, generator=g)
+                    for row, g in zip(points, generators, strict=True)
+                ]
             )
             grads = grads + self.noise_std * noise
         losses = torch.tensor([self._loss(row) for row in points], dtype=torch.float64)

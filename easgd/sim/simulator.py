@@ -258,7 +258,9 @@ class Simulator:
         if refusal is not None and self.sim.batched == "auto":
             return None
         if refusal is not None:
-            raise ValueError(f"sim.batched=true, but the batched path cannot serve this run: {refusal}")
+            raise ValueError(
+                f"sim.batched=true, but the batched path cannot serve this run: {refusal}"
+            )
         assert isinstance(self.objective, BatchedObjective)
         return DeferredSteps(self.workers, self.objective, self.generators, self.on_gradient)
 

@@ -114,9 +114,7 @@ def resolve_cost(cfg: TrainConfig, objective: ClassifierObjective) -> CostFigure
             step_time_s=step_time_s,
             compression=cfg.comm.compression,
         )
-    return CostFigures(
-        cost.name, step_time_s, latency_s, bandwidth_gbps, service_s, charges, numel
-    )
+    return CostFigures(cost.name, step_time_s, latency_s, bandwidth_gbps, service_s, charges, numel)
 
 
 def _measured_step_s(cfg: TrainConfig, objective: ClassifierObjective) -> float:
