@@ -78,6 +78,7 @@ DETAILS = {
         "charged_params",
         "charges_in_steps",
         "simulation_s",
+        "batched",
     },
 }
 

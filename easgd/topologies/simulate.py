@@ -249,6 +249,9 @@ def run_simulated(cfg: TrainConfig) -> dict[str, Any]:
         "charged_params": figures.charged_params,
         "charges_in_steps": asdict(figures.charges),
         "simulation_s": elapsed,
+        # which gradient path ran (sim.batched): the two agree to float rounding, not always bit
+        # for bit, so a rerun that must match takes the same one
+        "batched": simulator.batch is not None,
     }
     topology = "sequential" if not cfg.algorithm.uses_server else cfg.topology
     summary = Summary.of_run(cfg, run, topology=topology, num_params=num_params, details=details)
