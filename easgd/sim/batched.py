@@ -92,8 +92,10 @@ class DeferredSteps:
         points = torch.stack([role.gradient_point() for role in roles])
         losses, grads = self.objective.gradients(points, [self.generators[w] for w in order])
         self.calls += 1
+        # one host read of all the losses, and only when someone observes them
+        values = losses.tolist() if self.on_gradient else []
         for row, (worker, role) in enumerate(zip(order, roles, strict=True)):
             self._is_pending[worker] = False
             for hook in self.on_gradient:
-                hook(worker, float(losses[row]))
+                hook(worker, float(values[row]))
             apply_gradient(role, grads[row])
