@@ -28,6 +28,16 @@ FAILURE_POLICIES = ("fail_fast", "continue")
 MODES = ("distributed", "simulate")
 TOPOLOGIES = ("server", "allreduce")
 FAULT_KINDS = ("kill", "raise", "hang", "nan")
+BATCHED_MODES = ("auto", "true", "false")
+
+
+def check_batched(value: object, key: str = "sim.batched") -> str:
+    """``value`` as one of :data:`BATCHED_MODES` (booleans and any case accepted: Hydra reads
+    ``sim.batched=true`` as a boolean), or a ValueError naming ``key`` and the allowed values."""
+    text = str(value).strip().lower()
+    if text not in BATCHED_MODES:
+        raise ValueError(f"{key}={value!r}; allowed: {', '.join(BATCHED_MODES)}")
+    return text
 
 
 @dataclass
@@ -328,7 +338,13 @@ class CostConfig:
     service_us: float | None = 0.0
     """The server's time to handle one exchange, microseconds; null: time the server role here."""
     step_time_s: float | None = None
-    """Seconds per local step of the model (the unit of the virtual clock); null: measured here."""
+    """Seconds per local step of the model (the unit of the virtual clock); null: measured here.
+    A profile of a cluster states its accelerator's step time here."""
+    charged_params: int | None = None
+    """Parameters each message is charged for (bytes = 4 per parameter + header); null: the
+    simulated model's own. With ``step_time_s`` this prices, say, a 25M-parameter model's
+    exchanges on 10 GbE while the gradient math stays on the small simulated model; a service
+    time left null is then timed for the server rule on this many values."""
     source: str = ""
     """Where the profile's numbers come from."""
 
@@ -343,6 +359,25 @@ class CostConfig:
             raise ValueError(f"cost.service_us must be >= 0 or null, got {self.service_us!r}")
         if self.step_time_s is not None and self.step_time_s <= 0:
             raise ValueError(f"cost.step_time_s must be > 0 or null, got {self.step_time_s!r}")
+        if self.charged_params is not None:
+            _check_int("cost.charged_params", self.charged_params, low=1, null=True)
+
+
+@dataclass
+class SimulateConfig:
+    """How ``mode=simulate`` computes (sim.* keys); what it simulates is set by the other groups
+    (workers, comm.*, cost/). See easgd/sim/simulator.py and easgd/sim/batched.py."""
+
+    batched: str = "auto"
+    """Take the gradient steps of many workers in one batched call (torch.func.vmap): auto (when
+    the model allows it, no BatchNorm buffers and no dropout, with more than one worker, and it is
+    expected to be faster: not for a convolutional model on a CPU, where it measured 0.7x), true
+    (an error when it cannot), false (one gradient call per worker step, as before). The two paths
+    agree to float rounding (bit for bit for a model whose batched kernels sum in the same order);
+    the schedule, stragglers and cost clock are the same. Ignored with mode=distributed."""
+
+    def __post_init__(self) -> None:
+        self.batched = check_batched(self.batched)
 
 
 PRECISIONS = ("fp32", "bf16")
@@ -476,6 +511,7 @@ class TrainConfig:
     fault: FaultConfig = field(default_factory=FaultConfig)
     cost: CostConfig = field(default_factory=CostConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    sim: SimulateConfig = field(default_factory=SimulateConfig)
     mode: str = "distributed"
     """distributed: real processes, wall-clock time; simulate: one process on the simulator's
     virtual clock with the cost/ profile's communication costs (the same outputs)."""
