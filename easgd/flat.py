@@ -3,7 +3,8 @@
 ``FlatModel`` turns a point (1-D tensor of all parameters) into a minibatch loss and gradient,
 and evaluates a point on a test set. Gradients include weight decay, as the spec requires.
 
-Two ways to take a gradient: :meth:`FlatModel.loss_and_grad` (a float loss and one flat gradient,
+Three ways to take a gradient: :meth:`FlatModel.stacked_loss_and_grad` (k points at once, one
+``torch.func.vmap`` call, for the simulator's batched path), :meth:`FlatModel.loss_and_grad` (a float loss and one flat gradient,
 for the simulator and the tests) and the hot path :meth:`FlatModel.gradient`, which returns the
 loss as a device tensor (no host sync) and the gradient as the per-parameter tensors autograd
 produced (no copy into a flat buffer). A worker role writes its look-ahead point straight into
@@ -15,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value, vmap
 from torch.nn.utils import parameters_to_vector
 
 
@@ -107,6 +109,65 @@ class FlatModel:
         if self.weight_decay:
             grad = grad + self.weight_decay * point
         return float(loss.detach()), grad
+
+    def batch_support(self, *, speed: bool = False) -> str | None:
+        """None when :meth:`stacked_loss_and_grad` computes what k calls of :meth:`loss_and_grad`
+        would; otherwise why not (state that a call changes, or randomness of its own).
+
+        ``speed``: also None only when the batched call is expected to be faster here. On a CPU a
+        batched convolution (oneDNN's grouped kernel) is slower than k single ones
+        (benchmarks/sim_batched.py measured 0.7x for the MNIST-1D CNN), so it is refused there.
+        """
+        if any(True for _ in self.module.buffers()):
+            return "the model has buffers (BatchNorm running statistics change at every step)"
+        if any(isinstance(m, nn.modules.dropout._DropoutNd) for m in self.module.modules()):
+            return "the model has dropout (its masks come from the global generator, in order)"
+        convolutions = (nn.modules.conv._ConvNd,)
+        if (
+            speed
+            and self.flat_params.device.type == "cpu"
+            and any(isinstance(m, convolutions) for m in self.module.modules())
+        ):
+            return (
+                "on a CPU batched convolutions are slower than one call per worker "
+                "(benchmarks/sim_batched.py); sim.batched=true uses them anyway"
+            )
+        return None
+
+    def stacked_loss_and_grad(
+        self, points: Tensor, inputs: Tensor, targets: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Row j of the results is :meth:`loss_and_grad` of ``points[j]`` on minibatch
+        ``(inputs[j], targets[j])``: losses (k,) and gradients (k, n), weight decay included.
+
+        One ``vmap`` of ``grad_and_value`` over ``functional_call``: the k forward and backward
+        passes run as batched kernels. Equal to the k single calls up to the kernels' summation
+        order (bit for bit where the batched kernel sums in the same order, as a linear layer's
+        matmul does on CPU; within float rounding otherwise, a grouped convolution for one).
+        Only for modules with :meth:`batch_support` None.
+        """
+        count = points.shape[0]
+        if points.shape != (count, self.num_params):
+            raise ValueError(f"points must be (k, {self.num_params}), got {tuple(points.shape)}")
+        stacked, offset = {}, 0
+        for name, p in self._named_params():
+            stacked[name] = points[:, offset : offset + p.numel()].reshape(count, *p.shape)
+            offset += p.numel()
+        module = self.module
+        module.train()
+
+        def loss_of(params: dict[str, Tensor], batch: Tensor, target: Tensor) -> Tensor:
+            return F.cross_entropy(functional_call(module, params, (batch,)), target)
+
+        grads, losses = vmap(grad_and_value(loss_of))(stacked, inputs, targets)
+        grad = torch.cat([grads[name].reshape(count, -1) for name in stacked], dim=1)
+        if self.weight_decay:
+            grad = grad + self.weight_decay * points
+        return losses.detach(), grad.detach()
+
+    def _named_params(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of :attr:`params`, in their order."""
+        return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
 
     def _views(self, flat: Tensor) -> list[Tensor]:
         """``flat`` cut into views shaped like each parameter."""

@@ -77,8 +77,10 @@ DETAILS = {
         "link_latency_s",
         "bandwidth_gbps",
         "service_s",
+        "charged_params",
         "charges_in_steps",
         "simulation_s",
+        "batched",
     },
 }
 

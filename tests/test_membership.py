@@ -345,3 +345,101 @@ def _updates_seen(metrics: Path) -> int:
     """The most server updates any evaluation row of metrics.csv reports (0 before the first)."""
     rows = metrics.read_text().splitlines()[1:]
     return max((int(row.split(",")[2]) for row in rows if row.count(",") >= 5), default=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_for_line(path: Path, text: str, count: int, processes: list, timeout_s: float) -> None:
+    """Until ``text`` occurs ``count`` times in the log file ``path`` (an event, not a delay)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while path.read_text().count(text) < count:
+        assert time.monotonic() < deadline, f"no {count} x {text!r} in {path.name}"
+        assert all(p.poll() is None for p in processes), path.read_text()[-3000:]
+        time.sleep(0.1)
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from /proc), parents first."""
+    tree, index = [pid], 0
+    while index < len(tree):
+        for task in Path(f"/proc/{tree[index]}/task").glob("*"):
+            children = (task / "children").read_text().split()
+            tree.extend(int(child) for child in children)
+        index += 1
+    return tree
+
+
+@pytest.mark.slow
+def test_a_lost_node_takes_only_its_workers_and_a_new_node_joins_the_running_server(
+    tmp_path: Path,
+) -> None:
+    """Two torchrun agents (two "nodes" on this machine): the first runs the server and workers
+    1-2 and leaves slots 3-4 open; the second joins them (membership.join). The second agent
+    and its whole process group are killed (the node dies); a new agent joins its slots. The
+    first node's processes never restart, and the center is base + every member's ledger."""
+    import os
+    import signal
+
+    port = _free_port()
+    common = [*ELASTIC, "workers=4", "steps_per_worker=3000", f"hydra.run.dir={tmp_path}"]
+    first = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=3",
+             "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--max-restarts=0",
+             "-m", "easgd.train", *common, "membership.open_slots=2"]  # fmt: skip
+    joining = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", "-m", "easgd.train", *common, "hydra.output_subdir=null",
+               f"membership.join=127.0.0.1:{port}"]  # fmt: skip
+    logs = [tmp_path / name for name in ("node0.log", "node1.log", "node1b.log")]
+
+    def start(command: list[str], log: Path) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    server_node = start(first, logs[0])
+    lost_node = start(joining, logs[1])
+    running = [server_node, lost_node]
+    try:
+        _wait_for_line(logs[1], "as member 1 at step", 2, running, 180)
+        for pid in _process_tree(lost_node.pid):  # the node dies: its agent and every process
+            os.kill(pid, signal.SIGKILL)  # (torchrun starts each worker in a session of its own)
+        lost_node.wait(timeout=30)
+        replacement = start(joining, logs[2])
+        running.append(replacement)
+        codes = [server_node.wait(timeout=240), replacement.wait(timeout=240)]
+    finally:
+        for process in (server_node, lost_node, *running[2:]):
+            if process.poll() is None:
+                for pid in _process_tree(process.pid):
+                    os.kill(pid, signal.SIGKILL)
+    node0, node1b = logs[0].read_text(), logs[2].read_text()
+    assert codes == [0, 0], node0[-3000:] + node1b[-3000:]
+    assert node0.count("server start ") == 1 and "starting a new one" not in node0
+    for slot in (1, 2):
+        assert node0.count(f"joined slot {slot} as member 1") == 1
+    for slot in (3, 4):  # the new node's workers took the lost node's slots
+        assert f"[worker{slot}] INFO joined slot {slot} as member 2" in node1b
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    figures = summary["details"]["membership"]
+    assert (figures["members_joined"], figures["members_left"]) == (6, 2)
+    assert summary["worker_steps"] == 4 * 3000 and summary["restarts"] == 0
+    redone = summary["details"]["redone_steps_by_worker"]
+    assert redone["1"] == redone["2"] == 0  # the first node's workers lost nothing
+    assert membership_gap(tmp_path) < 2e-5
+
+
+def test_joining_keys_are_checked_before_any_process_starts() -> None:
+    with pytest.raises(ValueError, match="give HOST:PORT"):
+        validate({"membership": {"join": "node0"}})
+    with pytest.raises(ValueError, match="not fixed"):
+        validate({"membership": {"mode": "fixed", "open_slots": 1}})
+    with pytest.raises(ValueError, match="set open_slots=0 here"):
+        validate({"membership": {"join": "node0:29400", "open_slots": 1}})
+    with pytest.raises(ValueError, match="open_slots=5 is more than workers=4"):
+        validate({"workers": 4, "membership": {"open_slots": 5}})
+    assert membership_mode(validate({"membership": {"join": "node0:29400"}}), {}) == "elastic"

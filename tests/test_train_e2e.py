@@ -140,7 +140,8 @@ def test_help_lists_the_config_groups() -> None:
         "algorithm: adownpour, asgd, diloco, downpour, eamsgd, easgd, localsgd, mdownpour, msgd, mvadownpour, mvasgd, sgd",
         "data: cifar10, digits, mnist, mnist1d, synthetic",
         "model: cifar7, cnn1d, lenet, mlp",
-        "cost: ethernet_10g, ethernet_1g, infiniband_hdr, measured, pcie_node, zero",
+        "cost: cluster_10gbe, cross_datacenter, ethernet_10g, ethernet_1g, gpu8_pcie, infiniband_hdr, "
+        "measured, paper_cluster, pcie_node, zero",
         "Rank 0 is the parameter server",
     ]:
         assert line in result.stdout

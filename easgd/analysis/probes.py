@@ -96,6 +96,16 @@ class ProbedObjective:
     def gradient(self, point: Tensor, generator: torch.Generator) -> tuple[float, Tensor]:
         return self.objective.gradient(point, generator)
 
+    def batch_support(self, *, speed: bool = False) -> str | None:
+        return self.objective.batch_support(speed=speed)
+
+    def gradients(
+        self, points: Tensor, generators: Sequence[torch.Generator]
+    ) -> tuple[Tensor, Tensor]:
+        """The wrapped objective's batched gradients (the simulator's batched path lands every
+        pending step before an evaluation, so the probes read the workers as they are)."""
+        return self.objective.gradients(points, generators)
+
     def evaluate(self, point: Tensor) -> dict[str, float]:
         metrics = self.objective.evaluate(point)
         split, flat = self.objective.split, self.objective.flat

@@ -18,6 +18,7 @@ import datetime
 import logging
 import os
 import pickle
+import time
 from dataclasses import dataclass
 
 import torch
@@ -83,13 +84,14 @@ def choose_backend(requested: str) -> str:
     return "gloo" if requested == "auto" else requested
 
 
-def rendezvous_round(store: dist.Store) -> int | None:
-    """The round of torchrun's c10d rendezvous this process was started in (None: not c10d).
+def rendezvous_round(store: dist.Store, run_id: str | None = None) -> int | None:
+    """The round of torchrun's c10d rendezvous ``run_id`` (default: this process's) kept in
+    ``store`` (None: not c10d).
 
     The c10d rendezvous keeps its state (pickled, base64) under ``torch.rendezvous.<run id>`` in
-    the very TCP store the workers connect to; its round increases at every re-rendezvous.
+    its TCP store; its round increases at every re-rendezvous.
     """
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    run_id = run_id if run_id is not None else os.environ.get("TORCHELASTIC_RUN_ID")
     key = f"torch.rendezvous.{run_id}"
     try:
         if not run_id or not store.check([key]):
@@ -121,9 +123,52 @@ def _store(env: DistEnv, timeout: datetime.timedelta) -> tuple[dist.Store, int]:
         # split the job. The generation (fault.* fires in 0 only) is this process's own count.
         return dist.PrefixStore("easgd/", store), env.restart_count
     round_ = rendezvous_round(store)
-    if round_ is not None:
-        return dist.PrefixStore(f"easgd/round{round_}/", store), round_
-    return dist.PrefixStore(f"easgd/attempt{env.restart_count}/", store), env.restart_count
+    generation = env.restart_count if round_ is None else round_
+    prefix = f"easgd/attempt{generation}/" if round_ is None else f"easgd/round{round_}/"
+    if env.rank == 0:  # for launches that join this run from other nodes (membership.join)
+        store.set(LIVE_PREFIX_KEY, prefix)
+    return dist.PrefixStore(prefix, store), generation
+
+
+LIVE_PREFIX_KEY = "easgd/live"
+"""Key (unprefixed) of the shared store naming the prefix of the run's newest start."""
+
+
+def open_joined_store(address: str, run_id: str, *, timeout_s: float) -> dist.Store:
+    """The (prefixed) store of the run whose torchrun rendezvous endpoint is ``address``
+    (HOST:PORT, c10d backend, ``--rdzv-id`` ``run_id``), for a launch that joins it from another
+    node (``membership.join``). The endpoint's store names the run's shared store (torchrun's
+    MASTER_ADDR/MASTER_PORT of the current round), which names the run's key prefix. Waits up to
+    ``timeout_s`` for the run to be up."""
+    host, _, port = address.rpartition(":")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    try:
+        rendezvous = dist.TCPStore(
+            host, int(port), is_master=False, timeout=timeout, wait_for_workers=False
+        )
+        while (round_ := rendezvous_round(rendezvous, run_id)) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no rendezvous {run_id!r} there")
+            time.sleep(0.2)
+        info = dist.PrefixStore(f"torch.rendezvous.{run_id}.{round_}", rendezvous)
+        info.wait(["MASTER_ADDR", "MASTER_PORT"], timeout)
+        shared = dist.TCPStore(
+            info.get("MASTER_ADDR").decode(),
+            int(info.get("MASTER_PORT").decode()),
+            is_master=False,
+            timeout=timeout,
+            wait_for_workers=False,
+        )
+        shared.wait([LIVE_PREFIX_KEY], timeout)
+    except Exception as err:
+        raise LaunchError(
+            f"membership.join={address}: no easgd run with rendezvous id {run_id!r} found there "
+            f"within {timeout_s:g} s ({err}); start the first node (the server) with torchrun "
+            f"--rdzv-backend=c10d --rdzv-endpoint={address} --rdzv-id={run_id}, set "
+            "membership.join_id to its --rdzv-id, and check that this node can reach it"
+        ) from err
+    return dist.PrefixStore(shared.get(LIVE_PREFIX_KEY).decode(), shared)
 
 
 def open_store(env: DistEnv, *, timeout_s: float) -> tuple[dist.Store, int]:

@@ -28,6 +28,16 @@ FAILURE_POLICIES = ("fail_fast", "continue")
 MODES = ("distributed", "simulate")
 TOPOLOGIES = ("server", "allreduce")
 FAULT_KINDS = ("kill", "raise", "hang", "nan")
+BATCHED_MODES = ("auto", "true", "false")
+
+
+def check_batched(value: object, key: str = "sim.batched") -> str:
+    """``value`` as one of :data:`BATCHED_MODES` (booleans and any case accepted: Hydra reads
+    ``sim.batched=true`` as a boolean), or a ValueError naming ``key`` and the allowed values."""
+    text = str(value).strip().lower()
+    if text not in BATCHED_MODES:
+        raise ValueError(f"{key}={value!r}; allowed: {', '.join(BATCHED_MODES)}")
+    return text
 
 
 @dataclass
@@ -217,8 +227,39 @@ class MembershipConfig:
     slot_wait_s: float = 120.0
     """elastic: how long the server keeps an empty slot open for a new member; after that the run
     goes on without it."""
+    open_slots: int = 0
+    """elastic, the server's launch: how many of the p worker slots this launch leaves to workers
+    that join from other nodes (``membership.join``); it then has p - open_slots worker
+    processes besides the server (slots 1 .. p - open_slots), and the open slots are the last."""
+    join: str | None = None
+    """HOST:PORT of a running elastic run's rendezvous store (its first node's ``torchrun
+    --rdzv-endpoint``): this launch runs no server, and each of its processes is a worker that
+    claims one of that run's open slots (``membership.open_slots``), so whole nodes join and leave
+    the running server (null: this launch is the run)."""
+    join_id: str = "none"
+    """With ``join``: that run's ``torchrun --rdzv-id`` (torchrun's default: none)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.open_slots, bool) or self.open_slots < 0:
+            raise ValueError(f"membership.open_slots must be >= 0, got {self.open_slots!r}")
+        if self.join is not None:
+            host, _, port = str(self.join).rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(
+                    f"membership.join={self.join!r}: give HOST:PORT of the first node's "
+                    "rendezvous endpoint (torchrun --rdzv-endpoint), e.g. node0:29400"
+                )
+        if self.join is not None and self.open_slots:
+            raise ValueError(
+                "membership.open_slots is the server's launch's (the slots it leaves open); a "
+                "launch with membership.join fills them: set open_slots=0 here"
+            )
+        if self.mode == "fixed" and (self.join is not None or self.open_slots):
+            key = "membership.join" if self.join is not None else "membership.open_slots"
+            raise ValueError(
+                f"{key} is for nodes that join a running elastic run; it needs "
+                "membership.mode=elastic or auto, not fixed"
+            )
         if self.mode not in MEMBERSHIP_MODES:
             raise ValueError(
                 f"membership.mode={self.mode!r}; allowed: {', '.join(MEMBERSHIP_MODES)}"
@@ -297,7 +338,13 @@ class CostConfig:
     service_us: float | None = 0.0
     """The server's time to handle one exchange, microseconds; null: time the server role here."""
     step_time_s: float | None = None
-    """Seconds per local step of the model (the unit of the virtual clock); null: measured here."""
+    """Seconds per local step of the model (the unit of the virtual clock); null: measured here.
+    A profile of a cluster states its accelerator's step time here."""
+    charged_params: int | None = None
+    """Parameters each message is charged for (bytes = 4 per parameter + header); null: the
+    simulated model's own. With ``step_time_s`` this prices, say, a 25M-parameter model's
+    exchanges on 10 GbE while the gradient math stays on the small simulated model; a service
+    time left null is then timed for the server rule on this many values."""
     source: str = ""
     """Where the profile's numbers come from."""
 
@@ -312,6 +359,25 @@ class CostConfig:
             raise ValueError(f"cost.service_us must be >= 0 or null, got {self.service_us!r}")
         if self.step_time_s is not None and self.step_time_s <= 0:
             raise ValueError(f"cost.step_time_s must be > 0 or null, got {self.step_time_s!r}")
+        if self.charged_params is not None:
+            _check_int("cost.charged_params", self.charged_params, low=1, null=True)
+
+
+@dataclass
+class SimulateConfig:
+    """How ``mode=simulate`` computes (sim.* keys); what it simulates is set by the other groups
+    (workers, comm.*, cost/). See easgd/sim/simulator.py and easgd/sim/batched.py."""
+
+    batched: str = "auto"
+    """Take the gradient steps of many workers in one batched call (torch.func.vmap): auto (when
+    the model allows it, no BatchNorm buffers and no dropout, with more than one worker, and it is
+    expected to be faster: not for a convolutional model on a CPU, where it measured 0.7x), true
+    (an error when it cannot), false (one gradient call per worker step, as before). The two paths
+    agree to float rounding (bit for bit for a model whose batched kernels sum in the same order);
+    the schedule, stragglers and cost clock are the same. Ignored with mode=distributed."""
+
+    def __post_init__(self) -> None:
+        self.batched = check_batched(self.batched)
 
 
 PRECISIONS = ("fp32", "bf16")
@@ -445,6 +511,7 @@ class TrainConfig:
     fault: FaultConfig = field(default_factory=FaultConfig)
     cost: CostConfig = field(default_factory=CostConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    sim: SimulateConfig = field(default_factory=SimulateConfig)
     mode: str = "distributed"
     """distributed: real processes, wall-clock time; simulate: one process on the simulator's
     virtual clock with the cost/ profile's communication costs (the same outputs)."""
@@ -647,6 +714,8 @@ def membership_mode(cfg: TrainConfig, environ: Mapping[str, str] | None = None) 
     """
     if cfg.membership.mode != "auto":
         return cfg.membership.mode
+    if cfg.membership.join is not None or cfg.membership.open_slots:
+        return "elastic"  # asked for by name: nodes that come and go
     env = os.environ if environ is None else environ
     shared = env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     drill = bool(cfg.fault.armed())  # the fault matrix's outcomes are the fixed roster's
@@ -655,7 +724,13 @@ def membership_mode(cfg: TrainConfig, environ: Mapping[str, str] | None = None) 
 
 def _check_membership(cfg: TrainConfig) -> None:
     """membership.mode=elastic where it is served: one parameter server, real processes."""
-    if cfg.membership.mode != "elastic":
+    members = cfg.membership
+    if members.open_slots > cfg.workers:
+        raise ValueError(
+            f"membership.open_slots={members.open_slots} is more than workers={cfg.workers} "
+            "(the slots other nodes may fill are some of the p)"
+        )
+    if members.mode != "elastic" and members.join is None and not members.open_slots:
         return
     where = elastic_unserved(cfg)
     if where == "checkpoint.ledger=true":

@@ -486,10 +486,21 @@ def gradient_step(role: WorkerRole, gradient: GradientFn) -> float | Tensor:
     applies eta_t of its step t_i.
     """
     loss, grad = gradient(role.gradient_point())
+    apply_gradient(role, grad)
+    return loss
+
+
+def apply_gradient(role: WorkerRole, grad: Grad) -> None:
+    """The local step of :func:`gradient_step` once the gradient at ``role.gradient_point()`` is
+    known: clipped to ``role.max_grad_norm`` (when set), then the role's ``local_step``.
+
+    A driver that takes several workers' gradients in one batched call (the simulator's batched
+    path, :mod:`easgd.sim.batched`) reads each role's gradient point once, computes, and hands
+    each role its row here; ``grad`` may be clipped in place.
+    """
     if role.max_grad_norm is not None:
         clip_grad_norm_(grad, max_norm=role.max_grad_norm)
     role.local_step(grad)
-    return loss
 
 
 def worker_step(role: WorkerRole, gradient: GradientFn, exchange: ExchangeFn) -> float | Tensor:

@@ -1,12 +1,15 @@
 """Objectives the simulator can drive: closed-form quadratics and a real model on a real dataset.
 
 An objective hands out a starting point, a stochastic gradient for worker i (drawn from that
-worker's own generator, so the run is reproducible), and an evaluation of a point.
+worker's own generator, so the run is reproducible), and an evaluation of a point. A
+:class:`BatchedObjective` also takes the gradients of k points in one call, each drawn from its
+own generator exactly as k calls of ``gradient`` would draw them (the simulator's batched path).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +31,23 @@ class Objective(Protocol):
 
     def evaluate(self, point: Tensor) -> dict[str, float]:
         """At least ``test_loss`` and ``test_error`` of ``point``."""
+        ...
+
+
+@runtime_checkable
+class BatchedObjective(Objective, Protocol):
+    """An objective that also serves k gradients in one call."""
+
+    def batch_support(self, *, speed: bool = False) -> str | None:
+        """None when :meth:`gradients` serves this objective; otherwise why it does not
+        (``speed``: also when it is expected to be slower here than one call per point)."""
+        ...
+
+    def gradients(
+        self, points: Tensor, generators: Sequence[torch.Generator]
+    ) -> tuple[Tensor, Tensor]:
+        """(losses (k,), gradients (k, n)) at the rows of ``points``; row j's noise is drawn
+        from ``generators[j]``, the same draws as ``gradient(points[j], generators[j])``."""
         ...
 
 
@@ -58,6 +78,25 @@ class Quadratic:
             grad = grad + self.noise_std * noise
         return self._loss(point), grad
 
+    def batch_support(self, *, speed: bool = False) -> str | None:
+        return None
+
+    def gradients(
+        self, points: Tensor, generators: Sequence[torch.Generator]
+    ) -> tuple[Tensor, Tensor]:
+        # elementwise, row by row the same operations as gradient(): equal bit for bit
+        grads = self.curvature * points
+        if self.noise_std:
+            noise = torch.stack(
+                [
+                    torch.randn(row.shape, dtype=row.dtype, generator=g)
+                    for row, g in zip(points, generators, strict=True)
+                ]
+            )
+            grads = grads + self.noise_std * noise
+        losses = torch.tensor([self._loss(row) for row in points], dtype=torch.float64)
+        return losses, grads
+
     def _loss(self, point: Tensor) -> float:
         return float(0.5 * (self.curvature * point * point).sum())
 
@@ -87,6 +126,21 @@ class ClassifierObjective:
     def gradient(self, point: Tensor, generator: torch.Generator) -> tuple[float, Tensor]:
         index = torch.randint(len(self.split.train_y), (self.batch_size,), generator=generator)
         return self.flat.loss_and_grad(point, self.split.train_x[index], self.split.train_y[index])
+
+    def batch_support(self, *, speed: bool = False) -> str | None:
+        return self.flat.batch_support(speed=speed)
+
+    def gradients(
+        self, points: Tensor, generators: Sequence[torch.Generator]
+    ) -> tuple[Tensor, Tensor]:
+        # each worker's indices from its own generator, as gradient() draws them
+        index = torch.stack(
+            [torch.randint(len(self.split.train_y), (self.batch_size,), generator=g)
+             for g in generators]
+        )  # fmt: skip
+        return self.flat.stacked_loss_and_grad(
+            points, self.split.train_x[index], self.split.train_y[index]
+        )
 
     def evaluate(self, point: Tensor) -> dict[str, float]:
         return self.flat.evaluate(point, self.split.test_x, self.split.test_y)

@@ -22,7 +22,14 @@ arrival order, and a blocking worker takes its next gradient step when the reply
 overlapping one, ``overlap``, keeps stepping and applies the reply when it comes). With all charges
 zero this is exactly the clock without costs. See :mod:`easgd.sim.cost`.
 
-The same seed gives a bit-identical result.
+Batched gradients (``batched``, :mod:`easgd.sim.batched`): each worker's gradient step waits
+until something needs that worker again, and the waiting steps of many workers are taken in one
+batched call. Gradient steps of different workers commute (each touches only its own x_i and its
+own minibatch stream), while exchanges stay in virtual-time order, so every schedule, straggler
+and cost charge keeps its semantics; the result equals the one-call-per-step path's (bit for bit
+on a quadratic, within float rounding on a network: tests/test_sim_batched.py).
+
+The same seed (and the same ``batched`` choice) gives a bit-identical result.
 """
 
 from __future__ import annotations
@@ -43,14 +50,15 @@ from easgd.roles import (
     GradientFn,
     ServerRole,
     WorkerRole,
+    exchange_if_due,
     gradient_step,
     make_server_role,
     make_worker_role,
-    worker_step,
 )
 from easgd.roles.links import ServerLink, WorkerLink, compression_of
+from easgd.sim.batched import DeferredSteps, batching_refusal, check_batched
 from easgd.sim.cost import ExchangeCost, ExchangeTimes, ServerQueue, ring_allreduce_time
-from easgd.sim.objectives import Objective
+from easgd.sim.objectives import BatchedObjective, Objective
 
 SCHEDULES = ("synchronous", "round_robin", "asynchronous")
 
@@ -98,8 +106,13 @@ class SimConfig:
     """eta_t at each worker's local step t_i (None: the constant eta), as in a real run."""
     max_grad_norm: float | None = None
     """Clip each worker's gradients to this global norm (None: never), as in a real run."""
+    batched: str = "auto"
+    """Gradient steps of many workers in one batched call (:mod:`easgd.sim.batched`): auto (when
+    the objective serves it, p > 1 and it is expected to be faster: not for convolutions on a
+    CPU), true (an error when it cannot), false (one call per step)."""
 
     def __post_init__(self) -> None:
+        self.batched = check_batched(self.batched)
         alg.hyperparams.check_num_workers(self.num_workers)
         alg.hyperparams.check_comm_period(self.comm_period)
         if self.schedule not in SCHEDULES:
@@ -222,6 +235,8 @@ class Simulator:
         self._round_time = 0.0  # the synchronous schedule's ring all-reduce per round
         if sim.cost is not None and sim.schedule == "synchronous":
             self._round_time = ring_allreduce_time(sim.cost, num_workers)
+        self.batch = self._batching()
+        """The batched path's pending gradient steps (None: one gradient call per step)."""
         self.links: list[tuple[WorkerLink, ServerLink]] = []
         """Each worker's compressed link to the server (empty: float32 messages)."""
         if self.server is not None and sim.compression != "none":
@@ -232,6 +247,49 @@ class Simulator:
                 (compression.worker_link(start), ServerLink(compression, start))
                 for _ in self.workers
             ]
+
+    # -- batched gradient steps (easgd.sim.batched) -------------------------------------------
+    def _batching(self) -> DeferredSteps | None:
+        if self.sim.batched == "false":
+            return None
+        refusal = batching_refusal(
+            self.objective, len(self.workers), speed=self.sim.batched == "auto"
+        )
+        if refusal is not None and self.sim.batched == "auto":
+            return None
+        if refusal is not None:
+            raise ValueError(
+                f"sim.batched=true, but the batched path cannot serve this run: {refusal}"
+            )
+        assert isinstance(self.objective, BatchedObjective)
+        return DeferredSteps(self.workers, self.objective, self.generators, self.on_gradient)
+
+    def _gradient_step(self, worker: int) -> None:
+        """The gradient half of ``worker``'s step: now, or deferred on the batched path."""
+        if self.batch is not None:
+            self.batch.defer(worker)
+        else:
+            gradient_step(self.workers[worker], self._gradient(worker))
+
+    def _touch(self, worker: int) -> None:
+        """Before ``worker``'s variables are read or changed: its pending gradient step lands."""
+        if self.batch is not None:
+            self.batch.touch(worker)
+
+    def _flush(self) -> None:
+        """Every pending gradient step lands (before an evaluation, at the end)."""
+        if self.batch is not None:
+            self.batch.flush()
+
+    def _local_steps(self, worker: int) -> int:
+        """t_i of ``worker``, counting a pending gradient step as taken."""
+        pending = self.batch.pending(worker) if self.batch is not None else 0
+        return self.workers[worker].step + pending
+
+    def _total_steps(self) -> int:
+        """Every worker's steps so far, pending ones included."""
+        pending = self.batch.count if self.batch is not None else 0
+        return sum(role.step for role in self.workers) + pending
 
     # -- the channel between a worker and the server ---------------------------------------
     def _delayed(self) -> bool:
@@ -278,11 +336,11 @@ class Simulator:
 
     # -- schedules ----------------------------------------------------------------------------
     def _step(self, worker: int) -> None:
-        worker_step(
-            self.workers[worker],
-            self._gradient(worker),
-            lambda payload: self._exchange(worker, payload),
-        )
+        """One step t_i of ``worker``: the exchange when due, then the gradient step (the order
+        of :func:`easgd.roles.worker_step`; the gradient half may be deferred)."""
+        self._touch(worker)
+        exchange_if_due(self.workers[worker], lambda payload: self._exchange(worker, payload))
+        self._gradient_step(worker)
 
     def _gradient(self, worker: int) -> GradientFn:
         """Worker ``worker``'s gradient function: the objective on its own minibatch stream (the
@@ -300,6 +358,7 @@ class Simulator:
     def _synchronous_tick(self) -> None:
         server = self.server
         if server is not None and server.synchronous_round and not self._delayed():
+            self._flush()
             due = [role for role in self.workers if role.due()]
             sent = []
             for role in due:
@@ -311,8 +370,8 @@ class Simulator:
                     role.incoming(reply)
                 self.exchanges += len(due)
                 self._record_center()
-            for worker, role in enumerate(self.workers):
-                gradient_step(role, self._gradient(worker))
+            for worker in range(len(self.workers)):
+                self._gradient_step(worker)
         else:
             for worker in range(len(self.workers)):
                 self._step(worker)
@@ -322,6 +381,7 @@ class Simulator:
         return self.server.evaluated() if self.server is not None else self.workers[0].evaluated()
 
     def _evaluate(self, history: list[EvalPoint]) -> None:
+        self._flush()
         metrics = self.objective.evaluate(self.evaluated())
         history.append(
             EvalPoint(
@@ -340,7 +400,7 @@ class Simulator:
     def _spent(self, worker: int, started: float) -> bool:
         """Whether ``worker``, whose last step started at ``started``, spent its step budget."""
         budget = self.sim.steps_per_worker
-        if budget is None or self.workers[worker].step < budget:
+        if budget is None or self._local_steps(worker) < budget:
             return False
         self._finished_at = max(self._finished_at, started + self.speeds[worker])
         return True
@@ -356,7 +416,7 @@ class Simulator:
             self._evaluate(history)
             self._next_eval += self.sim.eval_interval
         every = self.sim.eval_interval_steps
-        steps = sum(role.step for role in self.workers)
+        steps = self._total_steps()
         if every is not None and self._stop_reason is None and steps >= self._next_eval_steps:
             self.now = time
             if arrive:
@@ -375,6 +435,7 @@ class Simulator:
             end = self._run_asynchronous(history)
         else:
             end = self._run_ticks(history)
+        self._flush()
         self.now = end
         self._arrive_until(float("inf"))
         for worker, role in enumerate(self.workers):
@@ -427,6 +488,7 @@ class Simulator:
             self.now = clock
             self._arrive_until(self.now)
             if self.sim.schedule == "synchronous":
+                self._touch(0)
                 clock += self._round_time if self.workers[0].due() else 0.0
                 self._synchronous_tick()
             else:
@@ -475,12 +537,13 @@ class _CostClock:
     def finish_step(self, worker: int, time: float) -> None:
         """The gradient half of the step; the next step is due one step time later."""
         sim = self.sim
-        gradient_step(sim.workers[worker], sim._gradient(worker))
+        sim._gradient_step(worker)
         if not sim._spent(worker, time):
             self.push(time + sim.speeds[worker], worker, _STEP)
 
     def start_step(self, worker: int, time: float) -> None:
         """A step starts: book the exchange when due (the server serves it in turn)."""
+        self.sim._touch(worker)
         role = self.sim.workers[worker]
         if role.due():
             if self.in_flight[worker]:  # overlap: the previous exchange must land first
@@ -516,6 +579,7 @@ class _CostClock:
 
     def receive(self, worker: int, time: float, reply: Tensor | None, *, finishing: bool) -> None:
         """A reply lands: apply it, then go on with the step (blocking) or the waiting one."""
+        self.sim._touch(worker)
         if reply is not None:
             if self.sim.links:
                 reply = self.sim.links[worker][0].receive(reply)

@@ -10,16 +10,25 @@ The store is torchrun's (the agent's), which outlives every child.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import timedelta
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from easgd.comm.groups import SERVER_RANK, DistEnv, LaunchError, PairGroups, open_store
+from easgd.comm.groups import (
+    SERVER_RANK,
+    DistEnv,
+    LaunchError,
+    PairGroups,
+    open_joined_store,
+    open_store,
+)
 from easgd.comm.membership import (
     MEMBER_END,
     Member,
@@ -57,14 +66,19 @@ SEED_STRIDE = 104_729
 its number, so a replacement does not replay its predecessor's stream."""
 
 
-def run_member(cfg: TrainConfig, *, incarnation: int, started: Any = None) -> dict[str, Any] | None:
-    """This keeper child's part: the server on rank 0, a slot's member on the others.
-    ``started`` (an event, optional) is set once the server serves or the member has joined."""
+def run_member(
+    cfg: TrainConfig, *, incarnation: int, started: Any = None, slot_box: Any = None
+) -> dict[str, Any] | None:
+    """This keeper child's part: the server on rank 0, a slot's member on the others (every
+    process of a launch that joins from another node: ``membership.join``). ``started`` (an
+    event, optional) is set once the server serves or the member has joined; ``slot_box`` (a
+    shared int, optional) gets the member's slot."""
     from easgd.topologies.registry import role_name, setup_logging
 
     env = DistEnv.from_environ()
-    setup_logging(role_name(env.rank))
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+    joining = cfg.membership.join is not None
+    setup_logging(f"node-rank{env.rank}" if joining else role_name(env.rank))
+    if not joining and os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
         raise LaunchError(
             "membership.mode=elastic needs torchrun's shared rendezvous store (it outlives the "
             "processes that come and go); unset TORCH_DISABLE_SHARE_RDZV_TCP_STORE, or use "
@@ -72,17 +86,52 @@ def run_member(cfg: TrainConfig, *, incarnation: int, started: Any = None) -> di
         )
     interrupt.install()
     parts = RunParts.load(cfg)
-    store, generation = open_store(env, timeout_s=cfg.comm.timeout_s)
-    if env.rank == SERVER_RANK:
+    store, generation = open_run_store(cfg, env)
+    if env.rank == SERVER_RANK and not joining:
         try:
             return run_elastic_server(parts, store, generation, starts=incarnation, started=started)
         finally:
             mark_run_over(store)
     try:
-        MemberProcess(parts, env, store, generation, starts=incarnation, started=started).run()
+        slots = open_slots(store, cfg) if joining else [env.rank]
+        MemberProcess(
+            parts, env, store, generation, starts=incarnation, started=started, slots=slots,
+            slot_box=slot_box,
+        ).run()  # fmt: skip
     except (RunOver, SlotRefused) as err:
         log.info("%s; leaving", err)
     return None
+
+
+ROSTER_KEY = "run/roster"
+"""Store key: the server's p and first open slot, for launches that join from other nodes."""
+
+
+def open_run_store(cfg: TrainConfig, env: DistEnv) -> tuple[Any, int]:
+    """The run's store and generation: this launch's own, or (``membership.join``) that of the
+    run this launch joins from another node (generation 0: its faults fire in its first start)."""
+    address, run_id = cfg.membership.join, cfg.membership.join_id
+    if address is not None:
+        return open_joined_store(address, run_id, timeout_s=cfg.comm.timeout_s), 0
+    return open_store(env, timeout_s=cfg.comm.timeout_s)
+
+
+def open_slots(store: Any, cfg: TrainConfig) -> list[int]:
+    """The slots the server's launch left to other nodes (membership.open_slots), checked
+    against this launch's ``workers``."""
+    store.wait([ROSTER_KEY], timedelta(seconds=cfg.comm.timeout_s))
+    roster = json.loads(store.get(ROSTER_KEY))
+    if roster["workers"] != cfg.workers:
+        raise LaunchError(
+            f"membership.join={cfg.membership.join}: that run has workers={roster['workers']}, "
+            f"this launch says workers={cfg.workers}; launch with workers={roster['workers']}"
+        )
+    if roster["first_open_slot"] > cfg.workers:
+        raise LaunchError(
+            f"membership.join={cfg.membership.join}: that run leaves no slot to other nodes; "
+            "start its server's launch with membership.open_slots=<how many>"
+        )
+    return list(range(roster["first_open_slot"], cfg.workers + 1))
 
 
 def run_elastic_server(
@@ -96,6 +145,8 @@ def run_elastic_server(
     directory = checkpoint_dir(cfg)
     server_files = Checkpointer(directory, "server", keep=cfg.checkpoint.keep)
     restarts, resumed = resumed_from(role, resume_server(server_files, cfg, signature))
+    first_open = cfg.workers - cfg.membership.open_slots + 1
+    store.set(ROSTER_KEY, json.dumps({"workers": cfg.workers, "first_open_slot": first_open}))
     start = start_server(
         store,
         role,
@@ -184,18 +235,27 @@ class MemberProcess(WorkerProcess):
         generation: int,
         starts: int,
         started: Any = None,
+        slots: list[int] | None = None,
+        slot_box: Any = None,
     ) -> None:
         cfg = parts.cfg
         self.started = started
         member = join(
             store,
-            [env.rank],
+            slots or [env.rank],
             workers=cfg.workers,
             timeout_s=cfg.comm.timeout_s,
             claim_wait_s=cfg.membership.slot_wait_s,
         )
         self.member = member
         self.store = store
+        if slot_box is not None:
+            slot_box.value = member.slot
+        if member.slot != env.rank:  # a process of a joining node: it is its slot's worker
+            from easgd.topologies.registry import role_name, setup_logging
+
+            setup_logging(role_name(member.slot))
+            env = replace(env, rank=member.slot, world_size=cfg.world_size)
         pairs = PairGroups({env.rank: member.group}, store, generation + starts - 1, direct=True)
         super().__init__(parts, env, pairs)
         if starts > 1:  # a fresh stream: not the predecessor's minibatches again

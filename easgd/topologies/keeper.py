@@ -41,15 +41,16 @@ RESPAWN_PAUSE_S = 0.2
 """Pause before a new child, so a child that dies at once does not spin."""
 
 
-def _member_entry(config: dict[str, Any], incarnation: int, started: Any) -> None:
+def _member_entry(config: dict[str, Any], incarnation: int, started: Any, slot: Any) -> None:
     """The child: this rank's part of an elastic run (it sets ``started`` once it serves or
-    has joined its slot)."""
+    has joined its slot, and ``slot`` to the slot it holds)."""
     from omegaconf import OmegaConf
 
     from easgd.config.schema import validate
     from easgd.topologies.elastic import run_member
 
-    run_member(validate(OmegaConf.create(config)), incarnation=incarnation, started=started)
+    cfg = validate(OmegaConf.create(config))
+    run_member(cfg, incarnation=incarnation, started=started, slot_box=slot)
 
 
 class ChildKeeper:
@@ -60,17 +61,24 @@ class ChildKeeper:
     part in a spawned process, :class:`easgd.api.keeper.ScriptKeeper` a user's own script again.
     """
 
-    def __init__(self, *, max_respawns: int, store_timeout_s: float) -> None:
+    def __init__(self, *, max_respawns: int, store_timeout_s: float, joining: bool = False) -> None:
         self.max_respawns = max_respawns
         """Starts after which the keeper gives up (``membership.max_respawns``)."""
         self.store_timeout_s = store_timeout_s
         """The rendezvous store's timeout (``comm.timeout_s``)."""
         self._signal: int | None = None
         self._child: Any = None
+        self._store: Any = None
+        self.joining = joining
+        """This launch joins a run from another node: it has no server, and rank 0 is a member."""
 
     def start_child(self, starts: int) -> tuple[Any, Any]:
         """Start the ``starts``-th child: (the child, the flag it sets once it serves or joined)."""
         raise NotImplementedError
+
+    def child_slot(self) -> int:
+        """The slot the current child holds (0: none yet); here, this rank's."""
+        return int(os.environ.get("RANK", "0"))
 
     def _forward(self, signum: int, frame: object) -> None:
         self._signal = signum
@@ -111,60 +119,80 @@ class ChildKeeper:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
+    def _run_store(self) -> Any:
+        """The run's store (opened once): this launch's."""
+        if self._store is None:
+            from easgd.comm.groups import DistEnv, open_store
+
+            self._store = open_store(DistEnv.from_environ(), timeout_s=self.store_timeout_s)[0]
+        return self._store
+
     def _give_up(self) -> None:
-        """Rank 0 giving up ends the run for the members too (else they would wait for a server
-        that is not coming, and their keepers would start new ones)."""
-        from easgd.comm.groups import DistEnv, open_store
+        """The server's keeper giving up ends the run for the members too (else they would wait
+        for a server that is not coming, and their keepers would start new ones)."""
         from easgd.comm.membership import mark_run_over
 
-        env = DistEnv.from_environ()
-        if env.rank == 0:
-            mark_run_over(open_store(env, timeout_s=self.store_timeout_s)[0])
+        if int(os.environ.get("RANK", "0")) == 0 and not self.joining:
+            mark_run_over(self._run_store())
 
     def _run_is_over(self) -> bool:
         """Whether the run has ended (a server that failed on its own error ends it on the way
         out: a new one would only wait for members that have left)."""
-        from easgd.comm.groups import DistEnv, open_store
         from easgd.comm.membership import run_over
 
-        return run_over(open_store(DistEnv.from_environ(), timeout_s=self.store_timeout_s)[0])
+        return run_over(self._run_store())
 
     def _wait(self) -> None:
         """Wait for the child; kill it if the server asks (it declared the child hung)."""
-        from easgd.comm.groups import DistEnv, open_store
         from easgd.comm.membership import eviction_requested
 
-        env = DistEnv.from_environ()
-        store = None
+        server = int(os.environ.get("RANK", "0")) == 0 and not self.joining
         while self._child.is_alive():
             self._child.join(timeout=EVICT_CHECK_S)
-            if env.rank == 0 or not self._child.is_alive():
+            slot = self.child_slot()
+            if server or slot == 0 or not self._child.is_alive():
                 continue
-            if store is None:
-                store = open_store(env, timeout_s=self.store_timeout_s)[0]
-            if eviction_requested(store, env.rank):
+            if eviction_requested(self._run_store(), slot):
                 log.warning("the server declared this slot's worker hung; killing it")
                 self._child.kill()
 
 
 class Keeper(ChildKeeper):
-    """Keeps one child running this rank's part of an easgd.train run (:func:`run_member`)."""
+    """Keeps one child running this rank's part of an easgd.train run (:func:`_member_entry`)."""
 
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(
-            max_respawns=cfg.membership.max_respawns, store_timeout_s=cfg.comm.timeout_s
+            max_respawns=cfg.membership.max_respawns,
+            store_timeout_s=cfg.comm.timeout_s,
+            joining=cfg.membership.join is not None,
         )
         self.cfg = cfg
+        self._slot: Any = None
 
     def start_child(self, starts: int) -> tuple[Any, Any]:
         """A spawned process running :func:`_member_entry`, and its started event."""
         context = multiprocessing.get_context("spawn")
-        started = context.Event()
+        started, self._slot = context.Event(), context.Value("i", 0)
         child = context.Process(
-            target=_member_entry, args=(to_dict(self.cfg), starts, started), daemon=False
+            target=_member_entry,
+            args=(to_dict(self.cfg), starts, started, self._slot),
+            daemon=False,
         )
         child.start()
         return child, started
+
+    def child_slot(self) -> int:
+        """The slot the child reported (a joining node's members learn theirs when they join)."""
+        return int(self._slot.value) if self._slot is not None else 0
+
+    def _run_store(self) -> Any:
+        """The run's store (opened once): this launch's, or the joined run's."""
+        if self._store is None:
+            from easgd.comm.groups import DistEnv
+            from easgd.topologies.elastic import open_run_store
+
+            self._store = open_run_store(self.cfg, DistEnv.from_environ())[0]
+        return self._store
 
 
 def _how(code: int | None) -> str:
@@ -180,11 +208,13 @@ def keep(cfg: TrainConfig) -> dict[str, Any] | None:
 
     from easgd.comm.groups import DistEnv, check_world
 
-    check_world(DistEnv.from_environ(), expected_world_size=cfg.world_size, workers=cfg.workers)
+    if cfg.membership.join is None:  # a joining launch fills the run's open slots, as many as come
+        expected = cfg.world_size - cfg.membership.open_slots
+        check_world(DistEnv.from_environ(), expected_world_size=expected, workers=cfg.workers)
     code = Keeper(cfg).run()
     if code != 0:
         raise SystemExit(code)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if int(os.environ.get("RANK", "0")) != 0 or cfg.membership.join is not None:
         return None
     summary = Path(cfg.run_dir) / "summary.json"
     return json.loads(summary.read_text()) if summary.exists() else None

@@ -62,6 +62,8 @@ class CostFigures:
     bandwidth_gbps: float | None
     service_s: float
     charges: ExchangeCost
+    charged_params: int
+    """Parameters each message is charged for (the profile's, or the simulated model's)."""
 
 
 def check_simulable(cfg: TrainConfig) -> None:
@@ -82,13 +84,15 @@ def resolve_cost(cfg: TrainConfig, objective: ClassifierObjective) -> CostFigure
     The step is the same for every algorithm (gradient + SGD update of the model), so one sweep's
     runs share one time unit; the service time is the algorithm's own server rule.
     """
-    cost, numel, uses_server = cfg.cost, objective.flat.num_params, cfg.algorithm.uses_server
+    cost, uses_server = cfg.cost, cfg.algorithm.uses_server
+    # what the messages are charged for: the profile's model, or the simulated one
+    numel = objective.flat.num_params if cost.charged_params is None else cost.charged_params
     step_time_s = cost.step_time_s
     if step_time_s is None:
         step_time_s = _measured_step_s(cfg, objective)
     service_s = 0.0 if cost.service_us is None else cost.service_us * 1e-6
     if cost.service_us is None and uses_server and cfg.topology == "server":
-        service_s = _measured_service_s(cfg, objective)
+        service_s = _measured_service_s(cfg, objective, numel)
     latency_s, bandwidth_gbps = cost.latency_us * 1e-6, cost.bandwidth_gbps
     if cost.measure_network and uses_server:
         network = cached(
@@ -110,7 +114,7 @@ def resolve_cost(cfg: TrainConfig, objective: ClassifierObjective) -> CostFigure
             step_time_s=step_time_s,
             compression=cfg.comm.compression,
         )
-    return CostFigures(cost.name, step_time_s, latency_s, bandwidth_gbps, service_s, charges)
+    return CostFigures(cost.name, step_time_s, latency_s, bandwidth_gbps, service_s, charges, numel)
 
 
 def _measured_step_s(cfg: TrainConfig, objective: ClassifierObjective) -> float:
@@ -134,9 +138,12 @@ def _measured_step_s(cfg: TrainConfig, objective: ClassifierObjective) -> float:
     return float(cached(key, lambda: {"s": median_time_s(step, repeats=30)})["s"])
 
 
-def _measured_service_s(cfg: TrainConfig, objective: ClassifierObjective) -> float:
-    """Seconds the algorithm's server rule takes for one exchange of this model, cached."""
+def _measured_service_s(cfg: TrainConfig, objective: ClassifierObjective, numel: int) -> float:
+    """Seconds the algorithm's server rule takes for one exchange of ``numel`` parameters (the
+    model's, or a profile's ``charged_params``: the rule is elementwise, any values do), cached."""
     start = objective.initial_point()
+    if numel != start.numel():
+        start = torch.zeros(numel, dtype=start.dtype)
     server = make_server_role(cfg.algorithm, start, num_workers=cfg.workers)
     payload = start + 1e-3 if cfg.algorithm.elastic else torch.zeros_like(start)
     comm = cfg.comm
@@ -153,7 +160,7 @@ def _measured_service_s(cfg: TrainConfig, objective: ClassifierObjective) -> flo
             server.handle(0, payload)
 
     family = "elastic" if cfg.algorithm.elastic else cfg.algorithm.name  # the cache key
-    key = {"what": "service", "algorithm": family, "num_params": objective.flat.num_params}
+    key = {"what": "service", "algorithm": family, "num_params": numel}
     if comm.compression != "none":
         key.update(compression=comm.compression, error_feedback=comm.error_feedback)
     return float(cached(key, lambda: {"s": median_time_s(serve, repeats=30)})["s"])
@@ -192,6 +199,7 @@ def build_simulation(
         error_feedback=cfg.comm.error_feedback,
         lr_schedule=cfg.optim.schedule(cfg.steps_per_worker),
         max_grad_norm=cfg.optim.clip_grad_norm,
+        batched=cfg.sim.batched,
     )
     return Simulator(cfg.algorithm, sim, objective), figures
 
@@ -238,8 +246,12 @@ def run_simulated(cfg: TrainConfig) -> dict[str, Any]:
         "link_latency_s": figures.latency_s,
         "bandwidth_gbps": figures.bandwidth_gbps,
         "service_s": figures.service_s,
+        "charged_params": figures.charged_params,
         "charges_in_steps": asdict(figures.charges),
         "simulation_s": elapsed,
+        # which gradient path ran (sim.batched): the two agree to float rounding, not always bit
+        # for bit, so a rerun that must match takes the same one
+        "batched": simulator.batch is not None,
     }
     topology = "sequential" if not cfg.algorithm.uses_server else cfg.topology
     summary = Summary.of_run(cfg, run, topology=topology, num_params=num_params, details=details)
