@@ -100,6 +100,21 @@ def test_a_slot_is_held_by_one_process_and_a_worker_beyond_p_is_refused(store) -
     assert membership.claim(store, [1, 2], "c") == 2
 
 
+def test_a_finished_slot_takes_no_new_member(store) -> None:
+    """A member that dies after its DONE was applied (on its way out) is started again by its
+    keeper: the new one must leave at once, not wait for a group the server never opens."""
+    membership.start_server_epoch(store)
+    listener = membership.SlotListener(store, epoch=1, timeout_s=5)
+    assert membership.claim(store, [1, 2], "a") == 1
+    listener.release(1, finished=True)  # slot 1 said DONE
+    assert membership.claim(store, [1, 2], "b") == 2  # a joining node skips the finished slot
+    listener.release(2)  # slot 2's member died: free again, not finished
+    assert membership.claim(store, [2], "c") == 2
+    with pytest.raises(membership.SlotFinished, match="slot 1 has finished its budget"):
+        membership.join(store, [1], workers=2, timeout_s=5, claim_wait_s=5)
+    assert store.get("member/1/owner") == b""  # nothing was claimed
+
+
 def test_a_member_waits_for_a_newer_server_and_the_run_end_is_told(store) -> None:
     with pytest.raises(TimeoutError, match="no server came up"):
         membership.wait_for_server(store, after=0, timeout_s=0.2)

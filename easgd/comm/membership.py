@@ -62,6 +62,11 @@ class RunOver(RuntimeError):
     """The run has ended; a member arriving now has nothing to join."""
 
 
+class SlotFinished(RunOver):
+    """Every slot this process may take has finished its budget (its member said DONE): a
+    member started after that (its predecessor died on its way out) has nothing to do."""
+
+
 def _owner(slot: int) -> str:
     return f"member/{slot}/owner"
 
@@ -126,9 +131,18 @@ class Member:
     """The server start this member joined."""
 
 
+def _finished(slot: int) -> str:
+    return f"member/{slot}/finished"
+
+
 def claim(store: dist.Store, slots: list[int], member_id: str) -> int | None:
-    """Claim the first free slot of ``slots`` (None: every one is held)."""
-    for slot in slots:
+    """Claim the first free slot of ``slots`` that has not finished (None: every one is held).
+    Raises :class:`SlotFinished` when every one of ``slots`` has finished."""
+    open_ = [slot for slot in slots if not store.check([_finished(slot)])]
+    if not open_:
+        names = ", ".join(map(str, slots))
+        raise SlotFinished(f"slot {names} has finished its budget; nothing left to do")
+    for slot in open_:
         held = store.compare_set(_owner(slot), "", member_id).decode()
         if held == member_id:
             return slot
@@ -218,8 +232,11 @@ class SlotListener:
             time.sleep(POLL_S)
         return None
 
-    def release(self, slot: int) -> None:
-        """The slot's member left: the slot is free for the next one."""
+    def release(self, slot: int, *, finished: bool = False) -> None:
+        """The slot's member left: the slot is free for the next one; or, ``finished``, it has
+        done the slot's budget and no member is taken for it again."""
+        if finished:
+            self.store.set(_finished(slot), "1")
         self.store.set(_owner(slot), "")
         self.store.delete_key(f"member/evict/{slot}")
 

@@ -229,7 +229,7 @@ class ElasticServer(ParameterServer):
             raise
         finally:
             self.stats[slot].in_service = False
-            self.members.release(slot)
+            self.members.release(slot, finished=self.stats[slot].finished)
         if self.stats[slot].failed is None and not self.stats[slot].finished:
             self._member_left(slot, incarnation, "left")
 

@@ -324,6 +324,8 @@ class MemberProcess(WorkerProcess):
                 torch.save(self.ledger.total, path)
         except ServerFailed as err:
             log.error("%s; leaving", err)
+        except RunOver as err:  # rejoining: the run ended, or this slot's DONE was applied
+            log.info("%s; leaving", err)
         finally:
             self.heartbeat.stop()
             self.marker.close()
