@@ -458,3 +458,51 @@ def test_joining_keys_are_checked_before_any_process_starts() -> None:
     with pytest.raises(ValueError, match="open_slots=5 is more than workers=4"):
         validate({"workers": 4, "membership": {"open_slots": 5}})
     assert membership_mode(validate({"membership": {"join": "node0:29400"}}), {}) == "elastic"
+
+
+def test_a_kept_child_dies_with_its_keeper(tmp_path: Path) -> None:
+    """kill -9 of a keeper takes its child too (no orphan holding the slot)."""
+    import os
+    import signal
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    script = (
+        "import multiprocessing as mp, os, time, sys\n"
+        "from easgd.topologies.keeper import die_with_keeper\n"
+        "def child(keeper, path):\n"
+        "    die_with_keeper(keeper)\n"
+        "    open(path, 'w').write(str(os.getpid()))\n"
+        "    time.sleep(600)\n"
+        "if __name__ == '__main__':\n"
+        "    mp.get_context('spawn').Process(target=child, args=(os.getpid(), sys.argv[1])).start()\n"
+        "    time.sleep(600)\n"
+    )
+    (tmp_path / "keeper.py").write_text(script)  # spawn pickles the child's function by module
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    keeper = subprocess.Popen([sys.executable, str(tmp_path / "keeper.py"), str(pid_file)], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline and keeper.poll() is None
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        os.kill(keeper.pid, signal.SIGKILL)
+        keeper.wait(timeout=30)
+        while Path(f"/proc/{child}").exists() and "Z" not in _state(child):
+            assert time.monotonic() < deadline + 60, "the child outlived its keeper"
+            time.sleep(0.05)
+    finally:
+        if keeper.poll() is None:
+            keeper.kill()
+        if pid_file.exists() and pid_file.read_text() and _state(int(pid_file.read_text())) != "Z":
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)  # an orphan left by a failure
+
+
+def _state(pid: int) -> str:
+    """The process state letter from /proc (Z: a zombie, already dead)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return "Z"

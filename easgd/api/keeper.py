@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 from easgd.comm.groups import under_launcher
-from easgd.topologies.keeper import ChildKeeper
+from easgd.topologies.keeper import ChildKeeper, die_with_keeper
 
 log = logging.getLogger("easgd.keeper")
 
@@ -37,6 +37,8 @@ KEEPER_START = "EASGD_KEEPER_START"
 """Set in a kept child: its start number (1: the first; a respawned one counts on)."""
 KEEPER_STARTED = "EASGD_KEEPER_STARTED"
 """Set in a kept child: the file it creates once it serves or has joined its slot."""
+KEEPER_PID = "EASGD_KEEPER_PID"
+"""Set in a kept child: its keeper's pid (the child dies with it)."""
 
 
 def kept_start() -> int:
@@ -101,7 +103,8 @@ class ScriptKeeper(ChildKeeper):
     def start_child(self, starts: int) -> tuple[ScriptChild, FileFlag]:
         """The script again, told its start number and where to say it has started."""
         flag = FileFlag(self.flags / f"started-{starts}")
-        env = {**os.environ, KEEPER_START: str(starts), KEEPER_STARTED: str(flag.path)}
+        env = {**os.environ, KEEPER_START: str(starts), KEEPER_STARTED: str(flag.path),
+               KEEPER_PID: str(os.getpid())}  # fmt: skip
         return ScriptChild(self.command, env), flag
 
 
@@ -122,7 +125,10 @@ def keep(*, max_respawns: int = 100, timeout_s: float = 120.0) -> None:
     ``timeout_s``: the rendezvous store's timeout.
     """
     check_max_respawns(max_respawns)
-    if kept_start() or not under_launcher():
+    if kept_start():
+        die_with_keeper(int(os.environ[KEEPER_PID]))
+        return
+    if not under_launcher():
         return
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
         log.warning(

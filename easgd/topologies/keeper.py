@@ -23,10 +23,12 @@ and ``api.keep()`` (:mod:`easgd.api.keeper`) keeps a user's own script with the 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -41,9 +43,27 @@ RESPAWN_PAUSE_S = 0.2
 """Pause before a new child, so a child that dies at once does not spin."""
 
 
-def _member_entry(config: dict[str, Any], incarnation: int, started: Any, slot: Any) -> None:
+def die_with_keeper(keeper_pid: int) -> None:
+    """In a kept child: be killed (SIGKILL) when the keeper ``keeper_pid`` dies, and end now if
+    it already has. A ``kill -9`` of a keeper must not leave its child running without it: the
+    orphan would hold the slot while torchrun restarts the rank (Linux only; elsewhere nothing)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != keeper_pid:  # it died before the line above
+            os._exit(1)
+
+
+PR_SET_PDEATHSIG = 1
+"""prctl(2): the signal this process gets when its parent dies."""
+
+
+def _member_entry(
+    config: dict[str, Any], incarnation: int, started: Any, slot: Any, keeper_pid: int
+) -> None:
     """The child: this rank's part of an elastic run (it sets ``started`` once it serves or
     has joined its slot, and ``slot`` to the slot it holds)."""
+    die_with_keeper(keeper_pid)
     from omegaconf import OmegaConf
 
     from easgd.config.schema import validate
@@ -175,7 +195,7 @@ class Keeper(ChildKeeper):
         started, self._slot = context.Event(), context.Value("i", 0)
         child = context.Process(
             target=_member_entry,
-            args=(to_dict(self.cfg), starts, started, self._slot),
+            args=(to_dict(self.cfg), starts, started, self._slot, os.getpid()),
             daemon=False,
         )
         child.start()
