@@ -78,8 +78,7 @@ class ServerLink:
         return self.up_state.decode(wire) if self.elastic else self.codec.decode(wire)
 
     def _quantize(self, diff: Tensor) -> None:
-        self._sent, decoded = self.down_increment.encode(diff)
-        diff.copy_(decoded)
+        self._sent, _ = self.down_increment.encode(diff, decoded=diff)
 
     @property
     def decoded_reply(self) -> Tensor:
