@@ -183,7 +183,8 @@ class ParameterServer:
 
     # -- threads -------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start one serve thread per worker."""
+        """Start one serve thread per worker (and the role's compiled update, in the background)."""
+        self.role.compile_update()
         self._threads = {
             rank: threading.Thread(
                 target=self._serve, args=(rank,), name=f"serve-worker{rank}", daemon=True

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from easgd import algorithms as alg
-from easgd.algorithms import inplace
+from easgd.algorithms import fused, inplace
+from easgd.algorithms.fused import FusedElasticUpdate
 from easgd.roles.state import State, load_into, snapshot
 
 
@@ -80,6 +81,11 @@ class ServerRole(ABC):
         """A synchronous round: every payload reads the same center, then one update."""
         raise ValueError(f"{type(self).__name__} has no synchronous round")
 
+    def compile_update(self, *, background: bool = True) -> None:
+        """Build a compiled one-pass update where the rule has one (:mod:`easgd.algorithms.fused`);
+        ``handle`` stays eager until it is ready. Called by the runtime's server at its start."""
+        return None  # no compiled form: the eager update serves
+
     def reply_center(self, out: Tensor | None = None) -> Tensor:
         """A copy of the center (into ``out`` when given): the reply to a refused update."""
         return self.center.clone() if out is None else out.copy_(self.center)
@@ -109,6 +115,20 @@ class ElasticServer(ServerRole):
     def __init__(self, center: Tensor, *, moving_rate: float) -> None:
         super().__init__(center)
         self.moving_rate = alg.hyperparams.check_moving_rate(moving_rate)
+        self.fused: FusedElasticUpdate | None = None
+        """The compiled update (:meth:`compile_update`; None: eager)."""
+
+    def compile_update(self, *, background: bool = True) -> None:
+        if (
+            self.fused is None
+            and fused.compile_enabled()
+            and self.center.numel() >= fused.FUSED_MIN_VALUES
+            and self.center.dtype == torch.float32
+            and self.center.device.type == "cpu"
+        ):
+            self.fused = FusedElasticUpdate(
+                self.center.numel(), moving_rate=self.moving_rate, background=background
+            )
 
     def handle(
         self,
@@ -122,7 +142,8 @@ class ElasticServer(ServerRole):
             raise ValueError(f"worker {worker} sent no parameters to an elastic exchange")
         reply = torch.empty_like(self.center) if out is None else out
         if max_update_norm is None:
-            inplace.elastic_update_(self.center, payload, reply, moving_rate=self.moving_rate)
+            if self.fused is None or not self.fused(self.center, payload, reply):
+                inplace.elastic_update_(self.center, payload, reply, moving_rate=self.moving_rate)
             self.updates += 1
             return reply
         return self._two_pass(payload, reply, max_update_norm, None)
