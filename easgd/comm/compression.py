@@ -277,7 +277,7 @@ class IncrementSender:
             if self._decoded is None:
                 self._decoded = torch.empty(self.codec.numel)
             decoded = self._decoded
-        flat, out = values.detach().reshape(-1), decoded.view(-1)
+        flat, out = values.detach().reshape(-1).cpu(), decoded.view(-1)
         for index, frame in enumerate(self.codec.frames):
             self.encode_frame(index, flat[frame.values], out[frame.values])
         return self.wire, decoded
@@ -309,7 +309,7 @@ class DeltaSender:
     def encode(self, value: Tensor) -> Tensor:
         """The message for ``value``; the reference moves by the decoded delta (as the receiver's).
         The message buffer is the sender's own, rewritten by the next message."""
-        flat = value.detach().reshape(-1)
+        flat = value.detach().reshape(-1).cpu()
         for index, frame in enumerate(self.codec.frames):
             self.encode_frame(index, flat[frame.values])
         return self.wire
@@ -390,7 +390,7 @@ class WorkerLink:
         :attr:`message`, rewritten by the next send)."""
         if payload is None:
             return None
-        flat = payload.detach().reshape(-1)
+        flat = payload.detach().reshape(-1).cpu()
         for index, frame in enumerate(self.codec.frames):
             self.encode_frame(index, flat[frame.values])
         return self.message

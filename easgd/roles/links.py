@@ -109,6 +109,28 @@ class ServerLink:
         assert sent is not None
         return sent
 
+    # -- the elastic exchange frame by frame (the pipelined exchange: easgd.engine.server) -------
+    @property
+    def message(self) -> Tensor:
+        """The buffer of the compressed reply (elastic: e^, written by :meth:`apply_frame`)."""
+        return self.down_increment.wire
+
+    def difference_frame(self, role: ElasticServer, index: int, wire: Tensor) -> float:
+        """Frame ``index`` of the worker's message (its prefix checked before): x^_i moves by the
+        decoded delta, and e = alpha (x^_i - center) goes into the reply; returns ||e||^2 there."""
+        part = self.codec.frames[index].values
+        payload = self.up_state.decode_frame(index, wire)
+        return role.difference_part(self._reply[part], payload, part)
+
+    def apply_frame(self, role: ElasticServer, index: int) -> None:
+        """Frame ``index`` of the reply: e quantized to e^ (error feedback as configured), the
+        center moved by e^ and x^_i by -e^, the same bits the worker will apply."""
+        part = self.codec.frames[index].values
+        diff = self._reply[part]
+        self.down_increment.encode_frame(index, diff, diff)
+        role.apply_part(diff, part)
+        self.up_state.reference[part].sub_(diff)
+
     def handle(
         self,
         role: ServerRole,

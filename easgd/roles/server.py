@@ -188,6 +188,22 @@ class ElasticServer(ServerRole):
     def update_norm(self, payload: Tensor) -> float | None:
         return None  # alpha ||x_i - center||: measured during the update (see handle)
 
+    # -- the same exchange in parts (the pipelined exchange: easgd.engine.server) ---------------
+    def difference_part(self, out: Tensor, payload: Tensor, part: slice) -> float:
+        """out <- e = alpha (x_i - center) over the values ``part`` of the center (``out`` may be
+        ``payload``: that part of x_i); returns ||e||^2 of the part. The center is untouched:
+        :meth:`apply_part` moves it once every part has been checked."""
+        diff = torch.sub(payload, self.center[part], out=out).mul_(self.moving_rate)
+        return float(torch.linalg.vector_norm(diff)) ** 2
+
+    def apply_part(self, elastic_diff: Tensor, part: slice) -> None:
+        """center[part] <- center[part] + e[part]; :meth:`count_update` after the last part."""
+        self.center[part].add_(elastic_diff)
+
+    def count_update(self) -> None:
+        """One update made of parts is complete."""
+        self.updates += 1
+
     def elastic_distance(self, reply: Tensor) -> float | None:
         return float(reply.norm()) / self.moving_rate  # e = alpha (x_i - center)
 
