@@ -125,7 +125,8 @@ class ElasticServer(ParameterServer):
 
     # -- threads ------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start one thread per slot."""
+        """Start one thread per slot (and the role's compiled update, in the background)."""
+        self.role.compile_update()
         self._threads = {
             slot: threading.Thread(
                 target=self._serve_slot, args=(slot,), name=f"slot{slot}", daemon=True
