@@ -7,7 +7,7 @@ server), each worker does back-to-back round trips with no compute, alternating 
    own pair groups): the floor for moving those bytes over gloo;
 2. real EASGD exchanges through the parameter server (framing, the lock, the elastic update, the
    reply), in each wire format: ``none`` (float32, pipelined), ``none-whole`` (float32 whole
-   messages, the exchange before the pipeline; p = 1 only), ``bf16`` and ``int8`` (compressed
+   messages, the exchange before the pipeline), ``bf16`` and ``int8`` (compressed
    with error feedback, pipelined).
 Figures per repetition: model parameters per second summed over workers, ours / raw float32
 (targets: float32 >= 0.9 at 10M and 25M, p = 1; bf16 >= 1.8 and int8 >= 3.5 at 10M/25M, p = 1, 2,
@@ -161,8 +161,7 @@ def exchange_rows(
 ) -> list[dict[str, Any]]:
     rows = []
     for p in worker_counts:
-        names = [n for n in FORMATS if n != "none-whole" or p == 1]
-        per_rank = start_processes(bench_process, p + 1, sizes, names, quick)
+        per_rank = start_processes(bench_process, p + 1, sizes, list(FORMATS), quick)
         cells = [[c for c in per_rank[r]] for r in range(1, p + 1)]
         for index, cell in enumerate(cells[0]):
             size, name, rounds = cell["size"], cell["name"], cell["rounds"]
