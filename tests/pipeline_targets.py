@@ -39,18 +39,25 @@ def _transport(name: str, rank: int, peer: int, group: Any) -> PairTransport:
 
 
 def exchanges(
-    rank: int, world: int, steps: int, name: str, pipelined: bool, poison_at: int
+    rank: int,
+    world: int,
+    steps: int,
+    name: str,
+    pipelined: bool,
+    poison_at: int,
+    limit: float | None = 1e6,
 ) -> object:
     """EASGD with lr 0 from starts apart: the server returns (center, exchanges, rejected,
     whether it pipelined), each worker (params, start, resets). Worker 1 sends NaN at step
-    ``poison_at`` (-1: never)."""
+    ``poison_at`` (-1: never). ``limit``: the server's max_update_norm (None: the one-pass
+    float32 path)."""
     _shrink_pieces()
     groups = _groups(rank, world)
     start = torch.linspace(-1, 1, NUMEL)
     if rank == 0:
         role = ElasticServer(start, moving_rate=0.3)
         transports = {r: _transport(name, 0, r, g) for r, g in groups.items()}
-        server = ParameterServer(role, transports, ServePolicy(max_update_norm=1e6))
+        server = ParameterServer(role, transports, ServePolicy(max_update_norm=limit))
         server.pipeline = pipelined
         with tempfile.TemporaryDirectory() as tmp:
             runlog = RunLog(tmp, tensorboard=False)

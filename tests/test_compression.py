@@ -308,6 +308,10 @@ def test_server_memory_per_worker_is_what_the_docs_say(error_feedback: bool) -> 
     downpour = ServerLink(Compression("int8", error_feedback, False, numel), start)
     assert _held_bytes(downpour.down_state.reference, downpour._reply) == 8 * numel
     assert payload_bytes("int8", numel) == numel + 4 * 10 + 8
+    # and the reply's own message buffer, kept across exchanges (the transport's receive buffer
+    # is the other): + 2 * 1.016 bytes per parameter with int8
+    assert _held_bytes(elastic.message) == _held_bytes(downpour.down_state.wire)
+    assert _held_bytes(elastic.message) == payload_bytes("int8", numel)
 
 
 @pytest.mark.parametrize("name", FORMATS)

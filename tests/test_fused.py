@@ -57,3 +57,20 @@ def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     role = ElasticServer(torch.zeros(10), moving_rate=0.3)
     role.compile_update(background=False)
     assert role.fused is None
+
+
+def test_parts_update_as_the_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    _built()  # skips where it cannot build
+    monkeypatch.setattr(fused, "FUSED_MIN_VALUES", 1)
+    start = torch.randn(3 * NUMEL, generator=torch.Generator().manual_seed(2))
+    parts, whole = ElasticServer(start, moving_rate=0.3), ElasticServer(start, moving_rate=0.3)
+    parts.compile_update(background=False, part_values=NUMEL)
+    assert parts.fused_part is not None and parts.fused_part.ready.is_set()
+    payload = start + 0.25
+    expected = whole.handle(0, payload.clone())
+    received = payload.clone()
+    for index in range(3):  # the last part is not the compiled size: eager, the same bits
+        part = slice(index * NUMEL, (index + 1) * NUMEL + (index == 2))
+        parts.update_part(received[part], part)
+    parts.count_update()
+    assert torch.equal(received, expected) and torch.equal(parts.center, whole.center)

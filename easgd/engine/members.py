@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from easgd.comm import transport as wire
 from easgd.comm.membership import EventLog, SlotListener
 from easgd.comm.message import Header
 from easgd.comm.transport import PairTransport
@@ -126,7 +127,7 @@ class ElasticServer(ParameterServer):
     # -- threads ------------------------------------------------------------------------------
     def start(self) -> None:
         """Start one thread per slot (and the role's compiled update, in the background)."""
-        self.role.compile_update()
+        self.role.compile_update(part_values=wire.PIECE_VALUES)
         self._threads = {
             slot: threading.Thread(
                 target=self._serve_slot, args=(slot,), name=f"slot{slot}", daemon=True

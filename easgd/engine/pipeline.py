@@ -1,16 +1,19 @@
-"""The parameter server's pipelined elastic exchange: work on one piece while the next travels.
+"""The parameter server's pipelined elastic exchange: work on one piece while another travels.
 
 A large payload travels as pieces of 2^20 values (:data:`easgd.comm.transport.PIECE_VALUES`; a
-compressed message's frames), every receive posted at once. Under the lock, the server:
+compressed message's frames), every receive posted at once. The server:
 
-1. as each piece of x_i arrives (compressed: decodes it into x^_i), writes e = alpha (x_i - center)
-   for that part and adds its ||e||^2: the arithmetic of piece k overlaps the transfer of
-   piece k+1, and the center is not touched yet;
-2. once every piece is in, judges the whole update as the eager exchange does (non-finite or
-   over ``max_update_norm``: refused, the center untouched, the worker reset to the center);
+1. as each piece arrives, outside the lock (a worker that stops mid-message must not hold up the
+   others): a compressed frame is decoded into x^_i while the next one is on the wire;
+2. under the lock, writes e = alpha (x_i - center) and ||e|| part by part and judges the whole
+   update as the eager exchange does (non-finite or over ``max_update_norm``: refused, the
+   center untouched, the worker reset to the center). Float32 without a norm limit judges as
+   the whole-message exchange does instead: each piece's sum, read as it lands, reveals a
+   non-finite value, and step 3 computes e and moves the center in one (compiled) pass per part;
 3. sends the reply's header, then for each part moves the center by e (compressed: quantizes e
    to e^ first, with error feedback, and moves the center and x^_i by e^) and starts sending that
-   piece of the reply: the update of piece k overlaps the transfer of piece k-1.
+   piece of the reply: the update of piece k+1 overlaps the transfer of piece k, and the worker
+   decodes piece k while the server still works on later ones.
 
 The operations, and their order per value, are those of :meth:`ElasticServer.handle` with a
 norm limit (e first, its norm checked, then center += e), so the result is bit for bit the same
@@ -58,21 +61,31 @@ def exchange(
     assert isinstance(role, ElasticServer)
     stats, link, limit = server.stats[rank], server.links.get(rank), server.policy.max_update_norm
     payload = incoming.buffer if link is None else link.up_state.reference
+    # float32 without a norm limit: as the whole-message exchange, each piece's sum reveals a
+    # non-finite value (read as it lands), then one pass per part computes e and moves the center
+    one_pass, finite = link is None and limit is None, True
+    for index in range(len(incoming.pieces)):
+        try:
+            arrived = incoming.wait(index)
+            if one_pass:
+                finite = finite and math.isfinite(float(arrived.sum()))
+            if link is not None:
+                if index == 0:
+                    link.codec.check_prefix(arrived, incoming.buffer.numel())
+                link.decode_frame(index, incoming.buffer)
+        except (WireError, RuntimeError) as err:  # a broken link, a wrong message
+            raise _lost(err) from err
     with server.lock:
         mark = server.snapshots.on_message(rank, header) if server.snapshots is not None else 0
         staleness = role.updates - stats.last_read
-        squares = 0.0
+        squares = 0.0 if finite else math.inf
         for index, piece in enumerate(incoming.pieces):
-            try:
-                arrived = incoming.wait(index)
-                if link is None:
-                    squares += role.difference_part(arrived, arrived, piece)
-                    continue
-                if index == 0:
-                    link.codec.check_prefix(arrived, incoming.buffer.numel())
-                squares += link.difference_frame(role, index, incoming.buffer)
-            except (WireError, RuntimeError) as err:  # a broken link, a wrong message
-                raise _lost(err) from err
+            if one_pass:
+                break
+            if link is None:
+                squares += role.difference_part(payload[piece], payload[piece], piece)
+            else:
+                squares += link.difference_frame(role, index)
         norm = math.sqrt(squares)
         refusal = None
         if not math.isfinite(norm):
@@ -100,8 +113,10 @@ def exchange(
             except RuntimeError as err:
                 broken = err
             for index, piece in enumerate(incoming.pieces):
-                if link is None:
-                    role.apply_part(incoming.buffer[piece], piece)
+                if one_pass:
+                    role.update_part(payload[piece], piece)
+                elif link is None:
+                    role.apply_part(payload[piece], piece)
                 else:
                     link.apply_frame(role, index)
                 if outgoing is not None and broken is None:

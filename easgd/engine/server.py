@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
+from easgd.comm import transport as wire
 from easgd.comm.compression import FORMATS, Compression, WireError
 from easgd.comm.message import (
     ERROR_FORMAT_MISMATCH,
@@ -188,7 +189,7 @@ class ParameterServer:
     # -- threads -------------------------------------------------------------------------------
     def start(self) -> None:
         """Start one serve thread per worker (and the role's compiled update, in the background)."""
-        self.role.compile_update()
+        self.role.compile_update(part_values=wire.PIECE_VALUES)
         self._threads = {
             rank: threading.Thread(
                 target=self._serve, args=(rank,), name=f"serve-worker{rank}", daemon=True

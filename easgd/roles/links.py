@@ -21,11 +21,13 @@ What each rule quantizes (always a difference; :mod:`easgd.comm.compression`):
 
 Server memory per worker, in bytes per model parameter (float32), held for the whole run:
 elastic 4 (x^_i) + 4 (the reply buffer) + 4 with error feedback (the residual of e), DOWNPOUR and
-MDOWNPOUR 4 (the center this worker last received) + 4 (the reply buffer); plus the transport's
-buffer for one compressed message (int8 1.016, bf16/fp16 2). The float32 exchange holds 4 (one
-receive buffer that the reply reuses), so compression adds 9.0 (elastic with error feedback) or
-5.0 (otherwise) with int8 (tested: ``tests/test_compression.py``). A worker holds 4 (its
-reference) + 4 (reply) + 4 with error feedback (DOWNPOUR's residual). The references start from
+MDOWNPOUR 4 (the center this worker last received) + 4 (the reply buffer); plus two compressed
+messages, the transport's receive buffer and the reply's own buffer (each int8 1.016, bf16/fp16
+2), and a few frames of scratch (a frame is 2^20 values: 4 MiB each, whatever the model's size).
+The float32 exchange holds 4 (one receive buffer that the reply reuses), so compression adds 10.0
+(elastic with error feedback) or 6.0 (otherwise) with int8 (tested: ``tests/test_compression.py``).
+A worker holds 4 (its reference) + 4 (reply) + 4 with error feedback (DOWNPOUR's residual), plus
+its two messages. The references start from
 the center of the handshake (a resumed worker's first delta is then large, and the next one
 corrects its rounding); residuals are not checkpointed (a restart drops at most one message's
 rounding).
@@ -115,12 +117,15 @@ class ServerLink:
         """The buffer of the compressed reply (elastic: e^, written by :meth:`apply_frame`)."""
         return self.down_increment.wire
 
-    def difference_frame(self, role: ElasticServer, index: int, wire: Tensor) -> float:
-        """Frame ``index`` of the worker's message (its prefix checked before): x^_i moves by the
-        decoded delta, and e = alpha (x^_i - center) goes into the reply; returns ||e||^2 there."""
+    def decode_frame(self, index: int, wire: Tensor) -> None:
+        """Frame ``index`` of the worker's message (its prefix checked before): x^_i moves by
+        the decoded delta (this link's own state: no lock needed)."""
+        self.up_state.decode_frame(index, wire)
+
+    def difference_frame(self, role: ElasticServer, index: int) -> float:
+        """e = alpha (x^_i - center) for frame ``index`` into the reply; returns ||e||^2 there."""
         part = self.codec.frames[index].values
-        payload = self.up_state.decode_frame(index, wire)
-        return role.difference_part(self._reply[part], payload, part)
+        return role.difference_part(self._reply[part], self.up_state.reference[part], part)
 
     def apply_frame(self, role: ElasticServer, index: int) -> None:
         """Frame ``index`` of the reply: e quantized to e^ (error feedback as configured), the

@@ -81,8 +81,9 @@ class ServerRole(ABC):
         """A synchronous round: every payload reads the same center, then one update."""
         raise ValueError(f"{type(self).__name__} has no synchronous round")
 
-    def compile_update(self, *, background: bool = True) -> None:
-        """Build a compiled one-pass update where the rule has one (:mod:`easgd.algorithms.fused`);
+    def compile_update(self, *, background: bool = True, part_values: int | None = None) -> None:
+        """Build a compiled one-pass update where the rule has one (:mod:`easgd.algorithms.fused`),
+        for the whole center and for parts of ``part_values`` values (the pipelined exchange's);
         ``handle`` stays eager until it is ready. Called by the runtime's server at its start."""
         return None  # no compiled form: the eager update serves
 
@@ -117,17 +118,26 @@ class ElasticServer(ServerRole):
         self.moving_rate = alg.hyperparams.check_moving_rate(moving_rate)
         self.fused: FusedElasticUpdate | None = None
         """The compiled update (:meth:`compile_update`; None: eager)."""
+        self.fused_part: FusedElasticUpdate | None = None
+        """The compiled update of one part (:meth:`update_part`; None: eager)."""
 
-    def compile_update(self, *, background: bool = True) -> None:
-        if (
-            self.fused is None
-            and fused.compile_enabled()
-            and self.center.numel() >= fused.FUSED_MIN_VALUES
+    def compile_update(self, *, background: bool = True, part_values: int | None = None) -> None:
+        if not (
+            fused.compile_enabled()
             and self.center.dtype == torch.float32
             and self.center.device.type == "cpu"
         ):
-            self.fused = FusedElasticUpdate(
-                self.center.numel(), moving_rate=self.moving_rate, background=background
+            return
+        numel, rate = self.center.numel(), self.moving_rate
+        if self.fused is None and numel >= fused.FUSED_MIN_VALUES:
+            self.fused = FusedElasticUpdate(numel, moving_rate=rate, background=background)
+        if (
+            self.fused_part is None
+            and part_values is not None
+            and fused.FUSED_MIN_VALUES <= part_values < numel
+        ):
+            self.fused_part = FusedElasticUpdate(
+                part_values, moving_rate=rate, background=background
             )
 
     def handle(
@@ -199,6 +209,14 @@ class ElasticServer(ServerRole):
     def apply_part(self, elastic_diff: Tensor, part: slice) -> None:
         """center[part] <- center[part] + e[part]; :meth:`count_update` after the last part."""
         self.center[part].add_(elastic_diff)
+
+    def update_part(self, payload: Tensor, part: slice) -> None:
+        """:meth:`handle` without a norm limit on the values ``part``: payload <- e there and the
+        center moves by it (in one compiled pass where it is built); :meth:`count_update` after
+        the last part."""
+        center = self.center[part]
+        if self.fused_part is None or not self.fused_part(center, payload, payload):
+            inplace.elastic_update_(center, payload, payload, moving_rate=self.moving_rate)
 
     def count_update(self) -> None:
         """One update made of parts is complete."""
