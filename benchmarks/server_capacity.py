@@ -56,6 +56,7 @@ from easgd.topologies.launch import start_processes  # noqa: E402
 
 WARMUP, REPS = 2, 7
 FORMATS = ("none", "none-whole", "bf16", "int8")
+"""The default cells; ``--formats`` may add ``bf16-whole`` and ``int8-whole``."""
 TARGETS = {"none": 0.9, "bf16": 1.8, "int8": 3.5}
 """Parameters/s against raw float32 gloo (none: at p = 1 only), at 10M and 25M parameters."""
 TARGET_UPDATE = 0.6
@@ -74,7 +75,8 @@ def _echo(group: dist.ProcessGroup, rank: int, size: int, rounds: int) -> None:
 
 
 def _transport(name: str, rank: int, peer: int, group: Any, size: int) -> PairTransport:
-    compression = None if name.startswith("none") else Compression(name, True, True, size)
+    base = name.removesuffix("-whole")
+    compression = None if base == "none" else Compression(base, True, True, size)
     return pair_transport(compression, worker=rank != 0, peer=peer, group=group, numel=size)
 
 
@@ -84,7 +86,7 @@ def _serve(name: str, groups: dict[int, Any], size: int) -> None:
     role.compile_update(background=False, part_values=PIECE_VALUES)
     transports = {r: _transport(name, 0, r, g, size) for r, g in groups.items()}
     server = ParameterServer(role, transports)
-    server.pipeline = name != "none-whole"
+    server.pipeline = not name.endswith("-whole")
     with tempfile.TemporaryDirectory() as tmp:
         runlog = RunLog(tmp, tensorboard=False)
         Supervisor(server, lambda point: {"test_loss": 0.0, "test_error": 0.0}, runlog,
@@ -158,11 +160,11 @@ def bench_process(sizes: list[int], names: list[str], quick: bool) -> list[dict[
 
 
 def exchange_rows(
-    sizes: list[int], worker_counts: tuple[int, ...], quick: bool
+    sizes: list[int], worker_counts: tuple[int, ...], quick: bool, names: list[str]
 ) -> list[dict[str, Any]]:
     rows = []
     for p in worker_counts:
-        per_rank = start_processes(bench_process, p + 1, sizes, list(FORMATS), quick)
+        per_rank = start_processes(bench_process, p + 1, sizes, names, quick)
         cells = [[c for c in per_rank[r]] for r in range(1, p + 1)]
         for index, cell in enumerate(cells[0]):
             size, name, rounds = cell["size"], cell["name"], cell["rounds"]
@@ -173,7 +175,11 @@ def exchange_rows(
                 raw_rates.append(raw)
                 our_rates.append(ours)
                 ratios.append(ours / raw)
-            target = TARGETS.get(name) if size >= 10**7 and (name != "none" or p == 1) else None
+            target = (
+                TARGETS.get(name.removesuffix("-whole"))
+                if size >= 10**7 and (name != "none" or p == 1)
+                else None
+            )
             median = statistics.median(ratios)
             rows.append({
                 "workers": p, "params": size, "format": name, "rounds_per_rep": rounds,
@@ -261,12 +267,12 @@ def memory_rows(size: int, worker_counts: tuple[int, ...]) -> list[dict[str, Any
 def plot(rows: list[dict[str, Any]], updates: list[dict[str, Any]], path: str) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     styles = {"none": "-", "none-whole": ":", "bf16": "--", "int8": "-."}
-    for name in FORMATS:
+    for name in sorted({r["format"] for r in rows}):
         for p in sorted({r["workers"] for r in rows}):
             cells = [r for r in rows if r["workers"] == p and r["format"] == name]
             if cells:
                 left.plot([c["params"] / 1e6 for c in cells], [c["ratio_median"] for c in cells],
-                          "o" + styles[name], label=f"{name} p={p}")  # fmt: skip
+                          "o" + styles.get(name, ":"), label=f"{name} p={p}")  # fmt: skip
     for name, target in TARGETS.items():
         left.axhline(target, color="gray", ls=styles[name], lw=0.8)
     left.set_xscale("log")
@@ -317,6 +323,7 @@ def main() -> None:
     cli = parser(__doc__ or "")
     cli.add_argument("--sizes", type=float, nargs="+", help="parameter counts (e.g. 1e7 2.5e7)")
     cli.add_argument("--workers", type=int, nargs="+", help="worker counts (e.g. 1 2 4)")
+    cli.add_argument("--formats", nargs="+", default=list(FORMATS), help="cells (see FORMATS)")
     args = cli.parse_args()
     quick = args.quick
     sizes = [10**6] if quick else [10**6, 10**7, 25 * 10**6]
@@ -325,7 +332,7 @@ def main() -> None:
         sizes = [int(size) for size in args.sizes]
     if args.workers:
         worker_counts = tuple(args.workers)
-    rows = exchange_rows(sizes, worker_counts, quick)
+    rows = exchange_rows(sizes, worker_counts, quick, args.formats)
     updates = update_rows(sizes, 5 if quick else 15)
     memory = memory_rows(sizes[-1], (1, 4))
     tag = suffix(quick)
