@@ -175,11 +175,8 @@ def exchange_rows(
                 raw_rates.append(raw)
                 our_rates.append(ours)
                 ratios.append(ours / raw)
-            target = (
-                TARGETS.get(name.removesuffix("-whole"))
-                if size >= 10**7 and (name != "none" or p == 1)
-                else None
-            )
+            base = name.removesuffix("-whole")
+            target = TARGETS[base] if size >= 10**7 and (base != "none" or p == 1) else None
             median = statistics.median(ratios)
             rows.append({
                 "workers": p, "params": size, "format": name, "rounds_per_rep": rounds,
