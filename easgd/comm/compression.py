@@ -4,10 +4,13 @@ Formats (``comm.compression``): ``none`` (float32), ``bf16``, ``fp16`` and ``int
 one float32 scale per block of :data:`INT8_BLOCK` values: scale = max|v| / 127 over the block,
 q = round(v / scale)). A compressed message is a flat ``uint8`` tensor::
 
-    [format code: int32][value count: int32][int8 only: one float32 scale per block][values]
+    [format code: int32][value count: int32] then per frame of FRAME_VALUES values:
+    [int8 only: one float32 scale per block][values]
 
-so a message of another format or size is refused on decode with one line that says which
-(:class:`WireError`), as the transport refuses a payload of the wrong size.
+(one frame, the whole message, up to 2^20 values), so a message of another format or size is
+refused on decode with one line that says which (:class:`WireError`), as the transport refuses a
+payload of the wrong size. Each frame is encoded and decoded on its own, into buffers the ends
+keep, which is what lets the exchange be pipelined (:mod:`easgd.engine.pipeline`).
 
 Bytes per parameter on the wire: none 4, bf16 and fp16 2, int8 1 + 4/256 = 1.016 (plus the
 8-byte prefix per message). Block size 256: the scale costs 1.6% of the int8 bytes, and a block
