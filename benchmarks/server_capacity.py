@@ -1,25 +1,30 @@
-"""How many exchanges the parameter server sustains, against raw gloo moving the same bytes.
+"""How fast the parameter server exchanges, against raw gloo moving float32 of the same size.
 
 For 1M, 10M and 25M float32 parameters and p = 1, 2, 4 workers (one process each, plus the
-server), each worker does back-to-back round trips with no compute, in two phases in the same
-processes:
-1. raw ``dist.send``/``dist.recv`` of the payload to an echo thread per pair on the server: the
-   floor for moving those bytes over gloo;
-2. real EASGD exchanges through the parameter server (framing, the lock, the elastic update in
-   place, the reply from the worker's own receive buffer).
-Figures: exchanges/s and bytes/s summed over workers, and their ratio ours / raw (target 0.9).
+server), each worker does back-to-back round trips with no compute, alternating in one run
+(``REPS`` repetitions, a barrier between phases, so background load hits every phase alike):
+1. raw ``dist.send``/``dist.recv`` of the float32 payload to an echo thread on the server (its
+   own pair groups): the floor for moving those bytes over gloo;
+2. real EASGD exchanges through the parameter server (framing, the lock, the elastic update, the
+   reply), in each wire format: ``none`` (float32, pipelined), ``none-whole`` (float32 whole
+   messages, the exchange before the pipeline), ``bf16`` and ``int8`` (compressed
+   with error feedback, pipelined).
+Figures per repetition: model parameters per second summed over workers, ours / raw float32
+(targets: float32 >= 0.9 at 10M and 25M, p = 1; bf16 >= 1.8 and int8 >= 3.5 at 10M/25M, p = 1, 2,
+4); min and median over repetitions.
 
-Then, in one process and one thread, the server's update alone (ElasticServer.handle: e and the
-center in one pass) against a ``torch.add_`` of the same size, the memory-bandwidth yardstick
-(target 0.5); the former allocating form (pure functions) is timed alongside. Last, the server's
-peak memory per parameter with p receive buffers.
+Then, in one process and one thread, the server's update alone (``ElasticServer.handle(out=
+payload)``, the compiled one-pass update) against a ``torch.add_`` of the same size, interleaved
+(target 0.6); the eager chunked update and the former allocating form are timed alongside. Last,
+the server's peak memory per parameter with p receive buffers.
 
-    python benchmarks/server_capacity.py            # full (~4 min; 5 processes on 2 cores at p = 4)
-    python benchmarks/server_capacity.py --quick    # 1M parameters, p = 1, 2 (< 1 min)
+    python benchmarks/server_capacity.py            # full (~10 min; 5 processes on 2 cores at p = 4)
+    python benchmarks/server_capacity.py --quick    # 1M parameters, p = 1, 2 (~1 min)
 """
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import statistics
 import tempfile
@@ -38,9 +43,10 @@ from _memory import peak_bytes, reset_peak, rss_bytes  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from easgd import algorithms as alg  # noqa: E402
+from easgd.comm.compression import Compression  # noqa: E402
 from easgd.comm.groups import DistEnv, init_pair_groups  # noqa: E402
 from easgd.comm.message import Header, Op  # noqa: E402
-from easgd.comm.transport import PairTransport  # noqa: E402
+from easgd.comm.transport import PIECE_VALUES, PairTransport, pair_transport  # noqa: E402
 from easgd.engine.server import ParameterServer  # noqa: E402
 from easgd.engine.supervisor import Supervision, Supervisor  # noqa: E402
 from easgd.engine.worker import handshake  # noqa: E402
@@ -48,105 +54,139 @@ from easgd.parts.runlog import RunLog  # noqa: E402
 from easgd.roles import ElasticServer  # noqa: E402
 from easgd.topologies.launch import start_processes  # noqa: E402
 
-WARMUP = 2
-TARGET_EXCHANGE, TARGET_UPDATE = 0.9, 0.5
+WARMUP, REPS = 2, 7
+FORMATS = ("none", "none-whole", "bf16", "int8")
+"""The default cells; ``--formats`` may add ``bf16-whole`` and ``int8-whole``."""
+TARGETS = {"none": 0.9, "bf16": 1.8, "int8": 3.5}
+"""Parameters/s against raw float32 gloo (none: at p = 1 only), at 10M and 25M parameters."""
+TARGET_UPDATE = 0.6
 
 
 def rounds_for(size: int, quick: bool) -> int:
-    return max(3, int((1.5e7 if quick else 8e7) / size))
+    """Round trips per phase and repetition."""
+    return max(4, int((4e6 if quick else 4e7) / size))
 
 
 def _echo(group: dist.ProcessGroup, rank: int, size: int, rounds: int) -> None:
     buffer = torch.empty(size)
-    for _ in range(WARMUP + rounds):
+    for _ in range(rounds):
         dist.recv(buffer, rank, group=group)
         dist.send(buffer, rank, group=group)
 
 
-def bench_process(sizes: list[int], quick: bool) -> list[dict[str, Any]] | None:
-    """Rank 0 serves (echo threads, then the parameter server); ranks >= 1 time round trips."""
+def _transport(name: str, rank: int, peer: int, group: Any, size: int) -> PairTransport:
+    base = name.removesuffix("-whole")
+    compression = None if base == "none" else Compression(base, True, True, size)
+    return pair_transport(compression, worker=rank != 0, peer=peer, group=group, numel=size)
+
+
+def _serve(name: str, groups: dict[int, Any], size: int) -> None:
+    role = ElasticServer(torch.zeros(size), moving_rate=0.1)
+    # built before timing (a run builds them in the background): the whole and the per-piece update
+    role.compile_update(background=False, part_values=PIECE_VALUES)
+    transports = {r: _transport(name, 0, r, g, size) for r, g in groups.items()}
+    server = ParameterServer(role, transports)
+    server.pipeline = not name.endswith("-whole")
+    with tempfile.TemporaryDirectory() as tmp:
+        runlog = RunLog(tmp, tensorboard=False)
+        Supervisor(server, lambda point: {"test_loss": 0.0, "test_error": 0.0}, runlog,
+                   Supervision(eval_interval_s=3600)).run()  # fmt: skip
+        runlog.close()
+
+
+def _timed(action: Any, rounds: int) -> float:
+    started = time.perf_counter()
+    for _ in range(rounds):
+        action()
+    return time.perf_counter() - started
+
+
+def bench_process(sizes: list[int], names: list[str], quick: bool) -> list[dict[str, Any]] | None:
+    """Rank 0 serves (an echo thread per worker on its own groups, and the parameter server);
+    ranks >= 1 alternate raw round trips and exchanges, in step with each other."""
     torch.set_num_threads(1)
     env = DistEnv.from_environ()
-    pairs = init_pair_groups(env, backend="gloo", timeout_s=300)
+    pairs = init_pair_groups(env, backend="gloo", timeout_s=600)
+    raw_groups = {w: dist.new_group([0, w]) for w in range(1, env.world_size)}
+    workers = dist.new_group(list(range(1, env.world_size)))
     results = []
     for size in sizes:
         rounds = rounds_for(size, quick)
-        dist.barrier()
-        if env.rank == 0:
-            threads = [
-                threading.Thread(target=_echo, args=(group, rank, size, rounds))
-                for rank, group in pairs.groups.items()
-            ]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-        else:
-            group = pairs.groups[env.rank]
-            payload, back = torch.ones(size), torch.empty(size)
-            for i in range(WARMUP + rounds):
-                if i == WARMUP:
-                    started = time.perf_counter()
+        for name in names:
+            dist.barrier()
+            if env.rank == 0:
+                echoes = [
+                    threading.Thread(target=_echo, args=(raw_groups[r], r, size, (WARMUP + REPS) * rounds))
+                    for r in pairs.groups
+                ]  # fmt: skip
+                for thread in echoes:
+                    thread.start()
+                _serve(name, pairs.groups, size)
+                for thread in echoes:
+                    thread.join()
+                continue
+            raw_group, payload, back = raw_groups[env.rank], torch.ones(size), torch.empty(size)
+
+            def raw(group: Any = raw_group, payload: Tensor = payload, back: Tensor = back) -> None:
                 dist.send(payload, 0, group=group)
                 dist.recv(back, 0, group=group)
-            raw_s = time.perf_counter() - started
-            del back
-        dist.barrier()
-        if env.rank == 0:
-            transports = {
-                r: PairTransport(peer=r, group=g, numel=size) for r, g in pairs.groups.items()
-            }
-            with tempfile.TemporaryDirectory() as tmp:
-                runlog = RunLog(tmp, tensorboard=False)
-                Supervisor(
-                    ParameterServer(ElasticServer(torch.zeros(size), moving_rate=0.1), transports),
-                    lambda point: {"test_loss": 0.0, "test_error": 0.0},
-                    runlog, Supervision(eval_interval_s=3600),
-                ).run()  # fmt: skip
-                runlog.close()
-        else:
-            transport = PairTransport(peer=0, group=pairs.groups[env.rank], numel=size)
-            params = handshake(transport)
-            for i in range(WARMUP + rounds):
-                if i == WARMUP:
-                    started = time.perf_counter()
-                transport.send(Header(Op.EXCHANGE, step=i), params)
-                transport.recv()
-            ours_s = time.perf_counter() - started
-            transport.send(Header(Op.DONE, step=WARMUP + rounds))
+
+            transport = _transport(name, env.rank, 0, pairs.groups[env.rank], size)
+            params = handshake(transport) + 0.5
+            step = iter(range(10**9))
+
+            def ours(
+                transport: PairTransport = transport, params: Tensor = params, step: Any = step
+            ) -> None:
+                transport.send(Header(Op.EXCHANGE, step=next(step)), params)
+                header, reply = transport.recv()
+                assert reply is not None and not header.error
+                params.sub_(reply)  # x_i -= e: the worker's side of the exchange
+
+            _timed(raw, WARMUP * rounds)  # the echo threads serve (WARMUP + REPS) * rounds
+            _timed(ours, WARMUP)
+            raw_s, ours_s = [], []
+            for _ in range(REPS):
+                dist.barrier(group=workers)
+                raw_s.append(_timed(raw, rounds))
+                dist.barrier(group=workers)
+                ours_s.append(_timed(ours, rounds))
+            transport.send(Header(Op.DONE, step=next(step)))
             transport.recv()
-            results.append({"size": size, "rounds": rounds, "raw_s": raw_s, "ours_s": ours_s})
+            results.append({"size": size, "name": name, "rounds": rounds,
+                            "raw_s": raw_s, "ours_s": ours_s})  # fmt: skip
     dist.destroy_process_group()
     return results if env.rank != 0 else None
 
 
 def exchange_rows(
-    sizes: list[int], worker_counts: tuple[int, ...], quick: bool
+    sizes: list[int], worker_counts: tuple[int, ...], quick: bool, names: list[str]
 ) -> list[dict[str, Any]]:
     rows = []
     for p in worker_counts:
-        per_rank = start_processes(bench_process, p + 1, sizes, quick)
-        for i, size in enumerate(sizes):
-            cells = [per_rank[r][i] for r in range(1, p + 1)]
-            raw = sum(c["rounds"] / c["raw_s"] for c in cells)
-            ours = sum(c["rounds"] / c["ours_s"] for c in cells)
+        per_rank = start_processes(bench_process, p + 1, sizes, names, quick)
+        cells = [[c for c in per_rank[r]] for r in range(1, p + 1)]
+        for index, cell in enumerate(cells[0]):
+            size, name, rounds = cell["size"], cell["name"], cell["rounds"]
+            ratios, raw_rates, our_rates = [], [], []
+            for rep in range(REPS):
+                raw = sum(rounds * size / c[index]["raw_s"][rep] for c in cells)
+                ours = sum(rounds * size / c[index]["ours_s"][rep] for c in cells)
+                raw_rates.append(raw)
+                our_rates.append(ours)
+                ratios.append(ours / raw)
+            base = name.removesuffix("-whole")
+            target = TARGETS[base] if size >= 10**7 and (base != "none" or p == 1) else None
+            median = statistics.median(ratios)
             rows.append({
-                "workers": p, "params": size, "rounds_per_worker": cells[0]["rounds"],
-                "raw_exchanges_per_s": raw, "ours_exchanges_per_s": ours,
-                "ours_MB_per_s": ours * 2 * 4 * size / 1e6, "raw_MB_per_s": raw * 2 * 4 * size / 1e6,
-                "ratio": ours / raw, "target": TARGET_EXCHANGE,
+                "workers": p, "params": size, "format": name, "rounds_per_rep": rounds,
+                "raw_Mparams_per_s": statistics.median(raw_rates) / 1e6,
+                "ours_Mparams_per_s": statistics.median(our_rates) / 1e6,
+                "ratio_min": min(ratios), "ratio_median": median,
+                "target": target if target is not None else math.nan,
+                "met": "" if target is None else ("yes" if median >= target else "no"),
             })  # fmt: skip
     return rows
-
-
-def best_of(fn: Any, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def update_rows(sizes: list[int], repeats: int) -> list[dict[str, Any]]:
@@ -157,7 +197,8 @@ def update_rows(sizes: list[int], repeats: int) -> list[dict[str, Any]]:
         generator = torch.Generator().manual_seed(0)
         center, payload, other = torch.randn(3, size, generator=generator)
         role = ElasticServer(center, moving_rate=0.1)
-        adds, updates, pures = [], [], []
+        role.compile_update(background=False)
+        eager = ElasticServer(center, moving_rate=0.1)
 
         def add(center: Tensor = center, other: Tensor = other) -> None:
             center.add_(other)
@@ -165,18 +206,30 @@ def update_rows(sizes: list[int], repeats: int) -> list[dict[str, Any]]:
         def update(role: ElasticServer = role, payload: Tensor = payload) -> None:
             role.handle(0, payload, out=payload)
 
+        def chunked(role: ElasticServer = eager, payload: Tensor = payload) -> None:
+            role.handle(0, payload, out=payload)
+
         def pure(center: Tensor = center, payload: Tensor = payload) -> None:
             alg.apply_to_center(center, alg.elastic_difference(payload, center, moving_rate=0.1))
 
+        actions = {"add": add, "update": update, "eager": chunked}
+        times: dict[str, list[float]] = {name: [] for name in actions}
+        for action in actions.values():
+            action()
         for _ in range(repeats):  # interleaved: each figure sees the same machine state
-            adds.append(best_of(add, 1))
-            updates.append(best_of(update, 1))
-            pures.append(best_of(pure, 1))
-        add_s, update_s, pure_s = (statistics.median(t) for t in (adds, updates, pures))
+            for name, action in actions.items():
+                times[name].append(_timed(action, 1))
+        # the allocating form apart: its fresh pages would evict the others' data from the cache
+        times["pure"] = [_timed(pure, 1) for _ in range(3)]
+        ratios = [a / u for a, u in zip(times["add"], times["update"], strict=True)]
+        add_s, update_s, eager_s, pure_s = (statistics.median(times[n]) for n in times)
         rows.append({
-            "params": size, "add_ms": 1000 * add_s, "update_ms": 1000 * update_s,
+            "params": size, "compiled": role.fused is not None and role.fused.ready.is_set(),
+            "add_ms": 1000 * add_s, "update_ms": 1000 * update_s, "eager_update_ms": 1000 * eager_s,
             "pure_update_ms": 1000 * pure_s, "add_GB_per_s": 12 * size / add_s / 1e9,
-            "ratio": add_s / update_s, "pure_ratio": add_s / pure_s, "target": TARGET_UPDATE,
+            "ratio_min": min(ratios), "ratio_median": statistics.median(ratios),
+            "eager_ratio": add_s / eager_s, "pure_ratio": add_s / pure_s, "target": TARGET_UPDATE,
+            "met": "yes" if statistics.median(ratios) >= TARGET_UPDATE else "no",
         })  # fmt: skip
     return rows
 
@@ -209,35 +262,30 @@ def memory_rows(size: int, worker_counts: tuple[int, ...]) -> list[dict[str, Any
 
 
 def plot(rows: list[dict[str, Any]], updates: list[dict[str, Any]], path: str) -> None:
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for p in sorted({r["workers"] for r in rows}):
-        cells = [r for r in rows if r["workers"] == p]
-        left.plot(
-            [c["params"] / 1e6 for c in cells], [c["ratio"] for c in cells], "o-", label=f"p={p}"
-        )
-    left.axhline(TARGET_EXCHANGE, color="gray", ls="--", lw=1, label="target")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    styles = {"none": "-", "none-whole": ":", "bf16": "--", "int8": "-."}
+    for name in sorted({r["format"] for r in rows}):
+        for p in sorted({r["workers"] for r in rows}):
+            cells = [r for r in rows if r["workers"] == p and r["format"] == name]
+            if cells:
+                left.plot([c["params"] / 1e6 for c in cells], [c["ratio_median"] for c in cells],
+                          "o" + styles.get(name, ":"), label=f"{name} p={p}")  # fmt: skip
+    for name, target in TARGETS.items():
+        left.axhline(target, color="gray", ls=styles[name], lw=0.8)
+    left.set_xscale("log")
     left.set_xlabel("parameters (millions)")
-    left.set_ylabel("exchanges/s: server / raw gloo")
-    left.set_ylim(0, 1.2)
-    left.legend(fontsize=8)
-    left.set_title("Whole exchange vs raw send/recv")
+    left.set_ylabel("parameters/s: exchange / raw float32 gloo")
+    left.legend(fontsize=6, ncol=2)
+    left.set_title("Whole exchange vs raw send/recv (gray: targets)")
     x = [f"{u['params'] / 1e6:g}M" for u in updates]
-    width = 0.38
-    positions = range(len(x))
-    right.bar(
-        [i - width / 2 for i in positions],
-        [u["ratio"] for u in updates],
-        width,
-        label="in place (now)",
-    )
-    right.bar(
-        [i + width / 2 for i in positions],
-        [u["pure_ratio"] for u in updates],
-        width,
-        label="allocating (before)",
-    )
+    width = 0.27
+    for offset, key, label in ((-1, "ratio_median", "compiled (now)"),
+                               (0, "eager_ratio", "eager chunks"),
+                               (1, "pure_ratio", "allocating")):  # fmt: skip
+        right.bar([i + offset * width for i in range(len(x))], [u[key] for u in updates], width,
+                  label=label)  # fmt: skip
     right.axhline(TARGET_UPDATE, color="gray", ls="--", lw=1, label="target")
-    right.set_xticks(list(positions), x)
+    right.set_xticks(list(range(len(x))), x)
     right.set_ylabel("add_ time / update time")
     right.set_title("Center update vs memory bandwidth")
     right.legend(fontsize=8)
@@ -249,16 +297,18 @@ def report(
     rows: list[dict[str, Any]], updates: list[dict[str, Any]], memory: list[dict[str, Any]]
 ) -> None:
     """Print the figures (also from a saved JSON: report(d["exchanges"], d["update"], d["memory"]))."""
-    print(
-        f"{'p':>2s} {'params':>9s} {'raw ex/s':>9s} {'ours ex/s':>9s} {'ours MB/s':>9s} {'ratio':>6s}"
-    )
+    print(f"{'p':>2s} {'params':>7s} {'format':>10s} {'raw Mp/s':>9s} {'ours Mp/s':>9s} "
+          f"{'min':>6s} {'median':>6s} {'target':>6s} met")  # fmt: skip
     for r in rows:
-        print(f"{r['workers']:2d} {r['params'] / 1e6:8.0f}M {r['raw_exchanges_per_s']:9.2f} "
-              f"{r['ours_exchanges_per_s']:9.2f} {r['ours_MB_per_s']:9.0f} {r['ratio']:6.3f}")  # fmt: skip
-    print(f"target {TARGET_EXCHANGE}; update alone vs add_ (target {TARGET_UPDATE}):")
+        print(f"{r['workers']:2d} {r['params'] / 1e6:6.0f}M {r['format']:>10s} "
+              f"{r['raw_Mparams_per_s']:9.1f} {r['ours_Mparams_per_s']:9.1f} {r['ratio_min']:6.3f} "
+              f"{r['ratio_median']:6.3f} {r['target']:6.2f} {r['met']}")  # fmt: skip
+    print(f"update alone vs add_ (target {TARGET_UPDATE}, median of interleaved ratios):")
     for u in updates:
-        print(f"  {u['params'] / 1e6:8.0f}M add_ {u['add_ms']:7.2f} ms ({u['add_GB_per_s']:.1f} GB/s), "
-              f"update {u['update_ms']:7.2f} ms: ratio {u['ratio']:.3f} (allocating form: {u['pure_ratio']:.3f})")  # fmt: skip
+        print(f"  {u['params'] / 1e6:4.0f}M add_ {u['add_ms']:7.2f} ms ({u['add_GB_per_s']:.1f} GB/s), "
+              f"update {u['update_ms']:7.2f} ms: ratio {u['ratio_median']:.3f} (min {u['ratio_min']:.3f}; "
+              f"compiled {u['compiled']}; eager chunks {u['eager_ratio']:.3f}, allocating "
+              f"{u['pure_ratio']:.3f}) {u['met']}")  # fmt: skip
     for m in memory:
         print(
             f"server peak memory, p={m['workers']}: {m['bytes_per_param']:.1f} bytes/param "
@@ -267,11 +317,19 @@ def report(
 
 
 def main() -> None:
-    args = parser(__doc__ or "").parse_args()
+    cli = parser(__doc__ or "")
+    cli.add_argument("--sizes", type=float, nargs="+", help="parameter counts (e.g. 1e7 2.5e7)")
+    cli.add_argument("--workers", type=int, nargs="+", help="worker counts (e.g. 1 2 4)")
+    cli.add_argument("--formats", nargs="+", default=list(FORMATS), help="cells (see FORMATS)")
+    args = cli.parse_args()
     quick = args.quick
     sizes = [10**6] if quick else [10**6, 10**7, 25 * 10**6]
     worker_counts = (1, 2) if quick else (1, 2, 4)
-    rows = exchange_rows(sizes, worker_counts, quick)
+    if args.sizes:
+        sizes = [int(size) for size in args.sizes]
+    if args.workers:
+        worker_counts = tuple(args.workers)
+    rows = exchange_rows(sizes, worker_counts, quick, args.formats)
     updates = update_rows(sizes, 5 if quick else 15)
     memory = memory_rows(sizes[-1], (1, 4))
     tag = suffix(quick)
@@ -279,7 +337,7 @@ def main() -> None:
     write_csv(args.out / f"server_update{tag}.csv", updates)
     write_json(
         args.out / f"server_capacity{tag}.json",
-        {"threads": 1, "exchanges": rows, "update": updates, "memory": memory},
+        {"threads": 1, "reps": REPS, "exchanges": rows, "update": updates, "memory": memory},
     )
     plot(rows, updates, str(args.out / f"server_capacity{tag}.png"))
     report(rows, updates, memory)

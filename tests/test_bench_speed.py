@@ -46,14 +46,16 @@ def test_speed_quick(tmp_path: Path) -> None:
 def test_server_capacity_quick(tmp_path: Path) -> None:
     run_quick("server_capacity.py", tmp_path)
     result = json.loads((tmp_path / "server_capacity_quick.json").read_text())
-    cells = {(r["workers"], r["params"]) for r in result["exchanges"]}
-    assert cells == {(1, 10**6), (2, 10**6)}
+    cells = {(r["workers"], r["params"], r["format"]) for r in result["exchanges"]}
+    formats = ("none", "none-whole", "bf16", "int8")
+    assert cells == {(p, 10**6, name) for p in (1, 2) for name in formats}
     for row in result["exchanges"]:
-        expected = row["ours_exchanges_per_s"] / row["raw_exchanges_per_s"]
-        assert row["ratio"] == pytest.approx(expected) and row["ours_exchanges_per_s"] > 0
+        # ratios per repetition, alternating with raw gloo: the median lies above the least
+        assert 0 < row["ratio_min"] <= row["ratio_median"] and row["ours_Mparams_per_s"] > 0
+        assert row["met"] == ""  # the targets are set at 10M and 25M parameters
     (update,) = result["update"]
     # in place (one pass, no allocation) beats the allocating pure form by a wide margin
-    assert update["ratio"] > 1.3 * update["pure_ratio"], update
+    assert update["ratio_median"] > 1.3 * update["pure_ratio"], update
     for row in result["memory"]:
         # the center plus one receive buffer per worker (the reply is written into it)
         assert row["needed"] - 1.5 <= row["bytes_per_param"] <= row["needed"] + 1.5, row

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from easgd.comm import compression
 from easgd.comm.compression import (
     FORMATS,
     INT8_BLOCK,
@@ -307,3 +308,42 @@ def test_server_memory_per_worker_is_what_the_docs_say(error_feedback: bool) -> 
     downpour = ServerLink(Compression("int8", error_feedback, False, numel), start)
     assert _held_bytes(downpour.down_state.reference, downpour._reply) == 8 * numel
     assert payload_bytes("int8", numel) == numel + 4 * 10 + 8
+    # and the reply's own message buffer, kept across exchanges (the transport's receive buffer
+    # is the other): + 2 * 1.016 bytes per parameter with int8
+    assert _held_bytes(elastic.message) == _held_bytes(downpour.down_state.wire)
+    assert _held_bytes(elastic.message) == payload_bytes("int8", numel)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_frames_decode_like_one_message_and_refuse_a_short_one(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    values = torch.randn(5 * INT8_BLOCK + 17, generator=torch.Generator().manual_seed(3))
+    whole = Codec(name, values.numel())
+    assert len(whole.frames) == 1
+    monkeypatch.setattr(compression, "FRAME_VALUES", 2 * INT8_BLOCK)
+    framed = Codec(name, values.numel())
+    assert [f.values for f in framed.frames] == [slice(0, 512), slice(512, 1024), slice(1024, 1297)]
+    # every byte in exactly one piece, frame 0's piece holding the prefix; same size as one frame
+    pieces = torch.cat([torch.arange(framed.wire_bytes)[f.piece] for f in framed.frames])
+    assert torch.equal(pieces, torch.arange(framed.wire_bytes))
+    wire = framed.encode(values)
+    assert wire.numel() == payload_bytes(name, values.numel()) == whole.wire_bytes
+    # each block's scale (int8) is the same whichever frame holds it: the values decode alike
+    assert torch.equal(framed.decode(wire), whole.decode(whole.encode(values)))
+    out = torch.empty(values.numel())
+    assert framed.decode(wire, out=out) is out
+    with pytest.raises(WireError, match=f"in {wire.numel() - 1} bytes"):
+        framed.decode(wire[:-1])
+
+
+def test_senders_reuse_their_buffers() -> None:
+    codec = Codec("int8", 1000)
+    sender = IncrementSender(codec, error_feedback=True)
+    first, decoded = sender.encode(torch.randn(1000))
+    second, again = sender.encode(torch.randn(1000))
+    assert first.data_ptr() == second.data_ptr() and decoded.data_ptr() == again.data_ptr()
+    values = torch.randn(1000)
+    expected = codec.decode(IncrementSender(codec, error_feedback=False).encode(values)[0])
+    _, in_place = IncrementSender(codec, error_feedback=False).encode(values, decoded=values)
+    assert in_place is values and torch.equal(values, expected)

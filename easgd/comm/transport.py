@@ -18,7 +18,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from easgd.comm.compression import FORMATS, Compression, WireError, WorkerLink, payload_bytes
+from easgd.comm.compression import (
+    FORMATS,
+    FRAME_VALUES,
+    Compression,
+    WireError,
+    WorkerLink,
+    frames_of,
+    payload_bytes,
+)
 from easgd.comm.message import HEADER_SIZE, Header
 
 
@@ -53,6 +61,60 @@ class WorkerTransport(Protocol):
 FRAME_LIMIT = 1 << 17
 """Payloads up to this many values travel in one frame with their header (one message instead of
 two: latency dominates there); larger ones travel as header + payload, avoiding a copy."""
+
+PIECE_VALUES = FRAME_VALUES
+"""A larger payload travels as pieces of this many values, one gloo message each, all posted at
+once (isend/irecv): the receiver can work on a piece while the next ones are on the wire (the
+server's pipelined exchange, :meth:`easgd.engine.server.ParameterServer`), and the sender's
+piece k+1 is encoded while piece k travels. A compressed message's pieces are its frames
+(:func:`easgd.comm.compression.frames_of`)."""
+
+
+def value_pieces(numel: int) -> list[slice]:
+    """The pieces of a float32 payload of ``numel`` values."""
+    return [slice(i, min(i + PIECE_VALUES, numel)) for i in range(0, max(numel, 1), PIECE_VALUES)]
+
+
+class Incoming:
+    """One payload arriving in pieces: a receive is posted for every piece at once; :meth:`wait`
+    returns piece k once it has arrived (its slice of ``buffer``)."""
+
+    def __init__(self, transport: PairTransport, buffer: Tensor, pieces: list[slice]) -> None:
+        self.transport, self.buffer, self.pieces = transport, buffer, pieces
+        self._works = [transport._irecv(buffer[piece]) for piece in pieces]
+
+    def wait(self, index: int) -> Tensor:
+        """Piece ``index``, once it has arrived."""
+        self.transport._wait(self._works[index])
+        return self.buffer[self.pieces[index]]
+
+    def wait_all(self) -> Tensor:
+        """The whole buffer, once every piece has arrived."""
+        for index in range(len(self.pieces)):
+            self.wait(index)
+        return self.buffer
+
+
+class Outgoing:
+    """One message leaving in pieces: the header is sent at once; :meth:`send` sends piece k of
+    ``buffer`` (write it first, and leave it alone until :meth:`wait` returns)."""
+
+    def __init__(
+        self, transport: PairTransport, header: Header, buffer: Tensor, pieces: list[slice]
+    ) -> None:
+        self.transport, self.buffer, self.pieces = transport, buffer, pieces
+        transport._pause()
+        self._header = header.encode()
+        self._works = [transport._isend(self._header)]
+
+    def send(self, index: int) -> None:
+        """Start sending piece ``index``."""
+        self._works.append(self.transport._isend(self.buffer[self.pieces[index]]))
+
+    def wait(self) -> None:
+        """Until every piece sent has left."""
+        for work in self._works:
+            work.wait()
 
 
 class PairTransport:
@@ -117,6 +179,42 @@ class PairTransport:
             self.group.send([tensor], self.peer, 0).wait()
             return
         dist.send(tensor, self.peer, group=self.group)
+
+    def _isend(self, tensor: Tensor) -> Any:
+        """A point-to-point send to the peer, started (its work object: wait on it)."""
+        if self.direct:
+            assert self.group is not None
+            return self.group.send([tensor], self.peer, 0)
+        return dist.isend(tensor, self.peer, group=self.group)
+
+    def _irecv(self, buffer: Tensor) -> Any:
+        """A point-to-point receive from the peer, posted (wait on it with :meth:`_wait`)."""
+        if self.direct:
+            assert self.group is not None
+            return self.group.recv([buffer], self.peer, 0)
+        return dist.irecv(buffer, self.peer, group=self.group)
+
+    def _wait(self, work: Any) -> None:
+        """Wait for a posted receive, no longer than :attr:`recv_timeout_s` when set."""
+        if self.recv_timeout_s is None:
+            work.wait()
+        else:
+            work.wait(timeout=datetime.timedelta(seconds=self.recv_timeout_s))
+
+    def _send_pieces(self, flat: Tensor, pieces: list[slice]) -> None:
+        """``flat`` as its pieces (one message when it is one piece)."""
+        if len(pieces) == 1:
+            self._send(flat)
+            return
+        for work in [self._isend(flat[piece]) for piece in pieces]:
+            work.wait()
+
+    def _recv_pieces(self, buffer: Tensor, pieces: list[slice]) -> None:
+        """Receive what :meth:`_send_pieces` sent into ``buffer``."""
+        if len(pieces) == 1:
+            self._recv_into(buffer)
+            return
+        Incoming(self, buffer, pieces).wait_all()
 
     def _recv_into(self, buffer: Tensor) -> None:
         """One point-to-point receive from the peer (every receive goes through here)."""
@@ -186,17 +284,44 @@ class PairTransport:
                 staging = self._out[-self.numel :]
                 staging.copy_(flat)
                 flat = staging
-            self._send(flat)
+            self._send_pieces(flat, value_pieces(self.numel))
 
     def recv_control(self) -> tuple[Header, Tensor | None]:
         """Receive a header alone, then its payload if it announces one."""
+        header = self.recv_header()
+        return header, self.recv_payload(header)
+
+    def recv_header(self) -> Header:
+        """The header of an unframed message (its payload follows: :meth:`recv_payload` or
+        :meth:`incoming`)."""
         self._recv_into(self._header)
-        header = Header.decode(self._header)
-        payload = None
-        if header.has_payload:
-            payload = self._in[-self.numel :]
-            self._recv_into(payload)
-        return header, payload
+        return Header.decode(self._header)
+
+    def recv_payload(self, header: Header) -> Tensor | None:
+        """The payload ``header`` announces (None if it announces none), whole."""
+        if not header.has_payload:
+            return None
+        payload = self._in[-self.numel :]
+        self._recv_pieces(payload, value_pieces(self.numel))
+        return payload
+
+    def incoming(self, header: Header) -> Incoming | None:
+        """The payload ``header`` announces, arriving piece by piece (None: it announces none)."""
+        if not header.has_payload:
+            return None
+        return Incoming(self, self._in[-self.numel :], value_pieces(self.numel))
+
+    def outgoing(self, header: Header, reply: Tensor) -> Outgoing:
+        """Send ``header`` now and the message ``reply`` (this link's payload: ``numel`` float32
+        values, or a compressed message) piece by piece with :meth:`Outgoing.send`."""
+        header.has_payload = True
+        if reply.dtype == torch.uint8 and self.compression is not None:
+            header.compression = FORMATS.index(self.compression.name)
+            pieces = [f.piece for f in frames_of(self.compression.name, self.numel)]
+        else:
+            self._check(reply)
+            pieces = value_pieces(self.numel)
+        return Outgoing(self, header, reply.reshape(-1), pieces)
 
 
 class CompressedTransport(PairTransport):
@@ -225,37 +350,64 @@ class CompressedTransport(PairTransport):
         """The worker's end (None on the server, or before the handshake)."""
         self._worker = worker
         self._wire = torch.zeros(payload_bytes(compression.name, self.numel), dtype=torch.uint8)
+        self._pieces = [frame.piece for frame in frames_of(compression.name, self.numel)]
         self._in = torch.zeros(0)  # float32 centers only reach a worker: allocated there
 
     def send(self, header: Header, payload: Tensor | None = None) -> None:
-        """Send one message; a worker's float32 payload leaves encoded."""
+        """Send one message; a worker's float32 payload leaves encoded, frame by frame (each
+        frame is sent while the next one is encoded)."""
         if payload is not None and payload.dtype != torch.uint8 and self._worker:
             if self.link is None:
                 raise RuntimeError("a compressed exchange before the handshake")
-            payload = self.link.send(payload)
+            link, flat = self.link, payload.detach().reshape(-1).cpu()
+            header.compression = self.code
+            outgoing = self.outgoing(header, link.message)
+            for index, frame in enumerate(link.codec.frames):
+                link.encode_frame(index, flat[frame.values])
+                outgoing.send(index)
+            outgoing.wait()
+            return
         if payload is None or payload.dtype != torch.uint8:
             self.send_control(header, payload)  # a float32 center (the server's refusal)
             return
         header.has_payload, header.compression = True, self.code
         self._pause()
         self._send(header.encode())
-        self._send(payload)
+        self._send_pieces(payload, self._pieces)
 
     def recv(self) -> tuple[Header, Tensor | None]:
-        """Receive one message: the worker gets its reply decoded, the server the bytes."""
-        self._recv_into(self._header)
-        header = Header.decode(self._header)
+        """Receive one message: the worker gets its reply decoded (frame by frame, as the frames
+        arrive), the server the bytes."""
+        header = self.recv_header()
+        return header, self.recv_payload(header)
+
+    def recv_payload(self, header: Header) -> Tensor | None:
+        """The payload after ``header``: a float32 center, or a compressed message (a worker's
+        decoded, a server's as bytes)."""
         if not header.has_payload:
-            return header, None
+            return None
         if not header.compression:
-            return header, self._recv_center()
+            return self._recv_center()
+        incoming = self.incoming(header)
+        assert incoming is not None
+        link = self.link
+        if link is None:
+            return incoming.wait_all()
+        for index in range(len(self._pieces)):
+            piece = incoming.wait(index)
+            if index == 0:
+                link.codec.check_prefix(piece, self._wire.numel())
+            link.decode_frame(index, self._wire)
+        return link.reply()
+
+    def incoming(self, header: Header) -> Incoming | None:
+        """A compressed payload arriving frame by frame (None: none, or a float32 center)."""
+        if not header.has_payload or not header.compression:
+            return None
         if header.compression != self.code:
             got = FORMATS[header.compression] if header.compression < len(FORMATS) else "?"
             raise WireError(f"a {got} message on a {self._format.name} link")
-        self._recv_into(self._wire)
-        if self.link is None:
-            return header, self._wire
-        return header, self.link.receive(self._wire)
+        return Incoming(self, self._wire, self._pieces)
 
     def send_control(self, header: Header, payload: Tensor | None = None) -> None:
         """:meth:`PairTransport.send_control`; a message with no payload announces this link's
@@ -265,15 +417,14 @@ class CompressedTransport(PairTransport):
 
     def recv_control(self) -> tuple[Header, Tensor | None]:
         """:meth:`PairTransport.recv_control`; a worker restarts its link from the center."""
-        self._recv_into(self._header)
-        header = Header.decode(self._header)
+        header = self.recv_header()
         return header, self._recv_center() if header.has_payload else None
 
     def _recv_center(self) -> Tensor:
         """A float32 center (a worker restarts its link from it)."""
         if self._in.numel() != self.numel:
             self._in = torch.zeros(self.numel, dtype=torch.float32)
-        self._recv_into(self._in)
+        self._recv_pieces(self._in, value_pieces(self.numel))
         if self._worker:
             self.link = self._format.worker_link(self._in)
         return self._in

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from easgd.comm import transport as wire
 from easgd.comm.membership import EventLog, SlotListener, free_slots, start_server_epoch
 from easgd.comm.message import Header
 from easgd.comm.transport import PairTransport
@@ -169,7 +170,8 @@ class ElasticServer(ParameterServer):
 
     # -- threads ------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start one thread per slot."""
+        """Start one thread per slot (and the role's compiled update, in the background)."""
+        self.role.compile_update(part_values=wire.PIECE_VALUES)
         self._threads = {
             slot: threading.Thread(
                 target=self._serve_slot, args=(slot,), name=f"slot{slot}", daemon=True

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
+from easgd.comm import transport as wire
 from easgd.comm.compression import FORMATS, Compression, WireError
 from easgd.comm.message import (
     ERROR_FORMAT_MISMATCH,
@@ -48,6 +49,7 @@ from easgd.comm.message import (
     Op,
 )
 from easgd.comm.transport import PairTransport
+from easgd.engine import pipeline
 from easgd.roles import ServerRole, UpdateRefused
 from easgd.roles.links import ServerLink
 
@@ -177,13 +179,17 @@ class ParameterServer:
         self.on_member_join: list[WorkerEndHook] = []
         """Called with a slot when a new member connected (workers that come and go:
         :mod:`easgd.engine.members`; a fixed worker is watched from the start)."""
+        self.pipeline = True
+        """Serve large elastic exchanges piece by piece (:mod:`easgd.engine.pipeline`); False:
+        whole messages, as the benchmark's eager baseline."""
         self.links: dict[int, ServerLink] = {}
         """Each worker's compressed link (comm.compression; none: no entry), restarted from every
         float32 center the worker is sent (the handshake, a refused update)."""
 
     # -- threads -------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start one serve thread per worker."""
+        """Start one serve thread per worker (and the role's compiled update, in the background)."""
+        self.role.compile_update(part_values=wire.PIECE_VALUES)
         self._threads = {
             rank: threading.Thread(
                 target=self._serve, args=(rank,), name=f"serve-worker{rank}", daemon=True
@@ -232,7 +238,13 @@ class ParameterServer:
             raise PeerLost(f"worker {rank} spoke before its handshake (op {header.op.name})")
         self._hello(rank, transport, header)
         while True:
-            header, payload = _recv(transport)
+            if pipeline.pipelines(self, transport):
+                received, payload = self._recv_pipelined(rank, transport)
+                if received is None:
+                    continue  # an exchange served piece by piece
+                header = received
+            else:
+                header, payload = _recv(transport)
             stats.in_service = True
             if self.server_error is not None:
                 self._tell_server_failed(rank)
@@ -248,6 +260,28 @@ class ParameterServer:
                 self._failed(rank, header)
                 return
             stats.in_service = False
+
+    def _recv_pipelined(
+        self, rank: int, transport: PairTransport
+    ) -> tuple[Header | None, Tensor | None]:
+        """Receive a header; an exchange's payload is served as it arrives (returns None, None),
+        any other message is returned whole."""
+        try:
+            header = transport.recv_header()
+            incoming = None
+            if header.op == Op.EXCHANGE and self.server_error is None:
+                incoming = transport.incoming(header)
+            if incoming is None:
+                return header, transport.recv_payload(header)
+        except Exception as err:
+            raise PeerLost(f"{type(err).__name__}: {err}") from err
+        stats = self.stats[rank]
+        stats.in_service = True
+        try:
+            pipeline.exchange(self, rank, transport, header, incoming)
+        finally:
+            stats.in_service = False
+        return None, None
 
     def _update(self, rank: int, payload: Tensor | None, *, exchange: bool) -> Tensor:
         """The role applies ``payload`` (under the lock), after the ``before_update`` hooks.
@@ -344,19 +378,7 @@ class ParameterServer:
                 self._restart_link(rank, transport, reply)
             exchanges = self.exchanges
         if refusal is not None:
-            # divergence guard: the center never sees it; the worker restarts from the center
-            stats.rejected += 1
-            log.warning(
-                "refused worker %d's update at step %d (%s); reset to the center",
-                rank,
-                header.step,
-                refusal,
-            )
-            _send(
-                transport,
-                Header(Op.REPLY, error=ERROR_NON_FINITE, stop=self.stop.is_set(), snapshot=mark),
-                reply,
-            )
+            self._refused(rank, transport, header, refusal, reply, mark)
             return
         stop = self.stop.is_set()
         reply_header = Header(
@@ -369,6 +391,29 @@ class ParameterServer:
             reply = link.decoded_reply  # what the worker applies
         for hook in self.on_exchange:
             hook(rank, header, reply, staleness)
+
+    def _refused(
+        self,
+        rank: int,
+        transport: PairTransport,
+        header: Header,
+        refusal: str,
+        center: Tensor,
+        mark: int,
+    ) -> None:
+        """Divergence guard: the center never saw the update; the worker restarts from it."""
+        self.stats[rank].rejected += 1
+        log.warning(
+            "refused worker %d's update at step %d (%s); reset to the center",
+            rank,
+            header.step,
+            refusal,
+        )
+        _send(
+            transport,
+            Header(Op.REPLY, error=ERROR_NON_FINITE, stop=self.stop.is_set(), snapshot=mark),
+            center,
+        )
 
     def _done(
         self, rank: int, transport: PairTransport, header: Header, payload: Tensor | None

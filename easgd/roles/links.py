@@ -21,11 +21,13 @@ What each rule quantizes (always a difference; :mod:`easgd.comm.compression`):
 
 Server memory per worker, in bytes per model parameter (float32), held for the whole run:
 elastic 4 (x^_i) + 4 (the reply buffer) + 4 with error feedback (the residual of e), DOWNPOUR and
-MDOWNPOUR 4 (the center this worker last received) + 4 (the reply buffer); plus the transport's
-buffer for one compressed message (int8 1.016, bf16/fp16 2). The float32 exchange holds 4 (one
-receive buffer that the reply reuses), so compression adds 9.0 (elastic with error feedback) or
-5.0 (otherwise) with int8 (tested: ``tests/test_compression.py``). A worker holds 4 (its
-reference) + 4 (reply) + 4 with error feedback (DOWNPOUR's residual). The references start from
+MDOWNPOUR 4 (the center this worker last received) + 4 (the reply buffer); plus two compressed
+messages, the transport's receive buffer and the reply's own buffer (each int8 1.016, bf16/fp16
+2), and a few frames of scratch (a frame is 2^20 values: 4 MiB each, whatever the model's size).
+The float32 exchange holds 4 (one receive buffer that the reply reuses), so compression adds 10.0
+(elastic with error feedback) or 6.0 (otherwise) with int8 (tested: ``tests/test_compression.py``).
+A worker holds 4 (its reference) + 4 (reply) + 4 with error feedback (DOWNPOUR's residual), plus
+its two messages. The references start from
 the center of the handshake (a resumed worker's first delta is then large, and the next one
 corrects its rounding); residuals are not checkpointed (a restart drops at most one message's
 rounding).
@@ -78,8 +80,7 @@ class ServerLink:
         return self.up_state.decode(wire) if self.elastic else self.codec.decode(wire)
 
     def _quantize(self, diff: Tensor) -> None:
-        self._sent, decoded = self.down_increment.encode(diff)
-        diff.copy_(decoded)
+        self._sent, _ = self.down_increment.encode(diff, decoded=diff)
 
     @property
     def decoded_reply(self) -> Tensor:
@@ -109,6 +110,31 @@ class ServerLink:
         sent, self._sent = self._sent, None
         assert sent is not None
         return sent
+
+    # -- the elastic exchange frame by frame (the pipelined exchange: easgd.engine.server) -------
+    @property
+    def message(self) -> Tensor:
+        """The buffer of the compressed reply (elastic: e^, written by :meth:`apply_frame`)."""
+        return self.down_increment.wire
+
+    def decode_frame(self, index: int, wire: Tensor) -> None:
+        """Frame ``index`` of the worker's message (its prefix checked before): x^_i moves by
+        the decoded delta (this link's own state: no lock needed)."""
+        self.up_state.decode_frame(index, wire)
+
+    def difference_frame(self, role: ElasticServer, index: int) -> float:
+        """e = alpha (x^_i - center) for frame ``index`` into the reply; returns ||e||^2 there."""
+        part = self.codec.frames[index].values
+        return role.difference_part(self._reply[part], self.up_state.reference[part], part)
+
+    def apply_frame(self, role: ElasticServer, index: int) -> None:
+        """Frame ``index`` of the reply: e quantized to e^ (error feedback as configured), the
+        center moved by e^ and x^_i by -e^, the same bits the worker will apply."""
+        part = self.codec.frames[index].values
+        diff = self._reply[part]
+        self.down_increment.encode_frame(index, diff, diff)
+        role.apply_part(diff, part)
+        self.up_state.reference[part].sub_(diff)
 
     def handle(
         self,

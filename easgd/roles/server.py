@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from easgd import algorithms as alg
-from easgd.algorithms import inplace
+from easgd.algorithms import fused, inplace
+from easgd.algorithms.fused import FusedElasticUpdate
 from easgd.roles.state import State, load_into, snapshot
 
 
@@ -80,6 +81,12 @@ class ServerRole(ABC):
         """A synchronous round: every payload reads the same center, then one update."""
         raise ValueError(f"{type(self).__name__} has no synchronous round")
 
+    def compile_update(self, *, background: bool = True, part_values: int | None = None) -> None:
+        """Build a compiled one-pass update where the rule has one (:mod:`easgd.algorithms.fused`),
+        for the whole center and for parts of ``part_values`` values (the pipelined exchange's);
+        ``handle`` stays eager until it is ready. Called by the runtime's server at its start."""
+        return None  # no compiled form: the eager update serves
+
     def reply_center(self, out: Tensor | None = None) -> Tensor:
         """A copy of the center (into ``out`` when given): the reply to a refused update."""
         return self.center.clone() if out is None else out.copy_(self.center)
@@ -109,6 +116,29 @@ class ElasticServer(ServerRole):
     def __init__(self, center: Tensor, *, moving_rate: float) -> None:
         super().__init__(center)
         self.moving_rate = alg.hyperparams.check_moving_rate(moving_rate)
+        self.fused: FusedElasticUpdate | None = None
+        """The compiled update (:meth:`compile_update`; None: eager)."""
+        self.fused_part: FusedElasticUpdate | None = None
+        """The compiled update of one part (:meth:`update_part`; None: eager)."""
+
+    def compile_update(self, *, background: bool = True, part_values: int | None = None) -> None:
+        if not (
+            fused.compile_enabled()
+            and self.center.dtype == torch.float32
+            and self.center.device.type == "cpu"
+        ):
+            return
+        numel, rate = self.center.numel(), self.moving_rate
+        if self.fused is None and numel >= fused.FUSED_MIN_VALUES:
+            self.fused = FusedElasticUpdate(numel, moving_rate=rate, background=background)
+        if (
+            self.fused_part is None
+            and part_values is not None
+            and fused.FUSED_MIN_VALUES <= part_values < numel
+        ):
+            self.fused_part = FusedElasticUpdate(
+                part_values, moving_rate=rate, background=background
+            )
 
     def handle(
         self,
@@ -122,7 +152,8 @@ class ElasticServer(ServerRole):
             raise ValueError(f"worker {worker} sent no parameters to an elastic exchange")
         reply = torch.empty_like(self.center) if out is None else out
         if max_update_norm is None:
-            inplace.elastic_update_(self.center, payload, reply, moving_rate=self.moving_rate)
+            if self.fused is None or not self.fused(self.center, payload, reply):
+                inplace.elastic_update_(self.center, payload, reply, moving_rate=self.moving_rate)
             self.updates += 1
             return reply
         return self._two_pass(payload, reply, max_update_norm, None)
@@ -166,6 +197,30 @@ class ElasticServer(ServerRole):
 
     def update_norm(self, payload: Tensor) -> float | None:
         return None  # alpha ||x_i - center||: measured during the update (see handle)
+
+    # -- the same exchange in parts (the pipelined exchange: easgd.engine.server) ---------------
+    def difference_part(self, out: Tensor, payload: Tensor, part: slice) -> float:
+        """out <- e = alpha (x_i - center) over the values ``part`` of the center (``out`` may be
+        ``payload``: that part of x_i); returns ||e||^2 of the part. The center is untouched:
+        :meth:`apply_part` moves it once every part has been checked."""
+        diff = torch.sub(payload, self.center[part], out=out).mul_(self.moving_rate)
+        return float(torch.linalg.vector_norm(diff)) ** 2
+
+    def apply_part(self, elastic_diff: Tensor, part: slice) -> None:
+        """center[part] <- center[part] + e[part]; :meth:`count_update` after the last part."""
+        self.center[part].add_(elastic_diff)
+
+    def update_part(self, payload: Tensor, part: slice) -> None:
+        """:meth:`handle` without a norm limit on the values ``part``: payload <- e there and the
+        center moves by it (in one compiled pass where it is built); :meth:`count_update` after
+        the last part."""
+        center = self.center[part]
+        if self.fused_part is None or not self.fused_part(center, payload, payload):
+            inplace.elastic_update_(center, payload, payload, moving_rate=self.moving_rate)
+
+    def count_update(self) -> None:
+        """One update made of parts is complete."""
+        self.updates += 1
 
     def elastic_distance(self, reply: Tensor) -> float | None:
         return float(reply.norm()) / self.moving_rate  # e = alpha (x_i - center)
