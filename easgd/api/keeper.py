@@ -126,7 +126,8 @@ def keep(*, max_respawns: int = 100, timeout_s: float = 120.0) -> None:
     """
     check_max_respawns(max_respawns)
     if kept_start():
-        die_with_keeper(int(os.environ[KEEPER_PID]))
+        if os.environ.get(KEEPER_PID):  # (set by the keeper; a test may play the child without it)
+            die_with_keeper(int(os.environ[KEEPER_PID]))
         return
     if not under_launcher():
         return
