@@ -28,6 +28,17 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def one_thread_cli(description: str) -> argparse.Namespace:
+    """The flags of :func:`parser` plus ``--device`` (cpu, or cuda for the GPU variant), parsed;
+    torch and OpenMP set to one thread, as every step-rate benchmark measures."""
+    cli = parser(description)
+    cli.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU variant")
+    args = cli.parse_args()
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    return args
+
+
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
     cpu = platform.processor() or ""

@@ -17,7 +17,6 @@ round also checks that the two paths ended at the same workers (float32: to roun
 from __future__ import annotations
 
 import math
-import os
 import statistics
 import time
 from typing import Any
@@ -28,7 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from _claims import mnist1d_objective  # noqa: E402
-from _common import parser, suffix, write_csv, write_json  # noqa: E402
+from _common import one_thread_cli, suffix, write_csv, write_json  # noqa: E402
 
 from easgd.config.algorithm import AlgorithmConfig  # noqa: E402
 from easgd.sim import ClassifierObjective, SimConfig, Simulator  # noqa: E402
@@ -149,12 +148,8 @@ def plot(rows: list[dict[str, Any]], path: str, device: str) -> None:
 
 
 def main() -> None:
-    cli = parser(__doc__ or "")
-    cli.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU variant")
-    args = cli.parse_args()
+    args = one_thread_cli(__doc__ or "")
     quick, device = args.quick, args.device
-    torch.set_num_threads(1)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     # worker steps per round: about the same total work at every p
     steps = {4: 6, 16: 2, 64: 1} if quick else {4: 64, 16: 16, 64: 5}
     rounds = 1 if quick else 6

@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import statistics
 import tempfile
 import time
@@ -34,7 +33,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from _common import parser, suffix, write_csv, write_json  # noqa: E402
+from _common import one_thread_cli, suffix, write_csv, write_json  # noqa: E402
 from _memory import peak_bytes, reset_peak, rss_bytes  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
@@ -289,12 +288,8 @@ def plot(local: list[dict[str, Any]], ends: list[dict[str, Any]], path: str) -> 
 
 
 def main() -> None:
-    cli = parser(__doc__ or "")
-    cli.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU variant")
-    args = cli.parse_args()
+    args = one_thread_cli(__doc__ or "")
     quick, device = args.quick, args.device
-    torch.set_num_threads(1)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     plan = {"mlp": (3, 5), "lenet": (3, 4), "cifar7": (2, 1)} if quick else {
         "mlp": (40, 10), "lenet": (30, 5), "cifar7": (10, 1)
     }  # fmt: skip
