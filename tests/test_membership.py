@@ -167,6 +167,69 @@ def test_a_restarted_server_rebuilds_the_center_from_the_base_and_the_ledgers(
     assert torch.equal(torch.load(tmp_path / LEDGER_BASE), start.double())
 
 
+class _DiesBeforeItsReply:
+    """A member as the server sees it: HELLO, one exchange of ``x``, then gone before the reply."""
+
+    numel, recv_timeout_s = 3, 60.0
+
+    def __init__(self, x: torch.Tensor) -> None:
+        from easgd.comm.message import Header, Op
+
+        self.inbox = [(Header(Op.EXCHANGE, step=10), x)]
+        self.hello = (Header(Op.HELLO, num_params=3), None)
+
+    def recv_control(self):  # type: ignore[no-untyped-def]
+        return self.hello
+
+    def recv(self):  # type: ignore[no-untyped-def]
+        return self.inbox.pop(0)
+
+    def send(self, header, payload=None) -> None:  # type: ignore[no-untyped-def]
+        raise RuntimeError("Connection closed by peer")  # the exchange's reply
+
+    def send_control(self, header, payload=None) -> None:  # type: ignore[no-untyped-def]
+        pass  # the HELLO's answer
+
+
+def test_an_exchange_applied_but_never_answered_is_in_the_departed_members_ledger(
+    store, tmp_path: Path
+) -> None:
+    """The member dies between the server's update and its reply: the center has the elastic
+    difference, so the ledger the server writes for the departed member must have it too
+    (center == base + ledgers; it missed it, and a node kill broke the audit by 0.01)."""
+    from easgd.config.algorithm import AlgorithmConfig
+    from easgd.engine.members import ElasticServer
+    from easgd.roles import make_server_role
+
+    base = torch.zeros(3, dtype=torch.float64)
+    role = make_server_role(AlgorithmConfig("easgd", moving_rate=0.25), base.clone(), num_workers=1)
+
+    class OneMember:
+        def __init__(self) -> None:
+            self.given, self.store = False, store
+
+        def wait(self, slot, stop, *, give_up_s):  # type: ignore[no-untyped-def]
+            if self.given:
+                return None
+            self.given = True
+            return 1, None
+
+        def release(self, slot: int, *, finished: bool = False) -> None:
+            pass
+
+    x = torch.tensor([4.0, -8.0, 2.0], dtype=torch.float64)
+    server = ElasticServer(
+        role, [1], OneMember(), lambda slot, group: _DiesBeforeItsReply(x.clone()),  # type: ignore[arg-type,return-value]
+        ledger_dir=tmp_path, slot_wait_s=0.2, ledger="reply",
+    )  # fmt: skip
+    server.start()
+    for thread in server._threads.values():
+        thread.join(timeout=30)
+    expected = 0.25 * (x - base)  # e = alpha (x - center), applied to the center
+    assert torch.equal(role.center, expected)
+    assert torch.equal(torch.load(ledger_path(tmp_path, 1, 1)), expected)
+
+
 # -- real runs -------------------------------------------------------------------------------
 
 ELASTIC = [

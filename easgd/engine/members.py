@@ -167,6 +167,8 @@ class ElasticServer(ParameterServer):
             self.before_update.append(self._count_payload)
         elif ledger == "reply":
             self.on_exchange.append(self._count_reply)
+            # the center has an exchange whose reply never arrived (its member died): count it
+            self.on_unanswered.append(self._count)
 
     # -- threads ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -321,8 +323,12 @@ class ElasticServer(ParameterServer):
             self._ledgers[rank] += payload.reshape(-1).to(torch.float64)
 
     def _count_reply(self, rank: int, header: Header, reply: Tensor, staleness: int) -> None:
+        self._count(rank, reply)
+
+    def _count(self, rank: int, change: Tensor) -> None:
+        """Add a change this slot's member caused in the center to its ledger."""
         if rank in self._ledgers:
-            self._ledgers[rank] += reply.reshape(-1).to(torch.float64)
+            self._ledgers[rank] += change.reshape(-1).to(torch.float64)
 
     def _failed(self, rank: int, header: Header) -> None:
         """A member that raised: under fail_fast the run stops; else it leaves like one that

@@ -134,6 +134,7 @@ def exchange(
         assert outgoing is not None
         outgoing.wait()
     except RuntimeError as err:
+        server.unanswered(rank, payload if link is None else link.decoded_reply)
         raise _lost(err) from err
     stats.steps, stats.exchanges = header.step, stats.exchanges + 1
     reply = payload if link is None else link.decoded_reply

@@ -22,6 +22,9 @@ Hooks (observers, called in order; an empty list costs one check):
   error (the fault injector's server raise subscribes here);
 - :attr:`ParameterServer.on_exchange` ``(rank, header, reply, staleness)``: after an accepted
   exchange's reply is sent, on its serve thread (the supervisor's run log subscribes);
+- :attr:`ParameterServer.on_unanswered` ``(rank, reply)``: an exchange was applied to the center
+  but its reply could not be sent (the worker died meanwhile); called before the loss is raised
+  (the elastic server's ledgers subscribe: the center has the change);
 - :attr:`ParameterServer.on_worker_end` ``(rank)``: a serve thread ends (the supervisor's
   liveness watch and main loop subscribe).
 """
@@ -65,6 +68,8 @@ ExchangeHook = Callable[[int, Header, Tensor, int], None]
 """Called with (worker rank, its header, the reply sent, staleness) after an accepted exchange."""
 WorkerEndHook = Callable[[int], None]
 """Called with the worker rank when its serve thread ends."""
+UnansweredHook = Callable[[int, Tensor], None]
+"""Called with (worker rank, the reply it never got) for an applied exchange whose reply failed."""
 
 
 @dataclass(frozen=True)
@@ -175,6 +180,7 @@ class ParameterServer:
         self._threads: dict[int, threading.Thread] = {}
         self.before_update: list[UpdateHook] = []
         self.on_exchange: list[ExchangeHook] = []
+        self.on_unanswered: list[UnansweredHook] = []
         self.on_worker_end: list[WorkerEndHook] = []
         self.on_member_join: list[WorkerEndHook] = []
         """Called with a slot when a new member connected (workers that come and go:
@@ -384,13 +390,22 @@ class ParameterServer:
         reply_header = Header(
             Op.REPLY, step=exchanges, staleness=staleness, stop=stop, snapshot=mark
         )
-        _send(transport, reply_header, reply)
-        stats.steps, stats.exchanges = header.step, stats.exchanges + 1
         link = self.links.get(rank)
+        try:
+            _send(transport, reply_header, reply)
+        except PeerLost:
+            self.unanswered(rank, reply if link is None else link.decoded_reply)
+            raise
+        stats.steps, stats.exchanges = header.step, stats.exchanges + 1
         if link is not None:
             reply = link.decoded_reply  # what the worker applies
         for hook in self.on_exchange:
             hook(rank, header, reply, staleness)
+
+    def unanswered(self, rank: int, reply: Tensor) -> None:
+        """An applied exchange whose reply never reached the worker: tell the subscribers."""
+        for hook in self.on_unanswered:
+            hook(rank, reply)
 
     def _refused(
         self,
