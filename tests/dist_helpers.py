@@ -11,6 +11,7 @@ import os
 import socket
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -83,3 +84,14 @@ def spawn_world(
                 proc.kill()
     assert not errors, "\n".join(errors)
     return results
+
+
+def own_ledgers_match(directory: Path) -> int:
+    """Elastic membership: each finished member's own ledger equals the one the server kept for
+    it (bit for bit); returns how many were compared."""
+    compared = 0
+    for own in directory.glob("own-ledger-slot*.pt"):
+        server_side = directory / own.name.removeprefix("own-")
+        assert torch.equal(torch.load(own), torch.load(server_side)), own.name
+        compared += 1
+    return compared

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ from easgd.analysis.audit import membership_gap
 from easgd.comm import membership
 from easgd.config.schema import membership_mode, validate
 from easgd.engine.members import LEDGER_BASE, ledger_path, own_ledger_path, recover_center
+from tests.dist_helpers import free_port, own_ledgers_match
 from tests.test_train_e2e import run
 
 # -- configuration ---------------------------------------------------------------------------
@@ -73,15 +73,9 @@ def test_auto_membership_is_elastic_only_where_it_is_served(
 # -- the store protocol ------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def store() -> dist.Store:
-    return dist.TCPStore("127.0.0.1", _free_port(), 1, is_master=True, wait_for_workers=False)
+    return dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True, wait_for_workers=False)
 
 
 def _client(store: dist.TCPStore) -> dist.Store:
@@ -249,17 +243,6 @@ def _torchrun(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProc
     return result, json.loads((tmp_path / "summary.json").read_text())
 
 
-def _own_ledgers_match(directory: Path) -> int:
-    """Each finished member's own ledger equals the one the server kept for it (bit for bit);
-    returns how many were compared."""
-    compared = 0
-    for own in directory.glob("own-ledger-slot*.pt"):
-        server_side = directory / own.name.removeprefix("own-")
-        assert torch.equal(torch.load(own), torch.load(server_side)), own.name
-        compared += 1
-    return compared
-
-
 @pytest.mark.slow
 def test_a_killed_worker_is_replaced_and_nothing_else_restarts(tmp_path: Path) -> None:
     result, summary = _torchrun(tmp_path, "fault.kill_rank=2", "fault.kill_at_step=300")
@@ -280,7 +263,7 @@ def test_a_killed_worker_is_replaced_and_nothing_else_restarts(tmp_path: Path) -
     assert 0 < redone["2"] <= 300 - int(left[0])  # only the dead worker's steps since its exchange
     assert summary["worker_steps"] == 3 * 1500  # every slot finished its budget
     assert summary["restarts"] == 0  # neither the job nor the server restarted
-    assert _own_ledgers_match(tmp_path / "checkpoints") == 3
+    assert own_ledgers_match(tmp_path / "checkpoints") == 3
     assert membership_gap(tmp_path) < 2e-5  # center == base + every member's ledger
 
 
@@ -302,7 +285,7 @@ def test_a_killed_server_comes_back_with_the_exact_center_and_no_worker_restarts
     assert summary["worker_steps"] == 3 * 1500
     assert summary["restarts"] == 1  # the server's one restart
     assert sum(summary["details"]["redone_steps_by_worker"].values()) == 0  # no steps lost
-    assert _own_ledgers_match(tmp_path / "checkpoints") == 3
+    assert own_ledgers_match(tmp_path / "checkpoints") == 3
     assert membership_gap(tmp_path) < 2e-5  # nothing the dead server had applied was lost
 
 
@@ -415,7 +398,7 @@ def test_a_worker_that_comes_late_joins_the_running_server(tmp_path: Path) -> No
     assert "starting a new one" not in log and summary["restarts"] == 0
     assert summary["worker_steps"] == 3 * 1500  # the late worker did its whole budget too
     assert sum(summary["details"]["redone_steps_by_worker"].values()) == 0
-    assert _own_ledgers_match(tmp_path / "checkpoints") == 3
+    assert own_ledgers_match(tmp_path / "checkpoints") == 3
     assert membership_gap(tmp_path) < 2e-5  # center == base + the three members' ledgers
 
 
@@ -423,12 +406,6 @@ def _updates_seen(metrics: Path) -> int:
     """The most server updates any evaluation row of metrics.csv reports (0 before the first)."""
     rows = metrics.read_text().splitlines()[1:]
     return max((int(row.split(",")[2]) for row in rows if row.count(",") >= 5), default=0)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_for_line(path: Path, text: str, count: int, processes: list, timeout_s: float) -> None:
@@ -464,7 +441,7 @@ def test_a_lost_node_takes_only_its_workers_and_a_new_node_joins_the_running_ser
     import os
     import signal
 
-    port = _free_port()
+    port = free_port()
     common = [*ELASTIC, "workers=4", "steps_per_worker=3000", f"hydra.run.dir={tmp_path}"]
     first = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=3",
              "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--max-restarts=0",

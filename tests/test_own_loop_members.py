@@ -21,6 +21,7 @@ from easgd.api.serve import _check
 from easgd.api.session import Session, check_membership
 from easgd.comm.groups import LaunchError
 from tests import own_loop_members
+from tests.dist_helpers import own_ledgers_match
 from tests.test_own_loop import torchrun_script
 from tests.test_train_e2e import ROOT
 
@@ -131,15 +132,6 @@ def _joined_pid(log: str, slot: int, member: int) -> int:
     return int(found[0])
 
 
-def _own_ledgers_match(directory: Path) -> int:
-    """Each member's own ledger equals the server's, bit for bit; how many were compared."""
-    compared = 0
-    for own in directory.glob("own-ledger-slot*.pt"):
-        assert torch.equal(torch.load(own), torch.load(directory / own.name[len("own-") :]))
-        compared += 1
-    return compared
-
-
 ALGORITHMS = ["easgd", "downpour"]  # an elastic reply, and a push counted as it leaves
 
 
@@ -169,7 +161,7 @@ def test_a_killed_own_loop_worker_is_replaced_and_nothing_else_restarts(
     assert redone == {"1": 0, "2": kill_at % tau, "3": 0}  # only the dead worker's steps
     assert [finals[r]["steps"] for r in (1, 2, 3)] == [STEPS] * 3
     assert summary["worker_steps"] == 3 * STEPS and summary["restarts"] == 0
-    assert _own_ledgers_match(tmp_path / "checkpoints") == 3
+    assert own_ledgers_match(tmp_path / "checkpoints") == 3
     assert membership_gap(tmp_path) < 1e-12  # float64 model: center == base + every ledger
 
 
@@ -193,5 +185,5 @@ def test_a_killed_own_loop_server_comes_back_with_the_exact_center(
     assert (figures["members_joined"], figures["members_rejoined"]) == (3, 3)
     assert summary["worker_steps"] == 3 * STEPS and summary["restarts"] == 1
     assert sum(summary["details"]["redone_steps_by_worker"].values()) == 0  # no steps lost
-    assert _own_ledgers_match(tmp_path / "checkpoints") == 3
+    assert own_ledgers_match(tmp_path / "checkpoints") == 3
     assert membership_gap(tmp_path) < 1e-12  # nothing the dead server had applied was lost
