@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -35,12 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from _common import machine, parser, suffix, write_csv, write_json
+from _netns import NAMESPACE, SERVER_END, SERVER_IP, WORKER_END, link_down, link_up
 
 CONFIGS = (("eamsgd", 10, 1), ("eamsgd", 10, 2), ("downpour", 1, 1), ("downpour", 1, 2))
 MODEL = ["model.hidden=[256,256]"]
 COMMON = ["membership.mode=fixed", "progress=false", "tensorboard=false", "checkpoint.every_s=0"]
-NAMESPACE, SERVER_END, WORKER_END = "easgd-clock", "veth-easgd-s", "veth-easgd-w"
-SERVER_IP, WORKER_IP = "10.77.0.1", "10.77.0.2"
 TARGET = 0.15
 
 
@@ -95,38 +93,6 @@ def shaped(config: tuple[str, int, int], steps: int, out: Path) -> dict:
     if any(codes):
         raise RuntimeError(f"shaped run failed: {processes[0].stderr.read().decode()[-3000:]}")  # type: ignore[union-attr]
     return dict(json.loads((out / "summary.json").read_text()))
-
-
-def link_up(rate_mbit: int) -> str | None:
-    """The namespace and the shaped veth pair; None, or why it cannot be made here."""
-    if os.geteuid() != 0 or not (shutil.which("ip") and shutil.which("tc")):
-        return "needs root and the ip and tc tools"
-    link_down()
-    shape = ["root", "tbf", "rate", f"{rate_mbit}mbit", "burst", "64kb", "latency", "200ms"]
-    steps = [
-        ["ip", "netns", "add", NAMESPACE],
-        ["ip", "link", "add", SERVER_END, "type", "veth", "peer", "name", WORKER_END],
-        ["ip", "link", "set", WORKER_END, "netns", NAMESPACE],
-        ["ip", "addr", "add", f"{SERVER_IP}/24", "dev", SERVER_END],
-        ["ip", "link", "set", SERVER_END, "up"],
-        ["ip", "netns", "exec", NAMESPACE, "ip", "addr", "add", f"{WORKER_IP}/24", "dev", WORKER_END],
-        ["ip", "netns", "exec", NAMESPACE, "ip", "link", "set", WORKER_END, "up"],
-        ["ip", "netns", "exec", NAMESPACE, "ip", "link", "set", "lo", "up"],
-        ["tc", "qdisc", "add", "dev", SERVER_END, *shape],
-        ["ip", "netns", "exec", NAMESPACE, "tc", "qdisc", "add", "dev", WORKER_END, *shape],
-    ]  # fmt: skip
-    for step in steps:
-        result = subprocess.run(step, capture_output=True, text=True)
-        if result.returncode != 0:
-            link_down()
-            return f"{' '.join(step)}: {result.stderr.strip()}"
-    return None
-
-
-def link_down() -> None:
-    """Remove the namespace (and with it the veth pair)."""
-    subprocess.run(["ip", "netns", "del", NAMESPACE], capture_output=True)
-    subprocess.run(["ip", "link", "del", SERVER_END], capture_output=True)
 
 
 def main() -> None:

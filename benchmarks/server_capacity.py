@@ -2,7 +2,7 @@
 
 For 1M, 10M and 25M float32 parameters and p = 1, 2, 4 workers (one process each, plus the
 server), each worker does back-to-back round trips with no compute, alternating in one run
-(``REPS`` repetitions, a barrier between phases, so background load hits every phase alike):
+(repetitions, a barrier between phases, so background load hits every phase alike):
 1. raw ``dist.send``/``dist.recv`` of the float32 payload to an echo thread on the server (its
    own pair groups): the floor for moving those bytes over gloo;
 2. real EASGD exchanges through the parameter server (framing, the lock, the elastic update, the
@@ -13,12 +13,17 @@ Figures per repetition: model parameters per second summed over workers, ours / 
 (targets: float32 >= 0.9 at 10M and 25M, p = 1; bf16 >= 1.8 and int8 >= 3.5 at 10M/25M, p = 1, 2,
 4); min and median over repetitions.
 
+Both over loopback (this machine's gloo without a network: the transfer is itself CPU work on the
+same two cores) and over a link shaped to ``--rate-mbit`` (default 1 Gbit/s): the workers run in a
+network namespace behind a veth pair whose two ends ``tc tbf`` limits (benchmarks/_netns.py; needs
+root, skipped with a message otherwise), and the raw float32 baseline crosses the same link.
+
 Then, in one process and one thread, the server's update alone (``ElasticServer.handle(out=
 payload)``, the compiled one-pass update) against a ``torch.add_`` of the same size, interleaved
 (target 0.6); the eager chunked update and the former allocating form are timed alongside. Last,
 the server's peak memory per parameter with p receive buffers.
 
-    python benchmarks/server_capacity.py            # full (~10 min; 5 processes on 2 cores at p = 4)
+    python benchmarks/server_capacity.py            # full (~25 min; 5 processes on 2 cores at p = 4)
     python benchmarks/server_capacity.py --quick    # 1M parameters, p = 1, 2 (~1 min)
 """
 
@@ -26,10 +31,12 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import os
 import statistics
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import matplotlib
@@ -40,6 +47,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from _common import parser, suffix, write_csv, write_json  # noqa: E402
 from _memory import peak_bytes, reset_peak, rss_bytes  # noqa: E402
+from _netns import SERVER_END, SERVER_IP, WORKER_END, enter_namespace, link_down, link_up  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from easgd import algorithms as alg  # noqa: E402
@@ -54,17 +62,32 @@ from easgd.parts.runlog import RunLog  # noqa: E402
 from easgd.roles import ElasticServer  # noqa: E402
 from easgd.topologies.launch import start_processes  # noqa: E402
 
-WARMUP, REPS = 2, 7
+
+@dataclass(frozen=True)
+class Plan:
+    """How long each cell is timed."""
+
+    warmup: int
+    """Phases of each kind before timing (the echo threads serve them too)."""
+    reps: int
+    """Timed repetitions of each phase, raw and ours alternating."""
+    min_rounds: int
+    values_per_phase: float
+    """Round trips per phase: this many values moved, at least ``min_rounds`` round trips."""
+
+    def rounds(self, size: int) -> int:
+        return max(self.min_rounds, int(self.values_per_phase / size))
+
+
+LOOPBACK, QUICK = Plan(2, 7, 4, 4e7), Plan(2, 7, 4, 4e6)
+SHAPED = Plan(1, 3, 2, 2e7)
+"""Over a shaped link a 25M round trip of raw float32 takes 1.6 s at 1 Gbit/s: fewer, longer
+phases (the ratios' spread over repetitions is smaller there than on loopback)."""
 FORMATS = ("none", "none-whole", "bf16", "int8")
 """The default cells; ``--formats`` may add ``bf16-whole`` and ``int8-whole``."""
 TARGETS = {"none": 0.9, "bf16": 1.8, "int8": 3.5}
 """Parameters/s against raw float32 gloo (none: at p = 1 only), at 10M and 25M parameters."""
 TARGET_UPDATE = 0.6
-
-
-def rounds_for(size: int, quick: bool) -> int:
-    """Round trips per phase and repetition."""
-    return max(4, int((4e6 if quick else 4e7) / size))
 
 
 def _echo(group: dist.ProcessGroup, rank: int, size: int, rounds: int) -> None:
@@ -101,22 +124,31 @@ def _timed(action: Any, rounds: int) -> float:
     return time.perf_counter() - started
 
 
-def bench_process(sizes: list[int], names: list[str], quick: bool) -> list[dict[str, Any]] | None:
+def bench_process(
+    sizes: list[int], names: list[str], plan: Plan, shaped: bool = False
+) -> list[dict[str, Any]] | None:
     """Rank 0 serves (an echo thread per worker on its own groups, and the parameter server);
-    ranks >= 1 alternate raw round trips and exchanges, in step with each other."""
+    ranks >= 1 alternate raw round trips and exchanges, in step with each other. ``shaped``: the
+    workers move into the shaped link's namespace first, so every byte between them and the
+    server (raw and ours alike) crosses the rate-limited veth pair."""
     torch.set_num_threads(1)
     env = DistEnv.from_environ()
+    if shaped:
+        os.environ["MASTER_ADDR"] = SERVER_IP  # the agent's store listens on every address here
+        os.environ["GLOO_SOCKET_IFNAME"] = SERVER_END if env.rank == 0 else WORKER_END
+        if env.rank != 0:
+            enter_namespace()
     pairs = init_pair_groups(env, backend="gloo", timeout_s=600)
     raw_groups = {w: dist.new_group([0, w]) for w in range(1, env.world_size)}
     workers = dist.new_group(list(range(1, env.world_size)))
     results = []
     for size in sizes:
-        rounds = rounds_for(size, quick)
+        rounds = plan.rounds(size)
         for name in names:
             dist.barrier()
             if env.rank == 0:
                 echoes = [
-                    threading.Thread(target=_echo, args=(raw_groups[r], r, size, (WARMUP + REPS) * rounds))
+                    threading.Thread(target=_echo, args=(raw_groups[r], r, size, (plan.warmup + plan.reps) * rounds))
                     for r in pairs.groups
                 ]  # fmt: skip
                 for thread in echoes:
@@ -143,10 +175,10 @@ def bench_process(sizes: list[int], names: list[str], quick: bool) -> list[dict[
                 assert reply is not None and not header.error
                 params.sub_(reply)  # x_i -= e: the worker's side of the exchange
 
-            _timed(raw, WARMUP * rounds)  # the echo threads serve (WARMUP + REPS) * rounds
-            _timed(ours, WARMUP)
+            _timed(raw, plan.warmup * rounds)  # the echo threads serve (warmup + reps) * rounds
+            _timed(ours, plan.warmup)
             raw_s, ours_s = [], []
-            for _ in range(REPS):
+            for _ in range(plan.reps):
                 dist.barrier(group=workers)
                 raw_s.append(_timed(raw, rounds))
                 dist.barrier(group=workers)
@@ -160,16 +192,20 @@ def bench_process(sizes: list[int], names: list[str], quick: bool) -> list[dict[
 
 
 def exchange_rows(
-    sizes: list[int], worker_counts: tuple[int, ...], quick: bool, names: list[str]
+    sizes: list[int],
+    worker_counts: tuple[int, ...],
+    plan: Plan,
+    names: list[str],
+    link: str = "loopback",
 ) -> list[dict[str, Any]]:
     rows = []
     for p in worker_counts:
-        per_rank = start_processes(bench_process, p + 1, sizes, names, quick)
+        per_rank = start_processes(bench_process, p + 1, sizes, names, plan, link != "loopback")
         cells = [[c for c in per_rank[r]] for r in range(1, p + 1)]
         for index, cell in enumerate(cells[0]):
             size, name, rounds = cell["size"], cell["name"], cell["rounds"]
             ratios, raw_rates, our_rates = [], [], []
-            for rep in range(REPS):
+            for rep in range(plan.reps):
                 raw = sum(rounds * size / c[index]["raw_s"][rep] for c in cells)
                 ours = sum(rounds * size / c[index]["ours_s"][rep] for c in cells)
                 raw_rates.append(raw)
@@ -179,7 +215,7 @@ def exchange_rows(
             target = TARGETS[base] if size >= 10**7 and (base != "none" or p == 1) else None
             median = statistics.median(ratios)
             rows.append({
-                "workers": p, "params": size, "format": name, "rounds_per_rep": rounds,
+                "link": link, "workers": p, "params": size, "format": name, "rounds_per_rep": rounds,
                 "raw_Mparams_per_s": statistics.median(raw_rates) / 1e6,
                 "ours_Mparams_per_s": statistics.median(our_rates) / 1e6,
                 "ratio_min": min(ratios), "ratio_median": median,
@@ -262,21 +298,25 @@ def memory_rows(size: int, worker_counts: tuple[int, ...]) -> list[dict[str, Any
 
 
 def plot(rows: list[dict[str, Any]], updates: list[dict[str, Any]], path: str) -> None:
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    links = list(dict.fromkeys(r["link"] for r in rows))
+    fig, axes = plt.subplots(1, len(links) + 1, figsize=(5.5 * (len(links) + 1), 4), squeeze=False)
     styles = {"none": "-", "none-whole": ":", "bf16": "--", "int8": "-."}
-    for name in sorted({r["format"] for r in rows}):
-        for p in sorted({r["workers"] for r in rows}):
-            cells = [r for r in rows if r["workers"] == p and r["format"] == name]
-            if cells:
-                left.plot([c["params"] / 1e6 for c in cells], [c["ratio_median"] for c in cells],
-                          "o" + styles.get(name, ":"), label=f"{name} p={p}")  # fmt: skip
-    for name, target in TARGETS.items():
-        left.axhline(target, color="gray", ls=styles[name], lw=0.8)
-    left.set_xscale("log")
-    left.set_xlabel("parameters (millions)")
-    left.set_ylabel("parameters/s: exchange / raw float32 gloo")
-    left.legend(fontsize=6, ncol=2)
-    left.set_title("Whole exchange vs raw send/recv (gray: targets)")
+    for left, link in zip(axes[0], links, strict=False):
+        mine = [r for r in rows if r["link"] == link]
+        for name in sorted({r["format"] for r in mine}):
+            for p in sorted({r["workers"] for r in mine}):
+                cells = [r for r in mine if r["workers"] == p and r["format"] == name]
+                if cells:
+                    left.plot([c["params"] / 1e6 for c in cells], [c["ratio_median"] for c in cells],
+                              "o" + styles.get(name, ":"), label=f"{name} p={p}")  # fmt: skip
+        for name, target in TARGETS.items():
+            left.axhline(target, color="gray", ls=styles[name], lw=0.8)
+        left.set_xscale("log")
+        left.set_xlabel("parameters (millions)")
+        left.set_ylabel("parameters/s: exchange / raw float32 gloo")
+        left.legend(fontsize=6, ncol=2)
+        left.set_title(f"{link}: exchange vs raw send/recv (gray: targets)", fontsize=9)
+    right = axes[0][-1]
     x = [f"{u['params'] / 1e6:g}M" for u in updates]
     width = 0.27
     for offset, key, label in ((-1, "ratio_median", "compiled (now)"),
@@ -297,10 +337,10 @@ def report(
     rows: list[dict[str, Any]], updates: list[dict[str, Any]], memory: list[dict[str, Any]]
 ) -> None:
     """Print the figures (also from a saved JSON: report(d["exchanges"], d["update"], d["memory"]))."""
-    print(f"{'p':>2s} {'params':>7s} {'format':>10s} {'raw Mp/s':>9s} {'ours Mp/s':>9s} "
+    print(f"{'link':>16s} {'p':>2s} {'params':>7s} {'format':>10s} {'raw Mp/s':>9s} {'ours Mp/s':>9s} "
           f"{'min':>6s} {'median':>6s} {'target':>6s} met")  # fmt: skip
     for r in rows:
-        print(f"{r['workers']:2d} {r['params'] / 1e6:6.0f}M {r['format']:>10s} "
+        print(f"{r['link']:>16s} {r['workers']:2d} {r['params'] / 1e6:6.0f}M {r['format']:>10s} "
               f"{r['raw_Mparams_per_s']:9.1f} {r['ours_Mparams_per_s']:9.1f} {r['ratio_min']:6.3f} "
               f"{r['ratio_median']:6.3f} {r['target']:6.2f} {r['met']}")  # fmt: skip
     print(f"update alone vs add_ (target {TARGET_UPDATE}, median of interleaved ratios):")
@@ -321,24 +361,44 @@ def main() -> None:
     cli.add_argument("--sizes", type=float, nargs="+", help="parameter counts (e.g. 1e7 2.5e7)")
     cli.add_argument("--workers", type=int, nargs="+", help="worker counts (e.g. 1 2 4)")
     cli.add_argument("--formats", nargs="+", default=list(FORMATS), help="cells (see FORMATS)")
+    cli.add_argument("--rate-mbit", type=float, nargs="*", default=None,
+                     help="shaped links to measure over besides loopback, Mbit/s (default: 1000; "
+                          "none with --quick); needs root, skipped with a message otherwise")  # fmt: skip
+    cli.add_argument("--no-loopback", action="store_true", help="measure the shaped links only")
     args = cli.parse_args()
     quick = args.quick
     sizes = [10**6] if quick else [10**6, 10**7, 25 * 10**6]
     worker_counts = (1, 2) if quick else (1, 2, 4)
+    rates = args.rate_mbit if args.rate_mbit is not None else ([] if quick else [1000.0])
     if args.sizes:
         sizes = [int(size) for size in args.sizes]
     if args.workers:
         worker_counts = tuple(args.workers)
-    rows = exchange_rows(sizes, worker_counts, quick, args.formats)
+    rows = [] if args.no_loopback else exchange_rows(
+        sizes, worker_counts, QUICK if quick else LOOPBACK, args.formats
+    )  # fmt: skip
+    skipped = None
+    for rate in rates:
+        skipped = link_up(rate)
+        if skipped is not None:
+            print(f"shaped link skipped: {skipped}")
+            break
+        try:
+            # whole-message cells are loopback's history; the shaped link times the pipelines
+            names = [name for name in args.formats if not name.endswith("-whole")]
+            big = [size for size in sizes if size >= 10**7] or sizes
+            rows += exchange_rows(big, worker_counts, SHAPED, names, f"tbf {rate:g} Mbit/s")
+        finally:
+            link_down()
     updates = update_rows(sizes, 5 if quick else 15)
     memory = memory_rows(sizes[-1], (1, 4))
     tag = suffix(quick)
     write_csv(args.out / f"server_capacity{tag}.csv", rows)
     write_csv(args.out / f"server_update{tag}.csv", updates)
-    write_json(
-        args.out / f"server_capacity{tag}.json",
-        {"threads": 1, "reps": REPS, "exchanges": rows, "update": updates, "memory": memory},
-    )
+    plans = {"loopback": LOOPBACK.__dict__, "shaped": SHAPED.__dict__}
+    write_json(args.out / f"server_capacity{tag}.json",
+               {"threads": 1, "plans": plans, "shaped_skipped": skipped, "exchanges": rows,
+                "update": updates, "memory": memory})  # fmt: skip
     plot(rows, updates, str(args.out / f"server_capacity{tag}.png"))
     report(rows, updates, memory)
 
