@@ -47,7 +47,15 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from _common import parser, suffix, write_csv, write_json  # noqa: E402
 from _memory import peak_bytes, reset_peak, rss_bytes  # noqa: E402
-from _netns import SERVER_END, SERVER_IP, WORKER_END, enter_namespace, link_down, link_up  # noqa: E402
+from _netns import (
+    SERVER_END,
+    SERVER_IP,
+    WORKER_END,
+    burst_bytes,
+    enter_namespace,
+    link_down,
+    link_up,
+)  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from easgd import algorithms as alg  # noqa: E402
@@ -80,7 +88,7 @@ class Plan:
 
 
 LOOPBACK, QUICK = Plan(2, 7, 4, 4e7), Plan(2, 7, 4, 4e6)
-SHAPED = Plan(1, 3, 2, 2e7)
+SHAPED, QUICK_SHAPED = Plan(1, 3, 2, 2e7), Plan(1, 2, 2, 2e6)
 """Over a shaped link a 25M round trip of raw float32 takes 1.6 s at 1 Gbit/s: fewer, longer
 phases (the ratios' spread over repetitions is smaller there than on loopback)."""
 FORMATS = ("none", "none-whole", "bf16", "int8")
@@ -377,7 +385,7 @@ def main() -> None:
     rows = [] if args.no_loopback else exchange_rows(
         sizes, worker_counts, QUICK if quick else LOOPBACK, args.formats
     )  # fmt: skip
-    skipped = None
+    skipped, links = None, {}
     for rate in rates:
         skipped = link_up(rate)
         if skipped is not None:
@@ -387,7 +395,9 @@ def main() -> None:
             # whole-message cells are loopback's history; the shaped link times the pipelines
             names = [name for name in args.formats if not name.endswith("-whole")]
             big = [size for size in sizes if size >= 10**7] or sizes
-            rows += exchange_rows(big, worker_counts, SHAPED, names, f"tbf {rate:g} Mbit/s")
+            plan, link = QUICK_SHAPED if quick else SHAPED, f"tbf {rate:g} Mbit/s"
+            links[link] = {"rate_mbit": rate, "burst_bytes": burst_bytes(rate)}
+            rows += exchange_rows(big, worker_counts, plan, names, link)
         finally:
             link_down()
     updates = update_rows(sizes, 5 if quick else 15)
@@ -397,7 +407,7 @@ def main() -> None:
     write_csv(args.out / f"server_update{tag}.csv", updates)
     plans = {"loopback": LOOPBACK.__dict__, "shaped": SHAPED.__dict__}
     write_json(args.out / f"server_capacity{tag}.json",
-               {"threads": 1, "plans": plans, "shaped_skipped": skipped, "exchanges": rows,
+               {"threads": 1, "plans": plans, "shaped_skipped": skipped, "links": links, "exchanges": rows,
                 "update": updates, "memory": memory})  # fmt: skip
     plot(rows, updates, str(args.out / f"server_capacity{tag}.png"))
     report(rows, updates, memory)

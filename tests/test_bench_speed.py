@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -60,3 +62,33 @@ def test_server_capacity_quick(tmp_path: Path) -> None:
         # the center plus one receive buffer per worker (the reply is written into it)
         assert row["needed"] - 1.5 <= row["bytes_per_param"] <= row["needed"] + 1.5, row
     assert (tmp_path / "server_capacity_quick.png").stat().st_size > 10_000
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not (shutil.which("ip") and shutil.which("tc")),
+    reason="the shaped link needs root and the ip and tc tools",
+)
+def test_server_capacity_over_a_shaped_link_is_limited_by_the_link(tmp_path: Path) -> None:
+    rate_mbit = 200
+    run_quick("server_capacity.py", tmp_path, "--no-loopback", "--rate-mbit", str(rate_mbit),
+              "--workers", "1", "--formats", "none", "int8")  # fmt: skip
+    result = json.loads((tmp_path / "server_capacity_quick.json").read_text())
+    rows = {r["format"]: r for r in result["exchanges"]}
+    assert set(rows) == {"none", "int8"}
+    assert {r["link"] for r in rows.values()} == {f"tbf {rate_mbit} Mbit/s"}
+    (link,) = result["links"].values()
+    params, rate, burst = 10**6, link["rate_mbit"] * 1e6 / 8, link["burst_bytes"]
+
+    def most(bytes_per_param: float) -> float:
+        """Round trips' parameters per second the link allows, whatever the machine's load: a
+        round trip crosses it once each way, one direction at a time, and each message can take
+        at most the token bucket's depth at once (the bucket refills while the reply travels the
+        other end's link). On loopback raw gloo runs ~100 times faster than this."""
+        message = params * bytes_per_param
+        return params / (2 * max(message - burst, 0.0) / rate) / 1e6
+
+    for row in rows.values():
+        assert row["raw_Mparams_per_s"] <= 1.02 * most(4), row
+    assert rows["none"]["ours_Mparams_per_s"] <= 1.02 * most(4), rows["none"]
+    # int8 carries 1 + 4/256 bytes per parameter
+    assert rows["int8"]["ours_Mparams_per_s"] <= 1.02 * most(1 + 4 / 256), rows["int8"]
