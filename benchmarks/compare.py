@@ -19,12 +19,22 @@ Virtual time is counted in steps of the task's model (one gradient step of one w
 run gets the same virtual-time budget. Each run's result is cached (one JSON line per run in
 ``results/compare_cache.jsonl``), so the full protocol can be run in chunks that add up.
 
+The protocol at scale (``--scale``, issue 21; rules in docs/comparison.md, fixed before any
+result): the same two stages and thresholds at 3,000 model steps per run, the grid stage in the
+``zero`` (free) regime; the speed-up stage at p in {4, 8, 16, 32, 64}, each (method, p)'s rate
+chosen among the grid stage's winner and its two grid neighbours (seed 0, free), then 3 seeds
+under three regimes: free (``zero``), 10 GbE with a 25M-parameter model (``cluster_10gbe``) and
+cross-datacenter (``cross_datacenter``). Results go to ``compare_scale*``.
+
     python benchmarks/compare.py --max-minutes 9   # full protocol, resumable; rerun until done
     python benchmarks/compare.py --quick           # a miniature of the protocol (< 1 min)
+    python benchmarks/compare.py --scale --procs 16 --max-minutes 600   # at scale (~40 core-hours)
+    python benchmarks/compare.py --scale --quick   # its miniature (< 1 min)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -57,7 +67,9 @@ MOMENTUM = 0.99
 PERIODS = (1, 4, 16, 64)
 WORKERS = (4, 8, 16)
 SEEDS = (0, 1, 2)
-PROFILES = ("measured", "ethernet_1g")
+REGIMES = {"zero": "free", "cluster_10gbe": "10 GbE, 25M-parameter model",
+           "cross_datacenter": "cross-datacenter"}  # fmt: skip
+"""Plain names for the at-scale protocol's cost profiles (configs/cost/)."""
 COSTS = Path(__file__).resolve().parents[1] / "configs" / "cost"
 
 
@@ -114,8 +126,10 @@ TASKS = (
 
 @dataclass(frozen=True)
 class Protocol:
-    """The sizes of one run of the protocol (full or quick)."""
+    """The sizes of one run of the protocol (full or quick, at the first scale or at scale)."""
 
+    name: str
+    """Prefix of its result files (and cache)."""
     budget: float
     """Virtual time of every run, in model steps."""
     periods: tuple[int, ...]
@@ -124,10 +138,26 @@ class Protocol:
     rates_kept: int | None
     """Quick mode keeps only the middle few rates of each grid."""
     tasks: tuple[Task, ...]
+    grid_profile: str = "measured"
+    """The cost profile of the grid stage and of the speed-up stage's choice of rate."""
+    profiles: tuple[str, ...] = ("measured", "ethernet_1g")
+    """The cost profiles the speed-up stage reports under."""
+    retune_near_grid: bool = False
+    """The speed-up stage chooses each (method, p)'s rate among the grid stage's winner (at the
+    grid tau nearest the speed-up tau, in log) and its two grid neighbours, not the whole grid."""
+    grid_evals: int = 20
+    speedup_evals: int = 40
 
 
-FULL = Protocol(300.0, PERIODS, WORKERS, SEEDS, None, TASKS)
-QUICK = Protocol(24.0, (1, 4), (4, 8), (0, 1), 2, TASKS[:1])
+FULL = Protocol("compare", 300.0, PERIODS, WORKERS, SEEDS, None, TASKS)
+QUICK = Protocol("compare", 24.0, (1, 4), (4, 8), (0, 1), 2, TASKS[:1])
+SCALE = Protocol("compare_scale", 3000.0, PERIODS, (4, 8, 16, 32, 64), SEEDS, None, TASKS,
+                 grid_profile="zero", profiles=tuple(REGIMES), retune_near_grid=True,
+                 speedup_evals=60)  # fmt: skip
+"""Issue 21: 10x the budget, p up to 64, free / 10 GbE / cross-datacenter (docs/comparison.md)."""
+SCALE_QUICK = dataclasses.replace(SCALE, budget=24.0, periods=(1, 4), workers=(4, 8), seeds=(0, 1),
+                                  rates_kept=3, tasks=TASKS[:1], speedup_evals=40,
+                                  profiles=("zero", "cross_datacenter"))  # fmt: skip
 
 
 def rates_of(method: Method, protocol: Protocol) -> tuple[float, ...]:
@@ -221,14 +251,22 @@ class OutOfTime(Exception):
 
 
 _POOL: list[Any] = []
-"""The invocation's 2 worker processes, started at the first job and kept for every stage (each
-one loads torch and the data once, not once per stage)."""
+"""The invocation's worker processes (``--procs``, default 2), started at the first job and kept
+for every stage (each one loads torch and the data once, not once per stage)."""
+_PROCS = [2]
 
 
 def pool() -> Any:
     if not _POOL:
-        _POOL.append(mp.get_context("spawn").Pool(2))
+        _POOL.append(mp.get_context("spawn").Pool(_PROCS[0], initializer=_one_thread))
     return _POOL[0]
+
+
+def _one_thread() -> None:
+    """One torch thread per pool process: the processes, not threads, use the cores."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def close_pool() -> None:
@@ -275,13 +313,13 @@ def resolved_costs(
     split = build_split(task.data)
     objective = ClassifierObjective(build_model(task.model, split, seed=0), split)
     costs = {}
-    for profile in PROFILES:
+    for profile in dict.fromkeys((protocol.grid_profile, *protocol.profiles)):
         for method in METHODS:
             if (profile, method.name) in pinned:
                 costs[(profile, method.name)] = pinned[(profile, method.name)]
                 continue
             cost = profile_config(profile)
-            if step_s is not None:
+            if step_s is not None and cost.step_time_s is None:
                 cost.step_time_s = step_s
             if cost.measure_network and link is not None:
                 cost.measure_network = False
@@ -301,6 +339,9 @@ def resolved_costs(
                 "bandwidth_gbps": figures.bandwidth_gbps,
                 "service_us": figures.service_s * 1e6,
                 "step_time_s": figures.step_time_s,
+                # a cluster profile's model, charged while the math stays on the task's model
+                # (absent otherwise, so the first protocol's cached runs keep their keys)
+                **({} if cost.charged_params is None else {"charged_params": cost.charged_params}),
             }
     return costs
 
@@ -309,12 +350,20 @@ def pinned_costs(
     task: Task, cache: Cache
 ) -> tuple[dict[tuple[str, str], dict[str, Any]], float | None, tuple[float, float] | None]:
     """From the task's cached runs: the cost each (profile, algorithm) ran with, the step time,
-    and the measured link (latency in us, bandwidth in Gb/s) of the ``measured`` profile."""
+    and the measured link (latency in us, bandwidth in Gb/s) of the ``measured`` profile. The
+    step time is this machine's, so it comes from a profile that does not state its own."""
     pinned: dict[tuple[str, str], dict[str, Any]] = {}
     for run in cache.runs.values():
         if run.get("task") == task.name:
             pinned.setdefault((run["cost"]["name"], run["name"]), run["cost"])
-    step_s = next((c["step_time_s"] for c in pinned.values()), None)
+    step_s = next(
+        (
+            c["step_time_s"]
+            for (profile, _), c in pinned.items()
+            if profile_config(profile).step_time_s is None
+        ),
+        None,
+    )
     link = next(
         (
             (c["latency_us"], c["bandwidth_gbps"])
@@ -349,7 +398,8 @@ def grid_stage(
 
     def make(method: Method, period: int, lr: float, seed: int) -> dict[str, Any]:
         return job(task, method, lr=lr, period=period, workers=4, seed=seed,
-                   cost=costs[("measured", method.name)], protocol=protocol, target=None, evals=20)  # fmt: skip
+                   cost=costs[(protocol.grid_profile, method.name)], protocol=protocol, target=None,
+                   evals=protocol.grid_evals)  # fmt: skip
 
     cells = [
         (m, t) for m in METHODS for t in m.periods if t in protocol.periods or m.periods == (1,)
@@ -413,6 +463,22 @@ def time_to(run: dict[str, Any], threshold: float) -> float | None:
     )
 
 
+def retune_rates(
+    method: Method, protocol: Protocol, grid_rows: list[dict[str, Any]]
+) -> tuple[float, ...]:
+    """The rates the speed-up stage tries for ``method`` at every p: the whole grid, or (at scale)
+    the grid stage's winner at the grid tau nearest the speed-up tau (in log; the larger on a
+    tie) and its two neighbours on the grid (one at an edge)."""
+    rates = rates_of(method, protocol)
+    if not protocol.retune_near_grid:
+        return rates
+    period = method.speedup_period or 1
+    rows = [r for r in grid_rows if r["algorithm"] == method.name]
+    nearest = min(rows, key=lambda r: (abs(math.log(r["tau"] / period)), -r["tau"]))
+    at = rates.index(nearest["best_lr"])
+    return rates[max(0, at - 1) : at + 2]
+
+
 def speedup_stage(
     task: Task, protocol: Protocol, costs: dict, grid_rows: list[dict], threshold: float,
     loose: float, cache: Cache, deadline: float,
@@ -421,8 +487,9 @@ def speedup_stage(
     distributed = [m for m in METHODS if not m.sequential]
     tuning = run_all([
         job(task, m, lr=lr, period=m.speedup_period or 1, workers=p, seed=protocol.seeds[0],
-            cost=costs[("measured", m.name)], protocol=protocol, target=None, evals=20)
-        for m in distributed for p in protocol.workers for lr in rates_of(m, protocol)
+            cost=costs[(protocol.grid_profile, m.name)], protocol=protocol, target=None,
+            evals=protocol.grid_evals)
+        for m in distributed for p in protocol.workers for lr in retune_rates(m, protocol, grid_rows)
     ], cache, deadline)  # fmt: skip
     lr_of: dict[tuple[str, int], float] = {(m, 1): lr for m, lr in sequential_lr.items()}
     for method in distributed:
@@ -430,7 +497,7 @@ def speedup_stage(
             runs = [r for r in tuning if r["name"] == method.name and r["workers"] == workers]
             lr_of[(method.name, workers)] = min(runs, key=best_reached)["lr"]
     jobs = []
-    for profile in PROFILES:
+    for profile in protocol.profiles:
         for method in METHODS:
             counts = (1,) if method.sequential else protocol.workers
             period = method.speedup_period or 1
@@ -440,12 +507,12 @@ def speedup_stage(
                     jobs.append({
                         **job(task, method, lr=lr, period=period, workers=workers, seed=seed,
                               cost=costs[(profile, method.name)], protocol=protocol,
-                              target=threshold, evals=40),
+                              target=threshold, evals=protocol.speedup_evals),
                         "profile": profile,
                     })  # fmt: skip
     runs = run_all(jobs, cache, deadline)
     rows = []
-    for profile in PROFILES:
+    for profile in protocol.profiles:
         for method in METHODS:
             counts = (1,) if method.sequential else protocol.workers
             for workers in counts:
@@ -455,7 +522,7 @@ def speedup_stage(
                 loose_time, loose_seeds = median_time(group, loose)
                 step_s = group[0]["cost"]["step_time_s"]
                 rows.append({
-                    "task": task.name, "profile": profile, "method": method.label,
+                    "task": task.name, "profile": profile, "method": method.label, "step_time_s": step_s,
                     "algorithm": method.name, "workers": workers, "tau": group[0]["period"],
                     "lr": group[0]["lr"], "lr_at_grid_edge": group[0]["lr"] in (rates_of(method, protocol)[0], rates_of(method, protocol)[-1]),
                     "threshold": threshold, "time_to_threshold": tight_time, "seeds_reached": tight_seeds,
@@ -477,11 +544,12 @@ def fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
-def report(results: dict[str, Any]) -> str:
+def report(results: dict[str, Any], protocol: Protocol) -> str:
     lines = []
     for task in results["tasks"]:
         name, grid, speed = task["task"], task["grid"], task["speedup"]
-        lines += [f"## {name}: grid stage (p = 4, SGD/MSGD p = 1; `measured` profile)", ""]
+        lines += [f"## {name}: grid stage (p = 4, SGD/MSGD p = 1; `{protocol.grid_profile}` "
+                  f"profile; {protocol.budget:g} model steps per run)", ""]  # fmt: skip
         lines += ["Best test error reached (%, mean of the seeds at the chosen rate) per tau:", ""]
         periods = sorted({r["tau"] for r in grid})
         lines += ["| method | " + " | ".join(f"tau={t}" for t in periods) + " |",
@@ -495,9 +563,9 @@ def report(results: dict[str, Any]) -> str:
         tight, loose = 100 * task["threshold"], 100 * task["loose_threshold"]
         lines += ["", f"Thresholds: tight {tight:.0f}% (1.1 x the better sequential baseline's best), "
                   f"loose {loose:.0f}% (the worse sequential baseline's best).", ""]  # fmt: skip
-        for profile in PROFILES if speed else ():
+        for profile in protocol.profiles if speed else ():
             rows = [r for r in speed if r["profile"] == profile]
-            step_ms = 1000 * task["step_time_s"]
+            step_ms = 1000 * rows[0]["step_time_s"]
             lines += [f"### {name}, profile `{profile}` (time in model steps; one step = {step_ms:.2f} ms)", "",
                       f"| method | p | tau | lr | time to {tight:.0f}% | seeds | time to {loose:.0f}% | seeds | lowest err % before stop | exchanges |",
                       "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -514,6 +582,8 @@ def report(results: dict[str, Any]) -> str:
                     f"- first to {level:.0f}%: " + (f"{first['method']} p={first['workers']} ({fmt(first[key])} steps)" if first else "nobody (median of 3 seeds)")
                 )  # fmt: skip
             lines.append("")
+        if speed:
+            lines += first_map(speed, protocol, tight)
     lines += ["## Cost profiles (per exchange, in model steps)", "",
               "| task | profile | algorithm | step time (ms) | latency | transfer | service |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -524,12 +594,34 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict[str, Any], out: Path) -> None:
+def first_map(speed: list[dict[str, Any]], protocol: Protocol, tight: float) -> list[str]:
+    """Which method reaches the tight threshold first, for each (profile, p); the best
+    sequential baseline (p = 1) beside it."""
+    lines = [f"Who reaches {tight:.0f}% first (median time in model steps; best p = 1 baseline "
+             "in the last column):", "",
+             "| profile | " + " | ".join(f"p={p}" for p in protocol.workers) + " | p=1 |",
+             "|---" * (len(protocol.workers) + 2) + "|"]  # fmt: skip
+    for profile in protocol.profiles:
+        cells = []
+        for workers in (*protocol.workers, 1):
+            timed = [r for r in speed if r["profile"] == profile and r["workers"] == workers
+                     and r["time_to_threshold"] is not None]  # fmt: skip
+            first = min(timed, key=lambda r: r["time_to_threshold"]) if timed else None
+            cells.append(
+                f"{first['method']} ({fmt(first['time_to_threshold'])})" if first else "nobody"
+            )
+        label = REGIMES.get(profile, profile)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def plot(results: dict[str, Any], protocol: Protocol, out: Path) -> None:
     tasks = results["tasks"]
+    profiles = protocol.profiles
     fig, axes = plt.subplots(
         len(tasks),
-        1 + len(PROFILES),
-        figsize=(6 * (1 + len(PROFILES)), 4.5 * len(tasks)),
+        1 + len(profiles),
+        figsize=(6 * (1 + len(profiles)), 4.5 * len(tasks)),
         squeeze=False,
     )
     for row, task in zip(axes, tasks, strict=True):
@@ -550,7 +642,7 @@ def plot(results: dict[str, Any], out: Path) -> None:
         ax.set(title=f"{task['task']}: grid stage at the chosen rates", xlabel="virtual time (model steps)",
                ylabel="center test error (%)", yscale="log")  # fmt: skip
         ax.legend(fontsize=7)
-        for ax, profile in zip(row[1:], PROFILES, strict=True):
+        for ax, profile in zip(row[1:], profiles, strict=True):
             rows = [r for r in task["speedup"] if r["profile"] == profile]
             if not rows:
                 ax.set_axis_off()
@@ -569,10 +661,10 @@ def plot(results: dict[str, Any], out: Path) -> None:
                     ax.axhline(
                         base, color="gray", ls=style, label=f"best p=1 (SGD/MSGD), {level:.0f}%"
                     )
-            ax.set(title=f"{task['task']}, {profile}: time to {loose:.0f}% (solid), {tight:.0f}% (dashed)",
+            ax.set(title=f"{task['task']}, {REGIMES.get(profile, profile)}: time to {loose:.0f}% (solid), {tight:.0f}% (dashed)",
                    xlabel="p", ylabel="virtual time to threshold (model steps)", xscale="log", yscale="log")  # fmt: skip
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-            ax.set_xticks(list(WORKERS), [str(w) for w in WORKERS])
+            ax.set_xticks(list(protocol.workers), [str(w) for w in protocol.workers])
             ax.legend(fontsize=7)
     for ax in axes.flat:
         ax.grid(True, which="both", alpha=0.3)
@@ -587,7 +679,7 @@ def charges_of(costs: dict) -> Iterable[dict[str, Any]]:
     for (profile, name), c in costs.items():
         if name in ("sgd", "msgd"):
             continue  # sequential runs never exchange
-        task_params = c["num_params"]
+        task_params = c.get("charged_params") or c["num_params"]
         charges = exchange_cost(latency_s=c["latency_us"] * 1e-6, bandwidth_gbps=c["bandwidth_gbps"],
                                 service_s=c["service_us"] * 1e-6, num_params=task_params,
                                 step_time_s=c["step_time_s"])  # fmt: skip
@@ -608,16 +700,26 @@ def run_protocol() -> None:
                            help="stop after this long (rerun to continue from the cache)")  # fmt: skip
     arguments.add_argument("--report-only", action="store_true",
                            help="run nothing: report the tasks whose runs are all cached")  # fmt: skip
+    arguments.add_argument("--scale", action="store_true",
+                           help="the protocol at scale (issue 21): 3,000 steps, p up to 64, "
+                                "free / 10 GbE / cross-datacenter regimes")  # fmt: skip
+    arguments.add_argument("--procs", type=int, default=2,
+                           help="simulations run side by side (one process and torch thread each)")  # fmt: skip
     args = arguments.parse_args()
-    protocol = QUICK if args.quick else FULL
+    if args.procs < 1:
+        arguments.error(f"--procs must be >= 1, got {args.procs}")
+    _PROCS[0] = args.procs
+    protocol = {(False, False): FULL, (True, False): QUICK, (False, True): SCALE,
+                (True, True): SCALE_QUICK}[(args.quick, args.scale)]  # fmt: skip
     tag = suffix(args.quick)
-    cache = Cache(args.out / f"compare_cache{tag}.jsonl")
+    cache = Cache(args.out / f"{protocol.name}_cache{tag}.jsonl")
     args.out.mkdir(parents=True, exist_ok=True)
     deadline = 0.0 if args.report_only else time.time() + 60 * args.max_minutes
     results: dict[str, Any] = {"quick": args.quick, "protocol": {
         "budget_steps": protocol.budget, "periods": protocol.periods, "workers": protocol.workers,
         "seeds": protocol.seeds, "plain_rates": PLAIN_RATES, "momentum_rates": MOMENTUM_RATES,
-        "momentum": MOMENTUM, "profiles": PROFILES}, "tasks": [], "incomplete": []}  # fmt: skip
+        "momentum": MOMENTUM, "grid_profile": protocol.grid_profile, "profiles": protocol.profiles,
+        "retune_near_grid": protocol.retune_near_grid}, "tasks": [], "incomplete": []}  # fmt: skip
     for task in protocol.tasks:
         try:
             print(f"{task.name}: costs, grid stage", flush=True)
@@ -642,7 +744,7 @@ def run_protocol() -> None:
             for c in costs.values():
                 c["num_params"] = numel
             results["tasks"].append({"task": task.name, "num_params": numel, "threshold": threshold,
-                                         "step_time_s": costs[("measured", "sgd")]["step_time_s"],
+                                         "step_time_s": costs[(protocol.grid_profile, "sgd")]["step_time_s"],
                                          "loose_threshold": loose, "grid": grid, "speedup": speed, "charges": list(charges_of(costs))})  # fmt: skip
         except OutOfTime:
             if not args.report_only:
@@ -656,18 +758,19 @@ def run_protocol() -> None:
         for t in results["tasks"]
         for r in t["grid"]
     ]
-    write_csv(args.out / f"compare_grid{tag}.csv", public)
-    write_csv(
-        args.out / f"compare_speedup{tag}.csv", [r for t in results["tasks"] for r in t["speedup"]]
-    )
-    write_json(args.out / f"compare{tag}.json", {**results, "tasks": [
+    name = protocol.name
+    write_csv(args.out / f"{name}_grid{tag}.csv", public)
+    speed = [r for t in results["tasks"] for r in t["speedup"]]
+    if speed:
+        write_csv(args.out / f"{name}_speedup{tag}.csv", speed)
+    write_json(args.out / f"{name}{tag}.json", {**results, "tasks": [
         {**t, "grid": [{k: v for k, v in r.items() if not k.startswith("_")} for r in t["grid"]]}
         for t in results["tasks"]]})  # fmt: skip
-    markdown = report(results)
+    markdown = report(results, protocol)
     if results["incomplete"]:
         markdown += f"\nNot finished (runs missing): {', '.join(results['incomplete'])}\n"
-    (args.out / f"compare{tag}.md").write_text(markdown)
-    plot(results, args.out / f"compare{tag}.png")
+    (args.out / f"{name}{tag}.md").write_text(markdown)
+    plot(results, protocol, args.out / f"{name}{tag}.png")
     print(markdown)
 
 

@@ -72,3 +72,59 @@ def test_compare_quick_runs_the_protocol_uniformly_and_resumes_from_its_cache(
     # a second run finds every simulation in its cache
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "running" not in again.stdout
+
+
+def test_compare_at_scale_quick_retunes_near_the_grid_and_charges_the_cluster_model(
+    tmp_path: Path,
+) -> None:
+    """The protocol at scale in miniature: grid stage free, each (method, p)'s rate chosen among
+    the grid winner's neighbours, and the cross-datacenter regime charging the 25M-parameter
+    model's messages (not the 5k-parameter simulated one's)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "EASGD_CACHE_DIR": str(tmp_path / "cache")}
+    command = [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--scale", "--quick",
+               "--out", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "compare_scale_quick.json").read_text())
+    protocol = result["protocol"]
+    assert protocol["grid_profile"] == "zero" and protocol["budget_steps"] == 24.0
+    (task,) = result["tasks"]
+    grid, speed = task["grid"], task["speedup"]
+    runs = [
+        json.loads(line)
+        for line in (tmp_path / "compare_scale_cache_quick.jsonl").read_text().splitlines()
+    ]
+    assert {r["cost"]["name"] for r in runs if r["target"] is None} == {"zero"}  # tuned free
+    # the rates the speed-up stage may try: the grid's middle 3 (quick), around the winner at
+    # the grid tau nearest the speed-up tau (10 -> 4 of {1, 4}; 1 -> 1)
+    for name, rates, speedup_tau, grid_tau in [
+        ("easgd", protocol["plain_rates"], 10, 4), ("eamsgd", protocol["momentum_rates"], 10, 4),
+        ("diloco", protocol["plain_rates"], 10, 4), ("downpour", protocol["plain_rates"], 1, 1),
+        ("mdownpour", protocol["momentum_rates"], 1, 1),
+    ]:  # fmt: skip
+        kept = rates[len(rates) // 2 - 1 : len(rates) // 2 + 2]
+        (row,) = [r for r in grid if r["algorithm"] == name and r["tau"] == grid_tau]
+        at = kept.index(row["best_lr"])
+        allowed = set(kept[max(0, at - 1) : at + 2])
+        for workers in (4, 8):
+            tried = [r for r in runs if r["name"] == name and r["workers"] == workers
+                     and r["target"] is None and r["period"] == speedup_tau]  # fmt: skip
+            assert {r["lr"] for r in tried} == allowed
+            best = min(tried, key=lambda r: min(e for e in r["errors"] if math.isfinite(e)))
+            chosen = {r["lr"] for r in speed if r["algorithm"] == name and r["workers"] == workers}
+            assert chosen == {best["lr"]}
+    assert {r["profile"] for r in speed} == {"zero", "cross_datacenter"}
+    # cross-datacenter: 1 Gb/s, 30 ms, 25,557,032 parameters (4 B each + a 64 B header) a message
+    charges = {(c["profile"], c["algorithm"]): c for c in task["charges"]}
+    cross = charges[("cross_datacenter", "easgd")]
+    assert cross["transfer"] == pytest.approx((4 * 25_557_032 + 64) * 8 / 1e9 / 0.05, rel=1e-9)
+    assert cross["latency"] == pytest.approx(0.030 / 0.05, rel=1e-9)
+    assert charges[("zero", "easgd")]["transfer"] == 0.0
+    # so a server worker's first round trip (2 x 16.96 steps) outlasts the 24-step budget: at
+    # most one exchange per worker, where the free regime exchanges every tau steps
+    for row in speed:
+        if row["profile"] == "cross_datacenter" and row["algorithm"] in ("easgd", "downpour"):
+            assert row["exchanges_mean"] <= row["workers"]
+    free_downpour = [r for r in speed if r["profile"] == "zero" and r["algorithm"] == "downpour"]
+    assert all(r["exchanges_mean"] > 2 * r["workers"] for r in free_downpour)
+    assert (tmp_path / "compare_scale_quick.png").stat().st_size > 10_000
