@@ -663,6 +663,8 @@ def plot(results: dict[str, Any], protocol: Protocol, out: Path) -> None:
                     )
             ax.set(title=f"{task['task']}, {REGIMES.get(profile, profile)}: time to {loose:.0f}% (solid), {tight:.0f}% (dashed)",
                    xlabel="p", ylabel="virtual time to threshold (model steps)", xscale="log", yscale="log")  # fmt: skip
+            # the p range even where no method reaches a threshold (a log axis needs limits > 0)
+            ax.set_xlim(min(protocol.workers) / 1.2, max(protocol.workers) * 1.2)
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xticks(list(protocol.workers), [str(w) for w in protocol.workers])
             ax.legend(fontsize=7)
