@@ -481,58 +481,80 @@ def retune_rates(
 
 def speedup_stage(
     task: Task, protocol: Protocol, costs: dict, grid_rows: list[dict], threshold: float,
-    loose: float, cache: Cache, deadline: float,
+    loose: float, cache: Cache, deadline: float, partial: list[str] | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
+    """Every (profile, method, p) row of the speed-up stage, worker counts cheapest first.
+
+    Each p's rate choice (``retune_rates`` on seed 0 in the grid profile) depends only on runs at
+    that p, so p is done whole (choice, then every profile and seed) before the next starts: a run
+    cut short by its deadline leaves the small p finished. ``partial``: on ``OutOfTime``, append
+    the unfinished worker counts there and return the finished ones' rows, instead of raising."""
     sequential_lr = {r["algorithm"]: r["best_lr"] for r in grid_rows if r["workers"] == 1}
+    rows: list[dict[str, Any]] = []
+    counts = (1, *sorted(protocol.workers))
+    for at, workers in enumerate(counts):
+        methods = [m for m in METHODS if m.sequential == (workers == 1)]
+        try:
+            lr_of = sequential_lr if workers == 1 else chosen_rates(
+                task, protocol, costs, grid_rows, workers, cache, deadline)  # fmt: skip
+            jobs = [
+                {**job(task, m, lr=lr_of[m.name], period=m.speedup_period or 1, workers=workers,
+                       seed=seed, cost=costs[(profile, m.name)], protocol=protocol,
+                       target=threshold, evals=protocol.speedup_evals), "profile": profile}
+                for profile in protocol.profiles for m in methods for seed in protocol.seeds
+            ]  # fmt: skip
+            runs = run_all(jobs, cache, deadline)
+        except OutOfTime:
+            if partial is None:
+                raise
+            partial += [f"p={p}" for p in counts[at:]]
+            break
+        rows += [speedup_row(task, protocol, profile, m, workers, runs, threshold, loose)
+                 for profile in protocol.profiles for m in methods]  # fmt: skip
+    order = {m.name: i for i, m in enumerate(METHODS)}
+    return sorted(rows, key=lambda r: (protocol.profiles.index(r["profile"]),
+                                        order[r["algorithm"]], r["workers"]))  # fmt: skip
+
+
+def chosen_rates(
+    task: Task, protocol: Protocol, costs: dict, grid_rows: list[dict], workers: int,
+    cache: Cache, deadline: float,
+) -> dict[str, float]:  # fmt: skip
+    """Each distributed method's rate at ``workers``: the best of ``retune_rates`` on seed 0."""
     distributed = [m for m in METHODS if not m.sequential]
     tuning = run_all([
-        job(task, m, lr=lr, period=m.speedup_period or 1, workers=p, seed=protocol.seeds[0],
+        job(task, m, lr=lr, period=m.speedup_period or 1, workers=workers, seed=protocol.seeds[0],
             cost=costs[(protocol.grid_profile, m.name)], protocol=protocol, target=None,
             evals=protocol.grid_evals)
-        for m in distributed for p in protocol.workers for lr in retune_rates(m, protocol, grid_rows)
+        for m in distributed for lr in retune_rates(m, protocol, grid_rows)
     ], cache, deadline)  # fmt: skip
-    lr_of: dict[tuple[str, int], float] = {(m, 1): lr for m, lr in sequential_lr.items()}
-    for method in distributed:
-        for workers in protocol.workers:
-            runs = [r for r in tuning if r["name"] == method.name and r["workers"] == workers]
-            lr_of[(method.name, workers)] = min(runs, key=best_reached)["lr"]
-    jobs = []
-    for profile in protocol.profiles:
-        for method in METHODS:
-            counts = (1,) if method.sequential else protocol.workers
-            period = method.speedup_period or 1
-            for workers in counts:
-                lr = lr_of[(method.name, workers)]
-                for seed in protocol.seeds:
-                    jobs.append({
-                        **job(task, method, lr=lr, period=period, workers=workers, seed=seed,
-                              cost=costs[(profile, method.name)], protocol=protocol,
-                              target=threshold, evals=protocol.speedup_evals),
-                        "profile": profile,
-                    })  # fmt: skip
-    runs = run_all(jobs, cache, deadline)
-    rows = []
-    for profile in protocol.profiles:
-        for method in METHODS:
-            counts = (1,) if method.sequential else protocol.workers
-            for workers in counts:
-                group = [r for r in runs if r["profile"] == profile and r["name"] == method.name
-                         and r["workers"] == workers]  # fmt: skip
-                tight_time, tight_seeds = median_time(group, threshold)
-                loose_time, loose_seeds = median_time(group, loose)
-                step_s = group[0]["cost"]["step_time_s"]
-                rows.append({
-                    "task": task.name, "profile": profile, "method": method.label, "step_time_s": step_s,
-                    "algorithm": method.name, "workers": workers, "tau": group[0]["period"],
-                    "lr": group[0]["lr"], "lr_at_grid_edge": group[0]["lr"] in (rates_of(method, protocol)[0], rates_of(method, protocol)[-1]),
-                    "threshold": threshold, "time_to_threshold": tight_time, "seeds_reached": tight_seeds,
-                    "time_to_threshold_s": None if tight_time is None else tight_time * step_s,
-                    "loose_threshold": loose, "time_to_loose": loose_time, "seeds_reached_loose": loose_seeds,
-                    "time_to_loose_s": None if loose_time is None else loose_time * step_s,
-                    "best_test_error_mean": float(np.mean([best_reached(r) for r in group])),
-                    "exchanges_mean": float(np.mean([r["exchanges"] for r in group])),
-                })  # fmt: skip
-    return rows
+    return {
+        m.name: min([r for r in tuning if r["name"] == m.name], key=best_reached)["lr"]
+        for m in distributed
+    }
+
+
+def speedup_row(
+    task: Task, protocol: Protocol, profile: str, method: Method, workers: int,
+    runs: list[dict[str, Any]], threshold: float, loose: float,
+) -> dict[str, Any]:  # fmt: skip
+    """One (profile, method, p) line of the speed-up table: median times over the seeds."""
+    group = [r for r in runs if r["profile"] == profile and r["name"] == method.name]
+    tight_time, tight_seeds = median_time(group, threshold)
+    loose_time, loose_seeds = median_time(group, loose)
+    step_s = group[0]["cost"]["step_time_s"]
+    rates = rates_of(method, protocol)
+    return {
+        "task": task.name, "profile": profile, "method": method.label, "step_time_s": step_s,
+        "algorithm": method.name, "workers": workers, "tau": group[0]["period"],
+        "lr": group[0]["lr"], "lr_at_grid_edge": group[0]["lr"] in (rates[0], rates[-1]),
+        "threshold": threshold, "time_to_threshold": tight_time, "seeds_reached": tight_seeds,
+        "time_to_threshold_s": None if tight_time is None else tight_time * step_s,
+        "loose_threshold": loose, "time_to_loose": loose_time, "seeds_reached_loose": loose_seeds,
+        "time_to_loose_s": None if loose_time is None else loose_time * step_s,
+        "best_test_error_mean": float(np.mean([best_reached(r) for r in group])),
+        "exchanges_mean": float(np.mean([r["exchanges"] for r in group])),
+    }  # fmt: skip
 
 
 # -- report ----------------------------------------------------------------------------------------
@@ -607,9 +629,11 @@ def first_map(speed: list[dict[str, Any]], protocol: Protocol, tight: float) -> 
             timed = [r for r in speed if r["profile"] == profile and r["workers"] == workers
                      and r["time_to_threshold"] is not None]  # fmt: skip
             first = min(timed, key=lambda r: r["time_to_threshold"]) if timed else None
+            ran = any(r["profile"] == profile and r["workers"] == workers for r in speed)
             cells.append(
-                f"{first['method']} ({fmt(first['time_to_threshold'])})" if first else "nobody"
-            )
+                f"{first['method']} ({fmt(first['time_to_threshold'])})" if first
+                else "nobody" if ran else "not run yet"
+            )  # fmt: skip
         label = REGIMES.get(profile, profile)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return [*lines, ""]
@@ -626,6 +650,7 @@ def plot(results: dict[str, Any], protocol: Protocol, out: Path) -> None:
     )
     for row, task in zip(axes, tasks, strict=True):
         ax = row[0]
+        color_of = {m.name: f"C{i}" for i, m in enumerate(METHODS)}  # one colour per method
         for r in task["grid"]:
             if r["tau"] not in (1, 16) or (
                 r["algorithm"] in ("mdownpour", "sgd", "msgd") and r["tau"] != 1
@@ -636,7 +661,8 @@ def plot(results: dict[str, Any], protocol: Protocol, out: Path) -> None:
             label = r["method"] + (
                 "" if r["algorithm"] in ("mdownpour", "sgd", "msgd") else f" tau={r['tau']}"
             )
-            ax.plot(times, 100 * curve, label=label)
+            ax.plot(times, 100 * curve, "--" if r["tau"] == 16 else "-",
+                    color=color_of[r["algorithm"]], label=label)  # fmt: skip
         ax.axhline(100 * task["threshold"], color="gray", ls=":")
         ax.axhline(100 * task["loose_threshold"], color="gray", ls="-.")
         ax.set(title=f"{task['task']}: grid stage at the chosen rates", xlabel="virtual time (model steps)",
@@ -648,10 +674,10 @@ def plot(results: dict[str, Any], protocol: Protocol, out: Path) -> None:
                 ax.set_axis_off()
                 continue
             tight, loose = 100 * task["threshold"], 100 * task["loose_threshold"]
-            for key, style, level in (
-                ("time_to_loose", "-", loose),
-                ("time_to_threshold", "--", tight),
-            ):
+            levels = [("time_to_loose", "-", loose), ("time_to_threshold", "--", tight)]
+            if round(tight) == round(loose):  # one threshold (the rule can make them coincide)
+                levels = levels[1:2]
+            for key, style, level in levels:
                 for color, method in enumerate(m for m in METHODS if not m.sequential):
                     mine = [r for r in rows if r["algorithm"] == method.name and r[key]]
                     ax.plot([r["workers"] for r in mine], [r[key] for r in mine], style, marker="o",
@@ -661,7 +687,9 @@ def plot(results: dict[str, Any], protocol: Protocol, out: Path) -> None:
                     ax.axhline(
                         base, color="gray", ls=style, label=f"best p=1 (SGD/MSGD), {level:.0f}%"
                     )
-            ax.set(title=f"{task['task']}, {REGIMES.get(profile, profile)}: time to {loose:.0f}% (solid), {tight:.0f}% (dashed)",
+            wanted = (f"{tight:.0f}%" if len(levels) == 1
+                      else f"{loose:.0f}% (solid), {tight:.0f}% (dashed)")  # fmt: skip
+            ax.set(title=f"{task['task']}, {REGIMES.get(profile, profile)}: time to {wanted}",
                    xlabel="p", ylabel="virtual time to threshold (model steps)", xscale="log", yscale="log")  # fmt: skip
             # the p range even where no method reaches a threshold (a log axis needs limits > 0)
             ax.set_xlim(min(protocol.workers) / 1.2, max(protocol.workers) * 1.2)
@@ -734,15 +762,11 @@ def run_protocol() -> None:
             threshold = threshold_of(grid)
             print(f"{task.name}: speed-up stage (threshold {100 * threshold:.0f}%)", flush=True)
             loose = loose_threshold_of(grid)
-            try:
-                speed = speedup_stage(
-                    task, protocol, costs, grid, threshold, loose, cache, deadline
-                )
-            except OutOfTime:
-                if not args.report_only:
-                    raise
-                speed = []  # report the grid stage alone
-                results["incomplete"].append(f"{task.name} (speed-up stage)")
+            partial: list[str] = []
+            speed = speedup_stage(task, protocol, costs, grid, threshold, loose, cache, deadline,
+                                  partial=partial if args.report_only else None)  # fmt: skip
+            if partial:  # report the finished worker counts (or the grid stage alone)
+                results["incomplete"].append(f"{task.name} (speed-up stage, {', '.join(partial)})")
             for c in costs.values():
                 c["num_params"] = numel
             results["tasks"].append({"task": task.name, "num_params": numel, "threshold": threshold,

@@ -19,6 +19,7 @@ between two exchanges.
 
     python benchmarks/momentum.py --quick                       # < 20 s, CI
     python benchmarks/momentum.py --jobs 2 --max-minutes 9      # full; rerun until complete
+    python benchmarks/momentum.py --steps 3000 --jobs 2         # the same at 3,000 steps
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from __future__ import annotations
 import math
 import statistics
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import matplotlib
@@ -410,9 +411,21 @@ def plot(plan: Plan, rows: list[dict[str, Any]], runs: dict[str, dict[str, Any]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = claims_parser(__doc__ or "").parse_args(argv)
+    arguments = claims_parser(__doc__ or "")
+    arguments.add_argument(
+        "--steps", type=float, default=None,
+        help="virtual steps per run (default: 1500, quick 150); another length writes "
+             "momentum_<steps>.* and its own cache beside the default results",
+    )  # fmt: skip
+    args = arguments.parse_args(argv)
     plan = QUICK if args.quick else FULL
-    tag = "momentum" + suffix(args.quick)
+    tag = "momentum"
+    if args.steps is not None and args.steps != plan.duration:
+        if not args.steps > 0:
+            arguments.error(f"--steps must be > 0, got {args.steps:g}")
+        plan = replace(plan, duration=args.steps)
+        tag += f"_{args.steps:g}"
+    tag += suffix(args.quick)
     cache = args.out / f"{tag}_runs.jsonl"
     deadline = deadline_of(args.max_minutes)  # one time box for both stages
     runs, complete = run_cached(

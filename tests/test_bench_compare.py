@@ -131,3 +131,20 @@ def test_compare_at_scale_quick_retunes_near_the_grid_and_charges_the_cluster_mo
     free_downpour = [r for r in speed if r["profile"] == "zero" and r["algorithm"] == "downpour"]
     assert all(r["exchanges_mean"] > 2 * r["workers"] for r in free_downpour)
     assert (tmp_path / "compare_scale_quick.png").stat().st_size > 10_000
+    # a run cut short: without p = 8's speed-up runs the report keeps p = 4 as it was and says
+    # p = 8 is missing (each p is finished whole, cheapest first, so a deadline leaves this shape)
+    cache = tmp_path / "compare_scale_cache_quick.jsonl"
+    cache.write_text("".join(
+        json.dumps(r) + "\n" for r in runs if r["target"] is None or r["workers"] != 8
+    ))  # fmt: skip
+    done = subprocess.run([*command, "--report-only"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    cut = json.loads((tmp_path / "compare_scale_quick.json").read_text())
+    assert cut["incomplete"] == ["mnist1d (speed-up stage, p=8)"]
+    assert cut["tasks"][0]["speedup"] == [r for r in speed if r["workers"] != 8]
+    table = (tmp_path / "compare_scale_quick.md").read_text()
+    map_rows = [line for line in table.splitlines() if line.startswith("| free")]
+    (free,) = map_rows  # the who-is-first map: p=4 | p=8 | p=1
+    cells = [cell.strip() for cell in free.split("|")[2:-1]]
+    assert cells[1] == "not run yet" and "not run yet" not in (cells[0], cells[2])
